@@ -1,0 +1,36 @@
+# The two commands a new user runs:  make setup  &&  make test
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+BUILD   := build
+# ORT C/C++ API headers for the kernel library; override with ORT_INCLUDE_DIR=/path/to/include/onnxruntime
+ORT_INCLUDE_DIR ?= $(abspath $(BUILD)/ort-headers/usr/include/onnxruntime)
+
+.PHONY: setup test test-fast kernels bench clean
+
+setup: $(VENV)/.installed kernels
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# torch first and pinned: the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h:
+	bash scripts/fetch_ort_headers.sh $(BUILD)/ort-headers
+
+kernels: $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h
+	cmake -S runtime/csrc -B $(BUILD)/kernels -DCMAKE_BUILD_TYPE=Release -DORT_INCLUDE_DIR=$(ORT_INCLUDE_DIR) >/dev/null
+	cmake --build $(BUILD)/kernels -j 2
+	cmake --install $(BUILD)/kernels --prefix runtime >/dev/null
+
+test:
+	$(VPY) -m pytest -q
+
+test-fast:
+	$(VPY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(BUILD) runtime/lib
