@@ -1,0 +1,164 @@
+"""The NumPy reference of docs/FORMAT.md: worked example, exact round trips, validation, op reference."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from mopeq_export.errors import MopeqError
+from mopeq_export.quantize import packing as P
+
+
+def hexwords(words):
+    return [f"0x{int(w):08X}" for w in np.asarray(words).reshape(-1)]
+
+
+def test_worked_example():
+    """Pins FORMAT.md §7 word for word."""
+    i = np.arange(32, dtype=np.uint8)[None]
+    assert hexwords(P.pack_codes(i % 4, 2)) == ["0xE4E4E4E4"] * 2
+    assert hexwords(P.pack_codes(i % 8, 3)) == ["0xE4E4E4E4", "0xE4E4E4E4", "0xF0F0F0F0"]
+    assert hexwords(P.pack_codes(i % 16, 4)) == ["0x76543210", "0xFEDCBA98"] * 2
+    assert hexwords(P.pack_codes(np.array([[3, 0, 1, 2, 3]], np.uint8), 2)) == ["0x00000393", "0x00000000"]
+    assert hexwords(P.pack_codes(np.array([[5, 3, 7, 1, 6]], np.uint8), 3)) == [
+        "0x0000027D", "0x00000000", "0x00000015"]
+    scale = np.array([[0.25]], np.float16)
+    assert scale.view(np.uint16)[0, 0] == 0x3400
+    w = P.dequantize(P.pack_codes(i % 16, 4), scale, np.array([[8]], np.uint8), 4, 32, 32)
+    assert w[0, 13] == np.float32(1.25)
+
+
+@st.composite
+def codes_and_bits(draw):
+    bits = draw(st.sampled_from(P.SUPPORTED_BITS))
+    shape = draw(st.tuples(st.integers(1, 5), st.integers(1, 200)))
+    if draw(st.booleans()):
+        shape = (draw(st.integers(0, 3)), *shape)  # leading expert dim, possibly 0
+    codes = draw(hnp.arrays(np.uint8, shape, elements=st.integers(0, (1 << bits) - 1)))
+    return codes, bits
+
+
+@settings(max_examples=300, deadline=None)
+@given(codes_and_bits())
+def test_round_trip_exact(cb):
+    codes, bits = cb
+    k = codes.shape[-1]
+    words = P.pack_codes(codes, bits)
+    assert words.dtype == np.uint32 and words.shape == (*codes.shape[:-1], P.num_blocks(k) * bits)
+    np.testing.assert_array_equal(P.unpack_codes(words, bits, k), codes)
+
+
+@settings(max_examples=100, deadline=None)
+@given(codes_and_bits())
+def test_padding_is_zero(cb):
+    codes, bits = cb
+    k = codes.shape[-1]
+    full = P.unpack_codes(P.pack_codes(codes, bits), bits, P.num_blocks(k) * P.BLOCK)
+    assert not full[..., k:].any()
+
+
+@settings(max_examples=100, deadline=None)
+@given(codes_and_bits(), st.sampled_from(P.GROUP_SIZES), st.randoms())
+def test_dequantize_matches_naive_loop(cb, g, rnd):
+    codes, bits = cb
+    codes = codes.reshape(-1, codes.shape[-1])
+    rows, k = codes.shape
+    G = P.num_groups(k, g)
+    rng = np.random.default_rng(rnd.randint(0, 2**32))
+    scales = rng.uniform(-2, 2, (rows, G)).astype(np.float16)
+    zeros = rng.integers(0, 1 << bits, (rows, G), dtype=np.uint8)
+    got = P.dequantize(P.pack_codes(codes, bits), scales, zeros, bits, k, g)
+    for r in range(rows):
+        for c in range(k):
+            want = (np.float32(codes[r, c]) - np.float32(zeros[r, c // g])) * np.float32(scales[r, c // g])
+            assert got[r, c] == want
+
+
+def test_bad_inputs_raise():
+    ok = np.zeros((2, 40), np.uint8)
+    with pytest.raises(MopeqError, match="unsupported width 5"):
+        P.pack_codes(ok, 5)
+    with pytest.raises(MopeqError, match="out of range for 2 bits"):
+        P.pack_codes(np.full((1, 3), 4, np.uint8), 2)
+    with pytest.raises(MopeqError, match="must be uint32"):
+        P.unpack_codes(np.zeros((2, 4), np.int32), 2, 40)
+    with pytest.raises(MopeqError, match="needs 6"):
+        P.unpack_codes(np.zeros((2, 4), np.uint32), 3, 40)
+    words = P.pack_codes(ok, 4)
+    with pytest.raises(MopeqError, match="positive multiple of 32"):
+        P.dequantize(words, np.zeros((2, 1), np.float16), np.zeros((2, 1), np.uint8), 4, 40, 48)
+    with pytest.raises(MopeqError, match="must be"):
+        P.dequantize(words, np.zeros((2, 1), np.float16), np.zeros((2, 1), np.uint8), 4, 40, 32)
+    with pytest.raises(MopeqError, match="float16"):
+        P.dequantize(words, np.zeros((2, 2), np.float32), np.zeros((2, 2), np.uint8), 4, 40, 32)
+
+
+def test_slot_table_and_split_merge():
+    bits = [4, 2, 4, 3, 2, 2, 4]
+    np.testing.assert_array_equal(P.slot_table(bits), [0, 0, 1, 0, 1, 2, 2])
+    rng = np.random.default_rng(0)
+    codes = [rng.integers(0, 1 << b, (6, 70), dtype=np.uint8) for b in bits]
+    packed = P.split_by_width(codes, bits)
+    assert {b: v.shape for b, v in packed.items()} == {2: (3, 6, 6), 3: (1, 6, 9), 4: (3, 6, 12), 8: (0, 6, 24)}
+    for a, b in zip(P.merge_by_width(packed, bits, 70), codes):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(MopeqError, match="unsupported width"):
+        P.slot_table([4, 5])
+    with pytest.raises(MopeqError, match="hold 2 experts"):
+        P.merge_by_width({**packed, 2: packed[2][:2]}, bits, 70)
+
+
+def random_layer(rng, expert_bits, h, i, g):
+    layer = {}
+    for m, rows, k in (("w1", 2 * i, h), ("w2", h, i)):
+        codes = [rng.integers(0, 1 << b, (rows, k), dtype=np.uint8) for b in expert_bits]
+        for b, words in P.split_by_width(codes, expert_bits).items():
+            layer[f"{m}.q{b}"] = words
+        G = P.num_groups(k, g)
+        layer[f"{m}.scales"] = rng.uniform(0.005, 0.03, (len(expert_bits), rows, G)).astype(np.float16)
+        layer[f"{m}.zeros"] = np.stack(
+            [rng.integers(0, 1 << b, (rows, G), dtype=np.uint8) for b in expert_bits])
+    return layer
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_reference_matches_per_token_loop(activation):
+    rng = np.random.default_rng(1)
+    bits, h, i, g, t, k = [2, 3, 4, 8, 3], 70, 40, 32, 5, 2
+    layer = random_layer(rng, bits, h, i, g)
+    x = rng.standard_normal((t, h)).astype(np.float32)
+    idx = rng.integers(0, len(bits), (t, k))
+    wts = rng.uniform(0.1, 1, (t, k)).astype(np.float32)
+    got = P.moe_experts_reference(x, idx, wts, layer, bits, g, activation)
+    slots = P.slot_table(bits)
+    want = np.zeros_like(got)
+    for tt in range(t):
+        for j in range(k):
+            e = idx[tt, j]
+            b, s = bits[e], slots[e]
+            w1 = P.dequantize(layer[f"w1.q{b}"][s], layer["w1.scales"][e], layer["w1.zeros"][e], b, h, g)
+            w2 = P.dequantize(layer[f"w2.q{b}"][s], layer["w2.scales"][e], layer["w2.zeros"][e], b, i, g)
+            a = w1 @ x[tt]
+            gate = a[:i]
+            act = gate / (1 + np.exp(-gate)) if activation == "silu" else \
+                0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate**3)))
+            want[tt] += wts[tt, j] * (w2 @ (act * a[i:]))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_reference_rejects_bad_layer():
+    rng = np.random.default_rng(2)
+    bits = [2, 4]
+    layer = random_layer(rng, bits, 64, 32, 32)
+    x = np.ones((1, 64), np.float32)
+    idx, w = np.array([[0, 1]]), np.ones((1, 2), np.float32)
+    with pytest.raises(MopeqError, match=r"\[0, 2\)"):
+        P.moe_experts_reference(x, np.array([[0, 2]]), w, layer, bits, 32)
+    with pytest.raises(MopeqError, match="expert_bits has 3"):
+        P.moe_experts_reference(x, idx, w, layer, [2, 4, 4], 32)
+    with pytest.raises(MopeqError, match="hold 1 experts"):
+        P.moe_experts_reference(x, idx, w, layer, [4, 4], 32)
+    with pytest.raises(MopeqError, match="w1.scales has shape"):
+        P.moe_experts_reference(x, idx, w, layer, bits, 64)
+    with pytest.raises(MopeqError, match="activation"):
+        P.moe_experts_reference(x, idx, w, layer, bits, 32, "relu")
