@@ -1,0 +1,128 @@
+"""Group-wise asymmetric integer quantization primitives (PyTorch), per docs/FORMAT.md §2.
+
+    q  = clamp(round(w / s) + z, 0, 2^b - 1)      s: float16 scale, z: integer zero point (uint8)
+    w' = (q - z) * s                               computed in float32
+
+Groups run along the input dimension K (columns); the last group may be partial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import MopeqError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+BLOCK = 32
+_MIN_SCALE = 1e-6  # above float16's smallest subnormal, far below any real weight range
+CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # shrink factors 1.0 .. 0.5 for the clipping search
+
+
+def check_width(bits: int, group_size: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise MopeqError(f"unsupported width {bits} bits; supported: {', '.join(map(str, SUPPORTED_BITS))}")
+    if group_size <= 0 or group_size % BLOCK:
+        raise MopeqError(f"group size {group_size} must be a positive multiple of {BLOCK} (e.g. 32, 64, 128)")
+
+
+def num_groups(k: int, group_size: int) -> int:
+    return -(-k // group_size)
+
+
+@dataclass
+class QuantizedMatrix:
+    """One quantized matrix [rows, K]: codes unpacked (uint8), scales float16, zeros uint8 — per (row, group)."""
+
+    bits: int
+    group_size: int
+    codes: torch.Tensor  # uint8 [rows, K]
+    scales: torch.Tensor  # float16 [rows, G]
+    zeros: torch.Tensor  # uint8 [rows, G]
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scales, self.zeros, self.group_size)
+
+
+def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
+    """[rows, G] -> [rows, K]: each group's value repeated over its columns (last group truncated)."""
+    return t.repeat_interleave(group_size, dim=-1)[..., :k]
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    k = codes.shape[-1]
+    s = expand_groups(scales.float(), k, group_size)
+    z = expand_groups(zeros.float(), k, group_size)
+    return (codes.float() - z) * s
+
+
+def _pad_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [rows, K] -> values [rows, G, g] and a mask of real (non-padding) entries."""
+    rows, k = w.shape
+    g = num_groups(k, group_size)
+    pad = g * group_size - k
+    vals = torch.nn.functional.pad(w, (0, pad)).view(rows, g, group_size)
+    mask = torch.nn.functional.pad(torch.ones_like(w, dtype=torch.bool), (0, pad)).view(rows, g, group_size)
+    return vals, mask
+
+
+def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    qmax = 2 ** bits - 1
+    flat = (hi - lo) < _MIN_SCALE * qmax
+    # a constant group keeps zero inside its range so it is represented exactly by q or z
+    lo = torch.where(flat, torch.minimum(lo, torch.zeros_like(lo)), lo)
+    hi = torch.where(flat, torch.maximum(hi, torch.zeros_like(hi)), hi)
+    scale = ((hi - lo) / qmax).clamp_min(_MIN_SCALE).half().float()  # the stored (float16) scale
+    zero = torch.round(-lo / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def _fake_quant(vals: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    q = torch.clamp(torch.round(vals / scale[..., None]) + zero[..., None], 0, 2 ** bits - 1)
+    return (q - zero[..., None]) * scale[..., None]
+
+
+def choose_params(w: torch.Tensor, bits: int, group_size: int, col_weight: torch.Tensor | None = None,
+                  clip_grid=CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float16-representable, as float32) and zero per (row, group), with a clipping search.
+
+    Each candidate shrinks the group's [min, max] range by a factor; the one with the smallest squared
+    error (weighted per column by `col_weight`, e.g. the input's second moment) wins. At 2 bits the
+    clipping matters: the min/max range wastes levels on rare outliers.
+    """
+    vals, mask = _pad_groups(w.float(), group_size)
+    big = torch.finfo(torch.float32).max
+    lo = torch.where(mask, vals, torch.full_like(vals, big)).amin(-1)
+    hi = torch.where(mask, vals, torch.full_like(vals, -big)).amax(-1)
+    cw = mask.float() if col_weight is None else _pad_groups(col_weight.expand_as(w).float(), group_size)[0]
+    best_s, best_z, best_err = None, None, None
+    for f in clip_grid:
+        s, z = _params_from_range(lo * f, hi * f, bits)
+        err = ((_fake_quant(vals, s, z, bits) - vals) ** 2 * cw).sum(-1)
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+        else:
+            better = err < best_err
+            best_s, best_z, best_err = torch.where(better, s, best_s), torch.where(better, z, best_z), torch.minimum(err, best_err)
+    return best_s, best_z
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    k = w.shape[-1]
+    s = expand_groups(scale, k, group_size)
+    z = expand_groups(zero, k, group_size)
+    return torch.clamp(torch.round(w.float() / s) + z, 0, 2 ** bits - 1)
+
+
+def rtn(w: torch.Tensor, bits: int, group_size: int, col_weight: torch.Tensor | None = None) -> QuantizedMatrix:
+    """Round-to-nearest with the clipping search: the simple path, and GPTQ's fallback."""
+    check_width(bits, group_size)
+    scale, zero = choose_params(w, bits, group_size, col_weight)
+    codes = quantize_codes(w, scale, zero, bits, group_size)
+    return QuantizedMatrix(bits, group_size, codes.to(torch.uint8), scale.half(), zero.to(torch.uint8))
+
+
+def quant_error(w: torch.Tensor, bits: int, group_size: int) -> float:
+    """Squared Frobenius error of RTN at `bits`: the perturbation term of the second-order loss estimate."""
+    return float(((rtn(w, bits, group_size).dequantize() - w.float()) ** 2).sum())
