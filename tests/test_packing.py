@@ -115,7 +115,9 @@ def random_layer(rng, expert_bits, h, i, g):
         for b, words in P.split_by_width(codes, expert_bits).items():
             layer[f"{m}.q{b}"] = words
         G = P.num_groups(k, g)
-        layer[f"{m}.scales"] = rng.uniform(0.005, 0.03, (len(expert_bits), rows, G)).astype(np.float16)
+        # weights of about +-0.05 at every width, like a trained layer (keeps activations finite)
+        step = np.array([0.1 / ((1 << b) - 1) for b in expert_bits])[:, None, None]
+        layer[f"{m}.scales"] = (step * rng.uniform(0.5, 1.5, (len(expert_bits), rows, G))).astype(np.float16)
         layer[f"{m}.zeros"] = np.stack(
             [rng.integers(0, 1 << b, (rows, G), dtype=np.uint8) for b in expert_bits])
     return layer
@@ -162,3 +164,19 @@ def test_reference_rejects_bad_layer():
         P.moe_experts_reference(x, idx, w, layer, bits, 64)
     with pytest.raises(MopeqError, match="activation"):
         P.moe_experts_reference(x, idx, w, layer, bits, 32, "relu")
+
+
+def test_cpp_header_matches_python_constants():
+    """runtime/csrc/include/mopeq_format.h is the C++ copy of the layout constants (FORMAT.md §6)."""
+    import re
+    from pathlib import Path
+
+    header = (Path(__file__).parents[1] / "runtime/csrc/include/mopeq_format.h").read_text()
+
+    def ints(pattern):
+        return tuple(int(v) for v in re.findall(r"\d+", re.search(pattern, header).group(1)))
+
+    assert ints(r"#define MOPEQ_LAYOUT_VERSION (\d+)") == (P.LAYOUT_VERSION,)
+    assert ints(r"kBlock = (\d+);") == (P.BLOCK,)
+    assert ints(r"kSupportedBits\[\] = \{([^}]*)\}") == P.SUPPORTED_BITS
+    assert ints(r"kGroupSizes\[\] = \{([^}]*)\}") == P.GROUP_SIZES

@@ -211,8 +211,8 @@ def _check_counts(packed: Mapping[int, np.ndarray], expert_bits: Sequence[int], 
 
 
 def _activation(x: np.ndarray, name: str) -> np.ndarray:
-    if name == "silu":
-        return x / (1.0 + np.exp(-x))
+    if name == "silu":  # x * sigmoid(x), sigmoid via tanh so large |x| cannot overflow exp
+        return x * (0.5 + 0.5 * np.tanh(0.5 * x))
     # gelu, tanh approximation
     return 0.5 * x * (1.0 + np.tanh(np.float32(0.7978845608028654) * (x + np.float32(0.044715) * x * x * x)))
 

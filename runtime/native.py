@@ -1,0 +1,24 @@
+"""Where the compiled kernel library lives. Kept import-light: no torch, no transformers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from mopeq_export.errors import MopeqError  # a tiny module: keeps the runtime free of torch
+
+LIBRARY_NAME = {"darwin": "libmopeq_ops.dylib", "win32": "mopeq_ops.dll"}.get(sys.platform, "libmopeq_ops.so")
+
+
+class KernelLibraryMissing(MopeqError):
+    """The C++ library of mopeq.MoEExperts has not been built."""
+
+
+def library_path() -> Path:
+    """Path of libmopeq_ops (register it with SessionOptions.register_custom_ops_library)."""
+    path = Path(__file__).resolve().parent / "lib" / LIBRARY_NAME
+    if not path.is_file():
+        raise KernelLibraryMissing(
+            f"kernel library not found at {path}; build it with `make kernels` in the repository root "
+            "(without it, exported models still run through the portable ONNX function fallback)")
+    return path

@@ -1,0 +1,199 @@
+"""libmopeq_ops (runtime/csrc) against the NumPy reference of mopeq.MoEExperts, through ONNX Runtime.
+
+Each SIMD path is forced with MOPEQ_KERNEL, which the kernel reads on every call.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from mopeq_export.quantize import packing as P
+
+native = pytest.importorskip("mopeq_runtime.native")
+try:
+    LIB = str(native.library_path())
+except native.KernelLibraryMissing as e:
+    pytest.skip(str(e), allow_module_level=True)
+
+
+def cpu_flags():
+    if not os.path.exists("/proc/cpuinfo"):
+        return set()
+    line = next((ln for ln in open("/proc/cpuinfo") if ln.startswith(("flags", "Features"))), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+FLAGS = cpu_flags()
+SUPPORTED = {"scalar": True, "auto": True, "avx2": {"avx2", "fma", "f16c"} <= FLAGS,
+             "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"} <= FLAGS}
+
+
+LAYER_TYPES = ([TensorProto.UINT32] * 4 + [TensorProto.FLOAT16, TensorProto.UINT8]) * 2  # w1 then w2
+
+
+def make_session(expert_bits, group_size, dtype, activation="silu", layout_version=1):
+    elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
+    names = ["hidden", "indices", "weights", *P.LAYER_TENSOR_NAMES]
+    types = [elem, TensorProto.INT64, elem] + LAYER_TYPES
+    inputs = [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)]
+    node = helper.make_node(
+        "MoEExperts", names, ["out"], name="/model/layers.0/moe/Experts", domain="mopeq",
+        expert_bits=list(expert_bits), group_size=group_size, activation=activation,
+        layout_version=layout_version)
+    graph = helper.make_graph([node], "moe", inputs, [helper.make_tensor_value_info("out", elem, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("mopeq", 1)],
+                              ir_version=10)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(LIB)
+    so.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def random_layer(rng, expert_bits, h, i, g):
+    layer = {}
+    for m, rows, k in (("w1", 2 * i, h), ("w2", h, i)):
+        codes = [rng.integers(0, 1 << b, (rows, k), dtype=np.uint8) for b in expert_bits]
+        for b, words in P.split_by_width(codes, expert_bits).items():
+            layer[f"{m}.q{b}"] = words
+        G = P.num_groups(k, g)
+        # weights of about +-0.05 at every width, like a trained layer (keeps activations finite)
+        step = np.array([0.1 / ((1 << b) - 1) for b in expert_bits])[:, None, None]
+        layer[f"{m}.scales"] = (step * rng.uniform(0.5, 1.5, (len(expert_bits), rows, G))).astype(np.float16)
+        layer[f"{m}.zeros"] = np.stack([rng.integers(0, 1 << b, (rows, G), dtype=np.uint8) for b in expert_bits])
+    return layer
+
+
+def random_case(seed, expert_bits, h, i, g, t, k, dtype):
+    rng = np.random.default_rng(seed)
+    layer = random_layer(rng, expert_bits, h, i, g)
+    feeds = {
+        "hidden": rng.standard_normal((t, h)).astype(dtype),
+        "indices": rng.integers(0, len(expert_bits), (t, k)).astype(np.int64),
+        "weights": rng.uniform(0.05, 1.0, (t, k)).astype(dtype),
+        **layer,
+    }
+    return feeds
+
+
+def check_close(got, want, dtype):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    scale = float(np.abs(want.astype(np.float32)).max())
+    tol = 1e-4 if dtype == np.float32 else 2e-3  # float16: one rounding of the output, ~2^-11 relative
+    err = float(np.abs(got.astype(np.float32) - want.astype(np.float32)).max())
+    assert scale > 0 and err <= tol * scale, f"max error {err:.3g} vs output scale {scale:.3g}"
+
+
+CASES = [  # expert_bits, H, I, group_size, T, k, activation
+    ([2, 2, 2], 160, 100, 32, 1, 2, "silu"),
+    ([3, 3, 3, 3], 192, 160, 64, 37, 3, "gelu"),
+    ([4, 4], 100, 192, 128, 1, 1, "silu"),
+    ([8, 8, 8], 160, 64, 32, 37, 2, "silu"),
+    ([2, 3, 4, 8, 4, 3, 2, 4], 192, 100, 64, 37, 8, "silu"),   # every width in one layer
+    ([4, 2, 4, 2, 4], 160, 160, 128, 1, 5, "gelu"),           # q3 and q8 absent (E_b = 0)
+    ([3, 4, 2, 3, 4, 2, 3, 8, 4, 2], 100, 100, 32, 37, 4, "silu"),
+    ([4, 3, 2, 4, 3, 2, 4, 3], 2048 // 8, 192, 128, 5, 7, "silu"),
+]
+
+
+@pytest.mark.parametrize("path", ["scalar", "avx2", "avx512", "auto"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_kernel_matches_reference(monkeypatch, path, dtype, case):
+    bits, h, i, g, t, k, act = CASES[case]
+    if not SUPPORTED[path]:
+        pytest.skip(f"this CPU lacks {path} (test_forcing_a_missing_path_is_an_error covers the dispatch)")
+    monkeypatch.setenv("MOPEQ_KERNEL", path)
+    feeds = random_case(1000 + case, bits, h, i, g, t, k, dtype)
+    want = P.moe_experts_reference(feeds["hidden"], feeds["indices"], feeds["weights"],
+                                   {n: feeds[n] for n in P.LAYER_TENSOR_NAMES}, bits, g, act)
+    got = make_session(bits, g, dtype, act).run(None, feeds)[0]
+    check_close(got, want, dtype)
+
+
+def test_threads_do_not_change_results(monkeypatch):
+    bits = [2, 3, 4, 8, 4, 3]
+    feeds = random_case(7, bits, 192, 160, 64, 37, 4, np.float32)
+    sess = make_session(bits, 64, np.float32)
+    monkeypatch.setenv("MOPEQ_NUM_THREADS", "1")
+    one = sess.run(None, feeds)[0]
+    monkeypatch.setenv("MOPEQ_NUM_THREADS", "2")
+    np.testing.assert_array_equal(sess.run(None, feeds)[0], one)
+
+
+def test_unknown_kernel_path_is_an_error(monkeypatch):
+    monkeypatch.setenv("MOPEQ_KERNEL", "sse9")
+    feeds = random_case(3, [2, 4], 64, 32, 32, 1, 1, np.float32)
+    with pytest.raises(Exception, match="MOPEQ_KERNEL must be one of"):
+        make_session([2, 4], 32, np.float32).run(None, feeds)
+
+
+@pytest.mark.parametrize("path", [p for p, ok in SUPPORTED.items() if not ok])
+def test_forcing_a_missing_path_is_an_error(monkeypatch, path):
+    monkeypatch.setenv("MOPEQ_KERNEL", path)
+    feeds = random_case(3, [2, 4], 64, 32, 32, 1, 1, np.float32)
+    with pytest.raises(Exception, match="does not support"):
+        make_session([2, 4], 32, np.float32).run(None, feeds)
+
+
+BITS = [2, 4, 3, 4]
+
+
+def malformed(kind):
+    feeds = random_case(11, BITS, 96, 64, 32, 3, 2, np.float32)
+    if kind == "index_high":
+        feeds["indices"][1, 1] = len(BITS)
+    elif kind == "index_negative":
+        feeds["indices"][0, 0] = -1
+    elif kind == "wrong_E_b":
+        feeds["w1.q4"] = np.concatenate([feeds["w1.q4"], feeds["w1.q4"][:1]])
+    elif kind == "scales_shape":
+        feeds["w2.scales"] = feeds["w2.scales"][:, :, :1].copy()
+    elif kind == "zeros_shape":
+        feeds["w1.zeros"] = feeds["w1.zeros"][:3].copy()
+    elif kind == "code_words":
+        feeds["w2.q2"] = feeds["w2.q2"][:, :, :1].copy()
+    elif kind == "hidden_rank":
+        feeds["hidden"] = feeds["hidden"][None]
+    elif kind == "weights_shape":
+        feeds["weights"] = feeds["weights"][:, :1].copy()
+    return feeds
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("index_high", r"indices\[1, 1\] = 4 is outside \[0, 4\)"),
+    ("index_negative", r"indices\[0, 0\] = -1"),
+    ("wrong_E_b", r"w1.q4 has shape \[3, 128, 12\], expected \[2, 128, 12\]"),
+    ("scales_shape", r"w2.scales has shape"),
+    ("zeros_shape", r"w1.zeros has shape"),
+    ("code_words", r"w2.q2 has shape"),
+    ("hidden_rank", r"hidden must be \[T, H\]"),
+    ("weights_shape", r"weights has shape"),
+])
+def test_malformed_inputs_are_errors(kind, message):
+    sess = make_session(BITS, 32, np.float32)
+    with pytest.raises(Exception, match=message):
+        sess.run(None, malformed(kind))
+    sess.run(None, malformed("none"))  # the session is still usable afterwards
+
+
+@pytest.mark.parametrize("bits,group_size,layout,message", [
+    (BITS, 48, 1, "group_size 48 is not a positive multiple of 32"),
+    (BITS, 0, 1, "group_size 0"),
+    (BITS, 32, 2, "layout_version 2 is not supported"),
+    ([2, 5, 4, 4], 32, 1, "expert_bits holds width 5"),
+    ([2, 4, 3], 32, 1, "expert_bits lists 3 experts but w1.scales holds 4"),
+])
+def test_malformed_attributes_are_errors(bits, group_size, layout, message):
+    with pytest.raises(Exception, match=message):
+        make_session(bits, group_size, np.float32, layout_version=layout).run(None, malformed("none"))
+
+
+def test_runtime_import_stays_lean():
+    code = "import sys, mopeq_runtime.native; sys.exit(int('torch' in sys.modules or 'transformers' in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
