@@ -45,8 +45,11 @@ MOPEQ_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// NT tokens against one row: each decoded register feeds NT FMAs (prefill reuse). With few tokens the
+// FMA latency would serialize one accumulator, so CH independent chains keep ~4 FMAs in flight.
 template <int B, int NT>
 MOPEQ_AVX2 void row_tile(const QMatrix& w, int r, const Acts& a, int t0, float* y, int ldy) {
+  constexpr int CH = NT >= 4 ? 1 : (NT == 1 ? 4 : 2);
   const uint32_t* row = w.codes + static_cast<size_t>(r) * w.nb() * B;
   const int G = w.groups(), per_group = w.group_size / kBlock, nb = w.nb();
   const float* x[NT];
@@ -60,21 +63,24 @@ MOPEQ_AVX2 void row_tile(const QMatrix& w, int r, const Acts& a, int t0, float* 
     corr[t] = 0.f;
   }
   for (int g = 0; g < G; ++g) {
-    __m256 acc[NT];
-    for (int t = 0; t < NT; ++t) acc[t] = _mm256_setzero_ps();
+    __m256 acc[CH][NT];
+    for (int c = 0; c < CH; ++c)
+      for (int t = 0; t < NT; ++t) acc[c][t] = _mm256_setzero_ps();
     const int b_end = std::min(nb, (g + 1) * per_group);
     for (int b = g * per_group; b < b_end; ++b) {
       for (int c = 0; c < 4; ++c) {
         const __m256 q = decode8<B>(row + b * B, c);
         for (int t = 0; t < NT; ++t)
-          acc[t] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x[t] + b * kBlock + 8 * c), acc[t]);
+          acc[c % CH][t] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x[t] + b * kBlock + 8 * c), acc[c % CH][t]);
       }
     }
     const size_t gi = static_cast<size_t>(r) * G + g;
     const float s = _cvtsh_ss(w.scales[gi]), sz = s * static_cast<float>(w.zeros[gi]);
     const __m256 vs = _mm256_set1_ps(s);
     for (int t = 0; t < NT; ++t) {
-      total[t] = _mm256_fmadd_ps(vs, acc[t], total[t]);
+      __m256 sum = acc[0][t];
+      for (int c = 1; c < CH; ++c) sum = _mm256_add_ps(sum, acc[c][t]);
+      total[t] = _mm256_fmadd_ps(vs, sum, total[t]);
       corr[t] += sz * xs[t][g];
     }
   }

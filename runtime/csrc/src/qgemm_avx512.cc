@@ -39,9 +39,11 @@ MOPEQ_AVX512 inline __m512 decode16(const uint32_t* blk, int half) {
   return _mm512_cvtepi32_ps(q);
 }
 
-// NT tokens against one row: each decoded register feeds NT FMAs, which is what makes prefill cheap.
+// NT tokens against one row: each decoded register feeds NT FMAs (prefill reuse). With one or two
+// tokens the two halves of a block use separate accumulators so FMA latency does not serialize them.
 template <int B, int NT>
 MOPEQ_AVX512 void row_tile(const QMatrix& w, int r, const Acts& a, int t0, float* y, int ldy) {
+  constexpr int CH = NT >= 4 ? 1 : 2;
   const uint32_t* row = w.codes + static_cast<size_t>(r) * w.nb() * B;
   const int G = w.groups(), per_group = w.group_size / kBlock, nb = w.nb();
   const float* x[NT];
@@ -55,21 +57,23 @@ MOPEQ_AVX512 void row_tile(const QMatrix& w, int r, const Acts& a, int t0, float
     corr[t] = 0.f;
   }
   for (int g = 0; g < G; ++g) {
-    __m512 acc[NT];
-    for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+    __m512 acc[CH][NT];
+    for (int c = 0; c < CH; ++c)
+      for (int t = 0; t < NT; ++t) acc[c][t] = _mm512_setzero_ps();
     const int b_end = std::min(nb, (g + 1) * per_group);
     for (int b = g * per_group; b < b_end; ++b) {
       for (int half = 0; half < 2; ++half) {
         const __m512 q = decode16<B>(row + b * B, half);
         for (int t = 0; t < NT; ++t)
-          acc[t] = _mm512_fmadd_ps(q, _mm512_loadu_ps(x[t] + b * kBlock + 16 * half), acc[t]);
+          acc[half % CH][t] = _mm512_fmadd_ps(q, _mm512_loadu_ps(x[t] + b * kBlock + 16 * half), acc[half % CH][t]);
       }
     }
     const size_t gi = static_cast<size_t>(r) * G + g;
     const float s = _cvtsh_ss(w.scales[gi]), sz = s * static_cast<float>(w.zeros[gi]);
     const __m512 vs = _mm512_set1_ps(s);
     for (int t = 0; t < NT; ++t) {
-      total[t] = _mm512_fmadd_ps(vs, acc[t], total[t]);
+      const __m512 sum = CH == 2 ? _mm512_add_ps(acc[0][t], acc[CH - 1][t]) : acc[0][t];
+      total[t] = _mm512_fmadd_ps(vs, sum, total[t]);
       corr[t] += sz * xs[t][g];
     }
   }
