@@ -16,6 +16,13 @@ from .errors import MopeqError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Per-expert mixed-precision quantization and edge export for MoE models.")
 console = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """Per-expert mixed-precision quantization and edge export for MoE models."""
+
+
 REPO_CALIB = Path(__file__).resolve().parent.parent / "calibration_data"
 
 

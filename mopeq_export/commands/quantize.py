@@ -1,0 +1,70 @@
+"""`mopeq-export quantize`: pack every routed expert at its planned width."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import Progress
+from rich.table import Table
+
+from ..cli import app, console
+from ..quantize.gptq import GPTQConfig
+from ..quantize.pipeline import QuantizeConfig
+from ..quantize.stage import run_quantize
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Option(..., "--model", help="Hugging Face checkpoint folder"),
+    plan: Path = typer.Option(..., "--plan", help="plan.json from `mopeq-export plan`"),
+    out: Path = typer.Option(..., "--out", help="output folder (QDIR), written atomically"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration data (default: calibration_data/)"),
+    method: str = typer.Option("gptq", "--method", help="gptq | rtn"),
+    group_size: int = typer.Option(32, "--group-size", help="quantization group size (multiple of 32)"),
+    samples: int = typer.Option(32, "--samples", help="calibration samples for GPTQ"),
+    seq_len: int = typer.Option(256, "--seq-len", help="text calibration window"),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by decreasing Hessian diagonal"),
+    damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening (fraction of mean diagonal)"),
+    min_tokens: int = typer.Option(64, "--min-tokens", help="experts with fewer routed tokens fall back to RTN"),
+    quantize_dense: Optional[int] = typer.Option(None, "--quantize-dense",
+                                                 help="also quantize shared experts uniformly to 4 or 8 bits"),
+    dense_attention: bool = typer.Option(False, "--dense-attention", help="with --quantize-dense: attention too"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Quantize routed experts (GPTQ per expert on its own routed tokens, or RTN) into the packed format."""
+    from ..cli import default_calib
+    from ..models.loading import model_info
+
+    if calib is None and method == "gptq":
+        calib = default_calib(model_info(model).is_vlm)
+    cfg = QuantizeConfig(method=method, group_size=group_size,
+                         gptq=GPTQConfig(damp=damp, act_order=act_order, min_tokens=min_tokens))
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"quantizing experts ({method})", total=None)
+        res = run_quantize(model, plan, out, calib=calib, cfg=cfg, samples=samples, seq_len=seq_len,
+                           dense_bits=quantize_dense, dense_attention=dense_attention,
+                           trust_remote_code=trust_remote_code, progress=lambda: bar.advance(task))
+    print_quantize_summary(res.record, res.seconds)
+
+
+def print_quantize_summary(rec: dict, seconds: float) -> None:
+    s = rec["sizes"]
+    t = Table(title=f"quantized {rec['model']['name']} ({rec['method']}, group {rec['group_size']}) in {seconds:.0f}s")
+    for c in ("layer", "2-bit", "3-bit", "4-bit", "8-bit", "mean w1 rel err", "mean w2 rel err"):
+        t.add_column(c, justify="right")
+    for layer in rec["layers"]:
+        ex = [e for e in rec["experts"] if e["name"].startswith(layer["experts_path"] + ".")]
+        counts = [str(sum(e["bits"] == b for e in ex)) for b in (2, 3, 4, 8)]
+        t.add_row(layer["experts_path"], *counts, f"{sum(e['w1_rel_error'] for e in ex) / len(ex):.4f}",
+                  f"{sum(e['w2_rel_error'] for e in ex) / len(ex):.4f}")
+    console.print(t)
+    console.print(
+        f"routed experts: nominal {s['nominal_bits']:.3f} bits, effective {s['effective_bits']:.3f} bits/weight, "
+        f"{s['expert_bytes'] / 1e6:.2f} MB (float16 {s['expert_bytes_float16'] / 1e6:.2f} MB); whole model "
+        f"{s['model_bytes'] / 1e6:.2f} MB vs float16 {s['model_bytes_float16'] / 1e6:.2f} MB"
+    )
+    if rec["rtn_fallbacks"]:
+        console.print(f"{len(rec['rtn_fallbacks'])} expert(s) had too few routed tokens and used RTN: "
+                      + ", ".join(rec["rtn_fallbacks"][:6]) + (" …" if len(rec["rtn_fallbacks"]) > 6 else ""))

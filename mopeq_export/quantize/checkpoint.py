@@ -1,0 +1,164 @@
+"""The quantized checkpoint folder (QDIR): packed experts in safetensors plus a versioned record.
+
+    QDIR/
+      quantized.json       QuantizedRecord: source model identity, plan, method, group size,
+                           calibration provenance, per-expert bits/errors, sizes, file hashes
+      experts.safetensors  per MoE layer, the tensors of docs/FORMAT.md §4, named
+                           "<experts path>.w1.q2", ..., "<experts path>.w2.zeros"
+      dense.safetensors    (only with --quantize-dense) packed shared-expert/attention matrices,
+                           named "<linear path>.words|scales|zeros[|bias]"
+
+Non-expert weights are not copied: the record names the source checkpoint and its weights hash, and
+`load_quantized` refuses a source whose hash differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from ..errors import MopeqError
+from ..fsutil import read_json, sha256_file, write_json
+from ..models.loading import ModelInfo
+from .packing import LAYER_TENSOR_NAMES, LAYOUT_VERSION, pack_codes, split_by_width
+from .pipeline import ExpertResult
+from .primitives import QuantizedMatrix
+
+SCHEMA_VERSION = 1
+RECORD = "quantized.json"
+EXPERTS_FILE = "experts.safetensors"
+DENSE_FILE = "dense.safetensors"
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    experts_path: str
+    block_path: str
+    layer: int
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    activation: str
+    expert_bits: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DenseRecord:
+    path: str
+    bits: int
+    in_features: int
+    out_features: int
+    has_bias: bool
+
+
+def layer_tensors(results: list[ExpertResult]) -> dict[str, np.ndarray]:
+    """Pack one layer's experts into the tensors of FORMAT.md §4 (codes grouped by width)."""
+    bits = [r.bits for r in results]
+    out: dict[str, np.ndarray] = {}
+    for m in ("w1", "w2"):
+        mats = [getattr(r, m) for r in results]
+        for b, words in split_by_width([q.codes.numpy() for q in mats], bits).items():
+            out[f"{m}.q{b}"] = words
+        out[f"{m}.scales"] = np.stack([q.scales.numpy() for q in mats]).astype(np.float16)
+        out[f"{m}.zeros"] = np.stack([q.zeros.numpy() for q in mats]).astype(np.uint8)
+    return out
+
+
+def dense_tensors(path: str, q: QuantizedMatrix, bias: torch.Tensor | None) -> dict[str, np.ndarray]:
+    d = {f"{path}.words": pack_codes(q.codes.numpy(), q.bits), f"{path}.scales": q.scales.numpy(),
+         f"{path}.zeros": q.zeros.numpy()}
+    if bias is not None:
+        d[f"{path}.bias"] = bias.detach().half().numpy()
+    return d
+
+
+def size_report(layers: list[LayerRecord], tensors: dict[str, np.ndarray], model: torch.nn.Module,
+                expert_params: set[str], dense_bytes: int, dense_params: int) -> dict:
+    """Honest sizes: nominal vs effective bits per routed-expert weight, and whole-model bytes vs float16."""
+    weights = sum(3 * l.num_experts * l.hidden_size * l.intermediate_size for l in layers)
+    nominal = sum(b * 3 * l.hidden_size * l.intermediate_size for l in layers for b in l.expert_bits)
+    expert_bytes = int(sum(t.nbytes for t in tensors.values()))
+    total_params = sum(p.numel() for p in model.parameters())
+    fp16_rest = 2 * (total_params - sum(p.numel() for n, p in model.named_parameters() if n in expert_params)
+                     - dense_params)
+    return {
+        "expert_weights": int(weights),
+        "nominal_bits": nominal / weights,
+        "effective_bits": expert_bytes * 8 / weights,
+        "expert_bytes": expert_bytes,
+        "expert_bytes_float16": int(2 * weights),
+        "model_bytes": int(fp16_rest + expert_bytes + dense_bytes),
+        "model_bytes_float16": int(2 * total_params),
+    }
+
+
+def write_checkpoint(out: Path, record: dict, tensors: dict[str, np.ndarray], dense: dict[str, np.ndarray]) -> None:
+    """Write into `out` (a staging folder): tensors first, then the record holding their hashes."""
+    save_file(tensors, str(out / EXPERTS_FILE), metadata={"layout_version": str(LAYOUT_VERSION)})
+    files = {EXPERTS_FILE: out / EXPERTS_FILE}
+    if dense:
+        save_file(dense, str(out / DENSE_FILE), metadata={"layout_version": str(LAYOUT_VERSION)})
+        files[DENSE_FILE] = out / DENSE_FILE
+    record = dict(record, files={n: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for n, p in files.items()})
+    write_json(out / RECORD, record)
+
+
+@dataclass
+class QuantizedCheckpoint:
+    path: Path
+    record: dict
+    model: ModelInfo
+    layers: list[LayerRecord]
+    dense: list[DenseRecord]
+    tensors: dict[str, np.ndarray]
+    dense_tensors: dict[str, np.ndarray]
+
+    @property
+    def group_size(self) -> int:
+        return int(self.record["group_size"])
+
+    def layer_tensors(self, layer: LayerRecord) -> dict[str, np.ndarray]:
+        return {n: self.tensors[f"{layer.experts_path}.{n}"] for n in LAYER_TENSOR_NAMES}
+
+
+def read_checkpoint(qdir: str | Path) -> QuantizedCheckpoint:
+    """Read and verify a QDIR: schema/layout versions, file sizes and hashes, tensor names."""
+    qdir = Path(qdir)
+    if not qdir.is_dir():
+        raise MopeqError(f"quantized checkpoint folder not found: {qdir}")
+    rec = read_json(qdir / RECORD, "quantized checkpoint record")
+    if rec.get("schema_version") != SCHEMA_VERSION:
+        raise MopeqError(f"{qdir / RECORD}: schema version {rec.get('schema_version')} is not {SCHEMA_VERSION}; "
+                         "re-run mopeq-export quantize with this toolchain")
+    if rec.get("layout_version") != LAYOUT_VERSION:
+        raise MopeqError(f"{qdir}: packed layout version {rec.get('layout_version')} is unknown (this reader: {LAYOUT_VERSION})")
+    for name, meta in rec.get("files", {}).items():
+        p = qdir / name
+        if not p.is_file():
+            raise MopeqError(f"{qdir} is missing {name}; the checkpoint is incomplete, re-run quantize")
+        if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+            raise MopeqError(f"{p} does not match its recorded size/hash; the checkpoint was modified, re-run quantize")
+    if EXPERTS_FILE not in rec.get("files", {}):
+        raise MopeqError(f"{qdir / RECORD} lists no {EXPERTS_FILE}")
+    layers = [LayerRecord(**{**l, "expert_bits": tuple(l["expert_bits"])}) for l in rec["layers"]]
+    dense = [DenseRecord(**d) for d in rec.get("dense", [])]
+    tensors = load_file(str(qdir / EXPERTS_FILE))
+    for l in layers:
+        missing = [n for n in LAYER_TENSOR_NAMES if f"{l.experts_path}.{n}" not in tensors]
+        if missing:
+            raise MopeqError(f"{qdir / EXPERTS_FILE} lacks {l.experts_path}.{missing[0]}; re-run quantize")
+    dt = load_file(str(qdir / DENSE_FILE)) if dense else {}
+    return QuantizedCheckpoint(qdir, rec, ModelInfo.from_json(rec["model"]), layers, dense, tensors, dt)
+
+
+def layer_record(layer, results: list[ExpertResult]) -> LayerRecord:
+    return LayerRecord(layer.experts_path, layer.block_path, layer.layer, layer.num_experts, layer.hidden_size,
+                       layer.intermediate_size, layer.activation, tuple(r.bits for r in results))
+
+
+def to_json_layers(layers: list[LayerRecord]) -> list[dict]:
+    return [dict(asdict(l), expert_bits=list(l.expert_bits)) for l in layers]

@@ -1,0 +1,79 @@
+"""`load_quantized(QDIR)`: the source model with its routed experts computing from the packed weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import MopeqError
+from ..models.adapters import MoELayer, find_moe_layers
+from ..models.loading import load_model, model_info
+from .checkpoint import QuantizedCheckpoint, read_checkpoint
+from .packing import num_blocks, slot_table
+from .reference import PackedLayer, PackedLinear
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def _install_modulelist(layer: MoELayer, tensors: dict[str, np.ndarray], bits: list[int], g: int) -> None:
+    """ModuleList experts keep their MLP modules; each projection becomes a PackedLinear slice."""
+    slots, h, i = slot_table(bits), layer.hidden_size, layer.intermediate_size
+    for e, (b, s) in enumerate(zip(bits, slots)):
+        m = layer.experts[e]
+        w1 = _t(tensors[f"w1.q{b}"][s])
+        w1s, w1z = _t(tensors["w1.scales"][e]), _t(tensors["w1.zeros"][e])
+        m.gate_proj = PackedLinear(w1[:i], w1s[:i], w1z[:i], b, h, g)
+        m.up_proj = PackedLinear(w1[i:], w1s[i:], w1z[i:], b, h, g)
+        m.down_proj = PackedLinear(_t(tensors[f"w2.q{b}"][s]), _t(tensors["w2.scales"][e]),
+                                   _t(tensors["w2.zeros"][e]), b, i, g)
+
+
+def install_packed(model: nn.Module, ckpt: QuantizedCheckpoint) -> nn.Module:
+    """Swap the model's routed experts (and packed dense layers) for the checkpoint's packed weights."""
+    layers = {l.experts_path: l for l in find_moe_layers(model)}
+    for rec in ckpt.layers:
+        layer = layers.get(rec.experts_path)
+        if layer is None or layer.num_experts != rec.num_experts:
+            raise MopeqError(f"{ckpt.path}: layer {rec.experts_path} does not match the model; was it quantized from another model?")
+        tensors = ckpt.layer_tensors(rec)
+        if layer.layout == "fused":
+            packed = PackedLayer({n: _t(v) for n, v in tensors.items()}, list(rec.expert_bits), ckpt.group_size,
+                                 rec.activation)
+            _set_module(model, rec.experts_path, packed)
+        else:
+            _install_modulelist(layer, tensors, list(rec.expert_bits), ckpt.group_size)
+    for d in ckpt.dense:
+        t = ckpt.dense_tensors
+        bias = _t(t[f"{d.path}.bias"]) if d.has_bias else None
+        words = _t(t[f"{d.path}.words"])
+        if words.shape[-1] != num_blocks(d.in_features) * d.bits:
+            raise MopeqError(f"{ckpt.path}: packed {d.path} has the wrong shape; re-run quantize")
+        _set_module(model, d.path, PackedLinear(words, _t(t[f"{d.path}.scales"]), _t(t[f"{d.path}.zeros"]), d.bits,
+                                                d.in_features, ckpt.group_size, bias))
+    return model
+
+
+def load_quantized(qdir: str | Path, model_dir: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
+                   attn_implementation: str = "eager") -> nn.Module:
+    """A transformers model whose experts compute from QDIR's packed weights (reference dequantization).
+
+    `model_dir` defaults to the source checkpoint recorded in QDIR; its weights must hash the same.
+    """
+    ckpt = read_checkpoint(qdir)
+    src = Path(model_dir or ckpt.model.path)
+    info = model_info(src)
+    if info.weights_sha256 != ckpt.model.weights_sha256:
+        raise MopeqError(f"{src} is not the checkpoint {qdir} was quantized from (weights hash differs); "
+                         "pass the original with --model")
+    model, _ = load_model(src, dtype=dtype, attn_implementation=attn_implementation)
+    return install_packed(model, ckpt)

@@ -1,0 +1,50 @@
+"""What the quantizer needs from a bit plan (plan.json of `mopeq-export plan`), with its checks."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import MopeqError
+from ..fsutil import read_json, sha256_file
+from ..models.loading import ModelInfo
+
+
+@dataclass(frozen=True)
+class PlanBits:
+    bits: dict[str, int]
+    method: str
+    avg_bits: float
+    weights_sha256: str | None
+    sha256: str
+
+    def check_model(self, info: ModelInfo) -> None:
+        if self.weights_sha256 and self.weights_sha256 != info.weights_sha256:
+            raise MopeqError(f"the plan was made for another model (weights hash {self.weights_sha256[:12]}… "
+                             f"!= {info.weights_sha256[:12]}… of {info.path}); re-run analyze and plan for this model")
+
+    def check_experts(self, names: list[str]) -> None:
+        extra = [n for n in self.bits if n not in set(names)]
+        if extra:
+            close = difflib.get_close_matches(extra[0], names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise MopeqError(f"the plan names {len(extra)} expert(s) the model does not have, e.g. {extra[0]}{hint}")
+        missing = [n for n in names if n not in self.bits]
+        if missing:
+            raise MopeqError(f"the plan misses {len(missing)} of the model's experts, e.g. {missing[0]}; "
+                             "re-run plan on this model's sensitivity file")
+
+
+def read_plan_bits(path: str | Path) -> PlanBits:
+    d = read_json(path, "bit plan")
+    experts = d.get("experts") if isinstance(d, dict) else None
+    if not isinstance(experts, dict) or not experts:
+        raise MopeqError(f"{path} is not a bit plan (no 'experts' map); create one with mopeq-export plan")
+    try:
+        bits = {str(k): int(v) for k, v in experts.items()}
+    except (TypeError, ValueError):
+        raise MopeqError(f"{path}: every expert's bits must be an integer") from None
+    model = d.get("model") or {}
+    return PlanBits(bits, str(d.get("method", "?")), float(d.get("avg_bits", 0.0)),
+                    model.get("weights_sha256"), sha256_file(path))

@@ -1,0 +1,111 @@
+"""PyTorch reference execution of packed experts (docs/FORMAT.md), for evaluation and export.
+
+`PackedLayer` holds one MoE layer's packed tensors as buffers; `moe_experts_torch` computes the op of
+docs/OPS.md from them; `PackedLinear` is one packed matrix used as an `nn.Linear` (ModuleList experts,
+and shared experts/attention when those are quantized). Nothing here is optimized: it is the
+executable definition that the ONNX graph and the kernels are compared with.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .packing import BLOCK, LAYER_TENSOR_NAMES, slot_table
+
+def _fields(words: torch.Tensor, width: int) -> torch.Tensor:
+    """[..., W] uint32 -> [..., W * 32/width] fields of `width` bits, low bits first."""
+    per = 32 // width
+    shifts = torch.arange(per, dtype=torch.int64) * width
+    w = words.to(torch.int64).unsqueeze(-1)
+    return ((w >> shifts) & ((1 << width) - 1)).flatten(-2)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """uint32 [..., rows, NB*b] -> int64 codes [..., rows, K] (FORMAT.md §3)."""
+    nb = words.shape[-1] // bits
+    blocks = words.reshape(*words.shape[:-1], nb, bits)
+    if bits == 3:
+        low = _fields(blocks[..., :2], 2)
+        high = _fields(blocks[..., 2:], 1)
+        codes = low | (high << 2)
+    else:
+        codes = _fields(blocks, bits)
+    return codes.reshape(*words.shape[:-1], nb * BLOCK)[..., :k]
+
+
+def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, k: int,
+               group_size: int) -> torch.Tensor:
+    codes = unpack_codes(words, bits, k).float()
+    col_group = torch.arange(k) // group_size
+    return (codes - zeros.float()[..., col_group]) * scales.float()[..., col_group]
+
+
+def _act(x: torch.Tensor, name: str) -> torch.Tensor:
+    return nn.functional.silu(x) if name == "silu" else nn.functional.gelu(x, approximate="tanh")
+
+
+def moe_experts_torch(hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                      tensors: dict[str, torch.Tensor], expert_bits: list[int], group_size: int,
+                      activation: str = "silu") -> torch.Tensor:
+    """The op of docs/OPS.md: routed experts from packed weights, float32 accumulation."""
+    h = hidden.shape[-1]
+    i = tensors["w1.scales"].shape[1] // 2
+    slots = slot_table(expert_bits)
+    x = hidden.float()
+    out = torch.zeros(hidden.shape[0], h, dtype=torch.float32)
+    for e in torch.unique(indices).tolist():
+        b, s = expert_bits[e], int(slots[e])
+        w1 = dequantize(tensors[f"w1.q{b}"][s], tensors["w1.scales"][e], tensors["w1.zeros"][e], b, h, group_size)
+        w2 = dequantize(tensors[f"w2.q{b}"][s], tensors["w2.scales"][e], tensors["w2.zeros"][e], b, i, group_size)
+        tok, slot = torch.nonzero(indices == e, as_tuple=True)
+        a = x[tok] @ w1.t()
+        y = (_act(a[:, :i], activation) * a[:, i:]) @ w2.t()
+        out.index_add_(0, tok, y * weights[tok, slot, None].float())
+    return out.to(hidden.dtype)
+
+
+def _buffer_name(tensor_name: str) -> str:
+    return tensor_name.replace(".", "_")
+
+
+class PackedLayer(nn.Module):
+    """One MoE layer's packed tensors (LAYER_TENSOR_NAMES) as buffers, plus the op's attributes."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], expert_bits: list[int], group_size: int, activation: str):
+        super().__init__()
+        for name in LAYER_TENSOR_NAMES:
+            self.register_buffer(_buffer_name(name), tensors[name], persistent=False)
+        self.expert_bits = [int(b) for b in expert_bits]
+        self.group_size = int(group_size)
+        self.activation = activation
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, _buffer_name(name)) for name in LAYER_TENSOR_NAMES}
+
+    def forward(self, hidden, indices, weights):
+        return moe_experts_torch(hidden, indices, weights, self.tensors(), self.expert_bits, self.group_size,
+                                 self.activation)
+
+
+class PackedLinear(nn.Module):
+    """A linear layer whose weight is one packed matrix [out, in] at `bits` (FORMAT.md §3)."""
+
+    def __init__(self, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                 in_features: int, group_size: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("words", words, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("zeros", zeros, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.bits, self.in_features, self.group_size = bits, in_features, group_size
+        self.out_features = scales.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize(self.words, self.scales, self.zeros, self.bits, self.in_features, self.group_size)
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
