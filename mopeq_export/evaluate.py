@@ -160,3 +160,23 @@ def evaluate_vqa(ref: Forward, cand: Forward, ref_gen: Generate, cand_gen: Gener
                 for t in np.unique(tasks)}
     acc_ref, acc_q = float(right_ref.mean()), float(right.mean())
     return VQAMetrics(n, acc_ref, acc_q, acc_q / max(acc_ref, 1e-12), acc.kl / acc.n, acc.agree / acc.n, per_task)
+
+
+def evaluate_model(model_dir, qdir, data, *, max_windows: int | None = None, max_samples: int | None = None) -> dict:
+    """Load the float16 original and the quantized checkpoint, and compare them on `data`."""
+    from .models.loading import load_model, load_tokenizer
+    from .quantize.loader import load_quantized
+
+    ref, info = load_model(model_dir)
+    cand = load_quantized(qdir, model_dir)
+    tok = load_tokenizer(model_dir)
+    if info.is_vlm:
+        eos = tok.eos_token_id
+        m = evaluate_vqa(torch_forward(ref), torch_forward(cand), torch_generate(ref, eos), torch_generate(cand, eos),
+                         data, tok, ref.config, max_samples=max_samples)
+        kind = "vqa"
+    else:
+        m = evaluate_text(torch_forward(ref), torch_forward(cand), text_windows(data, tok, max_windows=max_windows))
+        kind = "text"
+    return {"schema_version": 1, "model": info.name, "quantized": str(Path(qdir).resolve()),
+            "data": str(Path(data).resolve()), "kind": kind, "metrics": m.to_json()}

@@ -1,0 +1,219 @@
+"""Quantizers (RTN with clipping search, GPTQ), the layer-by-layer pipeline, QDIR and load_quantized."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tiny_models as tm
+from mopeq_export.calibration import CalibrationInfo, CalibrationSet
+from mopeq_export.errors import MopeqError
+from mopeq_export.models.adapters import find_moe_layers
+from mopeq_export.quantize import packing, reference
+from mopeq_export.quantize.gptq import GPTQConfig, Gram, gptq
+from mopeq_export.quantize.pipeline import QuantizeConfig, quantize_layers
+from mopeq_export.quantize.primitives import choose_params, dequantize, quantize_codes, rtn
+
+TEXT_MOE = Path(__file__).resolve().parents[2] / "shared" / "models" / "text-moe"
+
+
+def _err(q, w):
+    return float(((q.dequantize() - w) ** 2).sum())
+
+
+@pytest.mark.parametrize("k,g", [(160, 32), (160, 128), (192, 64), (100, 32), (33, 32)])
+def test_rtn_shapes_ranges_and_partial_groups(k, g):
+    torch.manual_seed(0)
+    w = torch.randn(7, k)
+    for b in (2, 3, 4, 8):
+        q = rtn(w, b, g)
+        assert q.codes.shape == (7, k) and q.scales.shape == (7, -(-k // g)) and q.scales.dtype == torch.float16
+        assert int(q.codes.max()) <= 2 ** b - 1
+    errs = [_err(rtn(w, b, g), w) for b in (2, 3, 4, 8)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-3 * errs[0]
+
+
+def test_clipping_search_never_worse_than_minmax():
+    torch.manual_seed(1)
+    w = torch.randn(16, 128) ** 3  # heavy tails: clipping should help
+    for b in (2, 3):
+        s0, z0 = choose_params(w, b, 32, clip_grid=(1.0,))
+        minmax = float(((dequantize(quantize_codes(w, s0, z0, b, 32), s0.half(), z0, 32) - w) ** 2).sum())
+        assert _err(rtn(w, b, 32), w) < minmax
+
+
+def test_constant_and_zero_groups_are_exact():
+    w = torch.zeros(3, 64)
+    w[1] = 0.37
+    w[2, :32] = -1.25
+    q = rtn(w, 2, 32)
+    assert torch.allclose(q.dequantize(), w, atol=1e-3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), rows=st.integers(1, 5), k=st.integers(1, 100), seed=st.integers(0, 2 ** 16))
+def test_torch_unpack_matches_numpy_reference(bits, rows, k, seed):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 2 ** bits, size=(rows, k), dtype=np.uint8)
+    words = packing.pack_codes(codes, bits)
+    got = reference.unpack_codes(torch.from_numpy(words), bits, k)
+    np.testing.assert_array_equal(got.numpy(), codes)
+
+
+def _correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Activations with strong cross-feature correlation (low rank plus noise), as in real layers."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(8, k, generator=g)
+    return torch.randn(n, 8, generator=g) @ basis + 0.1 * torch.randn(n, k, generator=g)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_output_error(act_order):
+    torch.manual_seed(2)
+    w = torch.randn(48, 96) * 0.05
+    x = _correlated_inputs(512, 96)
+    gram = Gram(96)
+    gram.add(x)
+    for b in (2, 3, 4):
+        q_gptq = gptq(w, gram, b, 32, GPTQConfig(act_order=act_order))
+        q_rtn = rtn(w, b, 32)
+        out = lambda q: float(((x @ (q.dequantize() - w).t()) ** 2).sum())  # noqa: E731
+        assert out(q_gptq) < 0.9 * out(q_rtn), b
+        assert int(q_gptq.codes.max()) <= 2 ** b - 1
+
+
+def test_gptq_handles_dead_columns_and_partial_group():
+    torch.manual_seed(3)
+    w = torch.randn(8, 70)
+    x = torch.randn(200, 70)
+    x[:, 5] = 0  # an input that never fires
+    gram = Gram(70)
+    gram.add(x)
+    q = gptq(w, gram, 3, 64, GPTQConfig())
+    assert q.codes.shape == (8, 70) and torch.isfinite(q.dequantize()).all()
+
+
+def _calib(model, n=6, t=24, vocab=tm.V) -> CalibrationSet:
+    ids = torch.randint(3, vocab, (n, t), generator=torch.Generator().manual_seed(0))
+    return CalibrationSet(CalibrationInfo("synthetic", "0" * 64, "text", n, t, n * t),
+                          [{"input_ids": b, "labels": b} for b in ids.split(3)])
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "modulelist"])
+def test_pipeline_quantizes_every_expert_and_packed_model_matches(arch, tmp_path):
+    from mopeq_export.quantize.checkpoint import layer_record, layer_tensors, read_checkpoint, to_json_layers
+    from mopeq_export.quantize.checkpoint import SCHEMA_VERSION, write_checkpoint
+    from mopeq_export.quantize.loader import install_packed
+
+    model = tm.ALL_MOE[arch]()
+    layers = find_moe_layers(model)
+    bits = {n: (2, 3, 4)[i % 3] for i, n in enumerate(n for l in layers for n in l.expert_names)}
+    cfg = QuantizeConfig(method="gptq", group_size=32, gptq=GPTQConfig(min_tokens=4))
+    results = quantize_layers(model, layers, bits, _calib(model), cfg)
+    assert [r.bits for rs in results for r in rs] == list(bits.values())
+    assert all(r.method == "gptq" for rs in results for r in rs if r.tokens >= 4)
+    # the fake-quant model (dequantized weights written back) is the reference for the packed model
+    x = torch.randint(3, tm.V, (2, 9))
+    with torch.no_grad():
+        fake = model(input_ids=x).logits
+    tensors = {f"{l.experts_path}.{n}": t for l, rs in zip(layers, results) for n, t in layer_tensors(rs).items()}
+    rec = {"schema_version": SCHEMA_VERSION, "layout_version": packing.LAYOUT_VERSION, "group_size": 32,
+           "model": {"path": "x", "name": "x", "architecture": "x", "model_type": "x", "is_vlm": False,
+                     "config_sha256": "0", "weights_sha256": "0"},
+           "layers": to_json_layers([layer_record(l, rs) for l, rs in zip(layers, results)])}
+    write_checkpoint(tmp_path, rec, tensors, {})
+    packed = install_packed(model, read_checkpoint(tmp_path))
+    with torch.no_grad():
+        got = packed(input_ids=x).logits
+    torch.testing.assert_close(got, fake, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_method_and_bad_width_are_refused():
+    model = tm.mixtral()
+    layers = find_moe_layers(model)
+    bits = {n: 2 for l in layers for n in l.expert_names}
+    with pytest.raises(MopeqError, match="unknown quantization method"):
+        quantize_layers(model, layers, bits, None, QuantizeConfig(method="awq"))
+    with pytest.raises(MopeqError, match="multiple of 32"):
+        quantize_layers(model, layers, bits, None, QuantizeConfig(method="rtn", group_size=48))
+    with pytest.raises(MopeqError, match="unsupported width"):
+        quantize_layers(model, layers, {n: 5 for n in bits}, None, QuantizeConfig(method="rtn"))
+
+
+# -- end to end on the reference text model (RTN: fast) ------------------------------------------
+@pytest.fixture(scope="module")
+def text_plan(tmp_path_factory):
+    from mopeq_export.models.loading import load_model
+
+    model, info = load_model(TEXT_MOE)
+    names = [n for l in find_moe_layers(model) for n in l.expert_names]
+    p = tmp_path_factory.mktemp("plan") / "plan.json"
+    p.write_text(json.dumps({"experts": {n: (2, 3, 4)[i % 3] for i, n in enumerate(names)}, "method": "test",
+                             "avg_bits": 3.0, "model": {"weights_sha256": info.weights_sha256}}))
+    return p
+
+
+@pytest.fixture(scope="module")
+def text_qdir(text_plan, tmp_path_factory):
+    from mopeq_export.quantize.stage import run_quantize
+
+    out = tmp_path_factory.mktemp("q") / "qdir"
+    run_quantize(TEXT_MOE, text_plan, out, calib=None, cfg=QuantizeConfig(method="rtn"))
+    return out
+
+
+@pytest.mark.slow
+def test_quantize_text_moe_record_and_sizes(text_qdir):
+    rec = json.loads((text_qdir / "quantized.json").read_text())
+    assert len(rec["experts"]) == 96 and rec["group_size"] == 32
+    s = rec["sizes"]
+    assert abs(s["nominal_bits"] - 3.0) < 1e-9
+    # effective bits: codes + (16 + 8) / 32 bits of scale and zero per weight, no padding (160 and 256 are x32)
+    assert abs(s["effective_bits"] - 3.75) < 0.01
+    assert s["model_bytes"] < s["model_bytes_float16"]
+
+
+@pytest.mark.slow
+def test_load_quantized_runs_and_tampering_is_refused(text_qdir, tmp_path):
+    from mopeq_export.quantize.loader import load_quantized
+
+    model = load_quantized(text_qdir)
+    with torch.no_grad():
+        logits = model(input_ids=torch.randint(0, 4096, (1, 12))).logits
+    assert torch.isfinite(logits).all()
+    bad = tmp_path / "bad"
+    shutil.copytree(text_qdir, bad)
+    data = bytearray((bad / "experts.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "experts.safetensors").write_bytes(bytes(data))
+    with pytest.raises(MopeqError, match="does not match its recorded size/hash"):
+        load_quantized(bad)
+
+
+@pytest.mark.slow
+def test_plan_for_another_model_or_incomplete_is_refused(text_plan, tmp_path):
+    from mopeq_export.quantize.stage import run_quantize
+
+    plan = json.loads(text_plan.read_text())
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(plan, model={"weights_sha256": "f" * 64})))
+    with pytest.raises(MopeqError, match="made for another model"):
+        run_quantize(TEXT_MOE, other, tmp_path / "o1", calib=None, cfg=QuantizeConfig(method="rtn"))
+    missing = tmp_path / "missing.json"
+    experts = dict(plan["experts"])
+    experts.pop(next(iter(experts)))
+    missing.write_text(json.dumps(dict(plan, experts=experts)))
+    with pytest.raises(MopeqError, match="misses 1 of the model's experts"):
+        run_quantize(TEXT_MOE, missing, tmp_path / "o2", calib=None, cfg=QuantizeConfig(method="rtn"))
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps(dict(plan, experts={**plan["experts"], "model.layers.9.mlp.experts.0": 2})))
+    with pytest.raises(MopeqError, match="does not have"):
+        run_quantize(TEXT_MOE, extra, tmp_path / "o3", calib=None, cfg=QuantizeConfig(method="rtn"))
+    assert not any(p.name.startswith("o") for p in tmp_path.iterdir() if p.is_dir())
