@@ -1,0 +1,70 @@
+"""ONNX translation of `mopeq::moe_experts`: one `mopeq.MoEExperts` node per MoE layer (docs/OPS.md).
+
+Handed to `torch.onnx.export(..., dynamo=True, custom_translation_table=TRANSLATIONS)`. The exporter
+traces the function below with onnxscript; the packed tensors arrive as graph values that the exporter
+turns into initializers (uint32 codes, float16 scales, uint8 zeros), and the four attributes are
+plain Python values that become node attributes.
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnxscript.values import Op, Opset
+
+from mopeq_export.quantize.packing import LAYER_TENSOR_NAMES
+
+from . import torch_op  # noqa: F401  (registers torch.ops.mopeq.moe_experts)
+
+DOMAIN = "mopeq"
+OP_TYPE = "MoEExperts"
+OP_VERSION = 1
+
+
+
+def _schema() -> onnx.defs.OpSchema:
+    """The OPS.md contract as an ONNX schema: onnxscript needs one to emit the node, and it lets the
+    ONNX checker and shape inference see the op (output has hidden's shape and type)."""
+    P = onnx.defs.OpSchema.FormalParameter
+    inputs = [P("hidden", "T", "[T, H] token activations"), P("indices", "tensor(int64)", "[T, k] routed experts"),
+              P("weights", "T", "[T, k] routing weights")]
+    for name in LAYER_TENSOR_NAMES:
+        kind = name.split(".")[1]
+        dtype = {"scales": "tensor(float16)", "zeros": "tensor(uint8)"}.get(kind, "tensor(uint32)")
+        inputs.append(P(name, dtype, "packed expert tensor, docs/FORMAT.md section 4"))
+    A = onnx.defs.OpSchema.Attribute
+    AT = onnx.defs.OpSchema.AttrType
+    return onnx.defs.OpSchema(
+        OP_TYPE, DOMAIN, OP_VERSION,
+        doc="Routed experts of one MoE layer at per-expert widths (docs/OPS.md).",
+        inputs=inputs, outputs=[P("out", "T", "[T, H]")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activation type")],
+        attributes=[A("expert_bits", AT.INTS, "width of each expert"), A("group_size", AT.INT, "group size"),
+                    A("activation", AT.STRING, "silu or gelu (tanh)"), A("layout_version", AT.INT, "must be 1")],
+    )
+
+
+def register_schema() -> None:
+    """Idempotent: onnx keeps one global registry per process."""
+    if not onnx.defs.has(OP_TYPE, OP_VERSION, DOMAIN):
+        onnx.defs.register_schema(_schema())
+
+
+register_schema()
+_MOE_EXPERTS = Op(Opset(DOMAIN, OP_VERSION), OP_TYPE)
+
+
+def moe_experts_onnx(hidden, indices, weights, w1_q2, w1_q3, w1_q4, w1_q8, w1_scales, w1_zeros,
+                     w2_q2, w2_q3, w2_q4, w2_q8, w2_scales, w2_zeros,
+                     expert_bits, group_size, activation, layout_version):
+    return _MOE_EXPERTS(
+        hidden, indices, weights, w1_q2, w1_q3, w1_q4, w1_q8, w1_scales, w1_zeros,
+        w2_q2, w2_q3, w2_q4, w2_q8, w2_scales, w2_zeros,
+        expert_bits=list(expert_bits),      # width of each expert; defines the slot table (FORMAT.md §4)
+        group_size=int(group_size),         # quantization group along K
+        activation=str(activation),         # silu | gelu (tanh), applied to the gate half
+        layout_version=int(layout_version),  # packed layout; readers refuse unknown versions
+    )
+
+
+TRANSLATIONS = {torch.ops.mopeq.moe_experts.default: moe_experts_onnx}
