@@ -53,7 +53,8 @@ def olmoe():
 def deepseek_v3():
     from transformers import DeepseekV3Config
 
-    cfg = DeepseekV3Config(**_COMMON, intermediate_size=64, moe_intermediate_size=I, n_routed_experts=E,
+    # MLA attention has no grouped KV heads: key/value heads must equal the query heads
+    cfg = DeepseekV3Config(**{**_COMMON, "num_key_value_heads": 4}, intermediate_size=64, moe_intermediate_size=I, n_routed_experts=E,
                            num_experts_per_tok=K, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
                            topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
                            qk_nope_head_dim=8, v_head_dim=8)

@@ -1,0 +1,365 @@
+"""Stage "analyze": per-expert sensitivity statistics that the bit allocator ("plan") consumes.
+
+For every routed expert e (its w1 and w2 seen as one parameter block):
+
+- ``hessian_trace``: Hutchinson estimate of Tr(H_e), H_e the Hessian of the task loss (mean next-token
+  cross-entropy over the tokens that carry a label; for VQA only the answer tokens do) w.r.t. the
+  expert's weights. Tr(H) = E_v[v^T H v] for Rademacher v. One Hessian-vector product per probe serves
+  every expert of every layer: the Hessian's diagonal blocks are what the trace needs, and v^T H v
+  splits into per-block sums of v * Hv (the off-diagonal blocks only add zero-mean noise). Each probe
+  uses the next calibration batch, so the mean estimates E_data E_v and its standard error covers both
+  sources of noise.
+- routing statistics (sums and counts, one no-grad pass): ``tokens`` = (token, slot) assignments,
+  ``routing_weight`` = sum of the router weights it received, ``layer_tokens`` = tokens its layer saw.
+- ``quant_error``: squared Frobenius RTN error at each candidate width (group size recorded).
+- ``weight_norm_trace``: the data-free signal of the MoPEQ authors' code, Tr of the Hessian of
+  ||W_e||_F. Closed form (n-1)/||W_e||; estimated here by the same Hutchinson machinery so that the
+  estimator is checked against the closed form in the tests.
+
+An expert that received no calibration token has an exactly zero loss Hessian (its weights do not
+enter the loss); it is flagged ``no_tokens`` instead of being passed off as a measured 0.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .calibration import IGNORE, CalibrationInfo, CalibrationSet
+from .errors import MopeqError
+from .models.adapters import MoELayer, find_moe_layers
+from .models.loading import ModelInfo
+from .quantize.primitives import check_width, rtn
+
+SCHEMA_VERSION = 1
+ProbeCallback = Callable[[int, float], None]  # (probes done, worst relative stderr so far)
+
+
+# -- records --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EstimatorConfig:
+    """Settings of the Hutchinson estimator and of the per-width quantization errors."""
+
+    seed: int = 0
+    max_probes: int = 24
+    min_probes: int = 8
+    rel_tol: float = 0.15  # stop once every expert's stderr / |trace| is below this
+    batch_size: int = 4  # calibration samples per probe
+    group_size: int = 32
+    bits: tuple[int, ...] = (2, 3, 4)
+    norm_probes: int = 4  # the weight-norm Hessian is almost isotropic: few probes suffice
+    version: int = 1
+
+    def __post_init__(self):
+        if self.max_probes < 1 or not 1 <= self.min_probes:
+            raise MopeqError("--probes must be >= 1")
+        if not self.rel_tol > 0:
+            raise MopeqError("--rel-tol must be > 0")
+        for b in self.bits:
+            check_width(b, self.group_size)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "EstimatorConfig":
+        kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        kw["bits"] = tuple(kw.get("bits", cls.bits))
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class ExpertSensitivity:
+    name: str
+    layer: int
+    expert: int
+    params: int
+    hessian_trace: float
+    hessian_trace_stderr: float
+    tokens: int  # (token, slot) assignments over the calibration set
+    layer_tokens: int  # tokens the expert's layer saw (padding excluded)
+    frequency: float  # tokens / layer_tokens (sums to top-k over a layer)
+    routing_weight: float  # sum of router weights over its assignments
+    no_tokens: bool  # True: never routed, trace is an exact 0, not a measurement
+    quant_error: dict[int, float]  # bits -> ||W - Q_b(W)||_F^2 (w1 and w2 together)
+    weight_norm_trace: float  # data-free signal: Tr Hessian of ||W||_F
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["quant_error"] = {str(b): e for b, e in self.quant_error.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ExpertSensitivity":
+        kw = {k: d[k] for k in cls.__dataclass_fields__}
+        kw["quant_error"] = {int(b): float(e) for b, e in d["quant_error"].items()}
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class SensitivityReport:
+    model: ModelInfo
+    calibration: CalibrationInfo
+    estimator: EstimatorConfig
+    probes: int
+    converged: bool  # every expert met rel_tol before max_probes
+    seconds: float
+    experts: tuple[ExpertSensitivity, ...]
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict:
+        return {"schema_version": self.schema_version, "kind": "mopeq.sensitivity",
+                "model": self.model.to_json(), "calibration": self.calibration.to_json(),
+                "estimator": self.estimator.to_json(), "probes": self.probes, "converged": self.converged,
+                "seconds": self.seconds, "experts": [e.to_json() for e in self.experts]}
+
+    @classmethod
+    def from_json(cls, d: dict, source: str = "sensitivity file") -> "SensitivityReport":
+        if not isinstance(d, dict) or d.get("kind") != "mopeq.sensitivity":
+            raise MopeqError(f"{source} is not a sensitivity record (no kind=mopeq.sensitivity); run `mopeq-export analyze`")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise MopeqError(f"{source} has schema version {d.get('schema_version')}, this tool reads "
+                             f"{SCHEMA_VERSION}; rerun `mopeq-export analyze`")
+        try:
+            experts = tuple(ExpertSensitivity.from_json(e) for e in d["experts"])
+            report = cls(ModelInfo.from_json(d["model"]), CalibrationInfo.from_json(d["calibration"]),
+                         EstimatorConfig.from_json(d["estimator"]), int(d["probes"]), bool(d["converged"]),
+                         float(d["seconds"]), experts)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise MopeqError(f"{source} is malformed ({type(e).__name__}: {e}); rerun `mopeq-export analyze`") from None
+        if not experts:
+            raise MopeqError(f"{source} lists no experts; rerun `mopeq-export analyze`")
+        return report
+
+
+# -- per-expert reduction of parameter-shaped tensors ---------------------------------------------
+@dataclass(frozen=True)
+class ExpertSlots:
+    """Where each routed expert lives among the Hessian parameters, and its flat index."""
+
+    params: tuple[nn.Parameter, ...]
+    slots: tuple[int, ...]  # fused param: first index of its E experts; ModuleList param: the expert's index
+    fused: tuple[bool, ...]
+    count: int
+
+    def reduce(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-expert sums [count] of parameter-shaped tensors (differentiable)."""
+        parts: list[torch.Tensor] = [torch.zeros(self.count, dtype=torch.float64)]
+        for t, slot, fused in zip(tensors, self.slots, self.fused):
+            s = t.double().flatten(1).sum(1) if fused else t.double().sum().reshape(1)
+            parts.append(nn.functional.pad(s, (slot, self.count - slot - s.numel())))
+        return torch.stack(parts).sum(0)
+
+
+def expert_slots(layers: Sequence[MoELayer]) -> ExpertSlots:
+    params, slots, fused, offset = [], [], [], 0
+    for layer in layers:
+        for p, e in layer.hessian_params():
+            params.append(p)
+            slots.append(offset if e is None else offset + e)
+            fused.append(e is None)
+        offset += layer.num_experts
+    return ExpertSlots(tuple(params), tuple(slots), tuple(fused), offset)
+
+
+# -- Hutchinson -----------------------------------------------------------------------------------
+def rademacher(like: Iterable[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+    return [torch.randint(0, 2, p.shape, generator=gen, dtype=p.dtype) * 2 - 1 for p in like]
+
+
+def hutchinson_probe(loss: torch.Tensor, params: Sequence[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+    """v * (H v) elementwise for one Rademacher v over all params: exactly one Hessian-vector product."""
+    v = rademacher(params, gen)
+    # allow_unused: a ModuleList expert that got no token is not in the graph (its Hessian block is 0)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    used = [(g, vi, p) for g, vi, p in zip(grads, v, params) if g is not None and g.requires_grad]
+    hv = dict(zip((id(p) for *_, p in used), torch.autograd.grad(
+        sum((g * vi).sum() for g, vi, _ in used), [p for *_, p in used], allow_unused=True))) if used else {}
+    return [vi * h if (h := hv.get(id(p))) is not None else torch.zeros_like(vi) for vi, p in zip(v, params)]
+
+
+class RunningMean:
+    """Per-expert sums and sums of squares over probes: mean and standard error of the mean."""
+
+    def __init__(self, n: int):
+        self.count, self.sum, self.sumsq = 0, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        self.count += 1
+        self.sum += x
+        self.sumsq += x * x
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def stderr(self) -> torch.Tensor:
+        if self.count < 2:
+            return torch.full_like(self.sum, math.inf)
+        var = (self.sumsq - self.count * self.mean ** 2).clamp_min(0) / (self.count - 1)
+        return (var / self.count).sqrt()
+
+    def worst_rel(self, active: torch.Tensor) -> float:
+        """Largest stderr/|mean| among `active` experts (inactive ones have an exact 0 trace)."""
+        if not bool(active.any()):
+            return 0.0
+        rel = self.stderr[active] / self.mean[active].abs().clamp_min(1e-30)
+        return float(rel.max())
+
+
+def task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled tokens, from logits (never a model's aux losses)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    if not bool((labels != IGNORE).any()):
+        raise MopeqError("a calibration batch has no labelled token; the loss (and its Hessian) would be empty")
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+
+class _ExpertGrad:
+    """Only the routed experts need gradients: freezing the rest keeps the double backward small."""
+
+    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter]):
+        self.model, self.params = model, params
+
+    def __enter__(self):
+        self.saved = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self.saved:
+            p.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in self.saved:
+            p.requires_grad_(flag)
+
+
+def hessian_traces(model: nn.Module, slots: ExpertSlots, batches: Sequence[dict], cfg: EstimatorConfig,
+                   active: torch.Tensor, on_probe: ProbeCallback | None = None) -> RunningMean:
+    """Hutchinson over probes, batch i % len(batches) for probe i, until rel_tol or max_probes."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    stats = RunningMean(slots.count)
+    with _ExpertGrad(model, slots.params):
+        for i in range(cfg.max_probes):
+            loss = task_loss(model, batches[i % len(batches)])
+            stats.add(slots.reduce(hutchinson_probe(loss, slots.params, gen)).detach())
+            worst = stats.worst_rel(active)
+            if on_probe:
+                on_probe(i + 1, worst)
+            if stats.count >= max(cfg.min_probes, 2) and worst < cfg.rel_tol:
+                break
+    return stats
+
+
+def weight_norm_traces(slots: ExpertSlots, probes: int, seed: int) -> torch.Tensor:
+    """Hutchinson estimate of Tr Hess ||W_e||_F per expert (closed form (n-1)/||W_e||), no data."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    leaves = [p.detach().float().clone().requires_grad_(True) for p in slots.params]
+    stats = RunningMean(slots.count)
+    for _ in range(probes):
+        # experts are separate blocks, so the Hessian of the sum of norms is block-diagonal
+        loss = slots.reduce([w * w for w in leaves]).sqrt().sum()
+        stats.add(slots.reduce(hutchinson_probe(loss, leaves, gen)))
+    return stats.mean
+
+
+# -- routing statistics and quantization errors -------------------------------------------------------
+@dataclass
+class RoutingStats:
+    tokens: torch.Tensor  # [experts] (token, slot) assignments
+    weight: torch.Tensor  # [experts] routing weight mass
+    layer_tokens: torch.Tensor  # [experts] tokens seen by the expert's layer
+    mask: torch.Tensor | None = field(default=None)  # real (non-padding) tokens of the current batch
+
+
+def _routing_callback(stats: RoutingStats, offset: int, num_experts: int):
+    def callback(hidden, top_k_index, top_k_weights):
+        keep = stats.mask if stats.mask is not None and stats.mask.numel() == top_k_index.shape[0] else None
+        idx, w = top_k_index.long(), top_k_weights.detach().double()
+        if keep is not None:
+            idx, w = idx[keep], w[keep]
+        sl = slice(offset, offset + num_experts)
+        stats.tokens[sl] += torch.bincount(idx.flatten(), minlength=num_experts)[:num_experts]
+        stats.weight[sl] += torch.zeros(num_experts, dtype=torch.float64).index_add_(0, idx.flatten(), w.flatten())
+        stats.layer_tokens[sl] += idx.shape[0]
+    return callback
+
+
+@torch.no_grad()
+def routing_stats(model: nn.Module, layers: Sequence[MoELayer], batches: Sequence[dict]) -> RoutingStats:
+    n = sum(layer.num_experts for layer in layers)
+    stats = RoutingStats(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long))
+    handles, offset = [], 0
+    for layer in layers:
+        handles.append(layer.register_routing_hook(_routing_callback(stats, offset, layer.num_experts)))
+        offset += layer.num_experts
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            stats.mask = mask.flatten().bool() if mask is not None else None
+            model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _row_errors(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    return ((rtn(w, bits, group_size).dequantize() - w) ** 2).sum(1, dtype=torch.float64)
+
+
+def quant_errors(layer: MoELayer, bits: Sequence[int], group_size: int) -> list[dict[int, float]]:
+    """Per expert {bits: ||W - Q_b(W)||^2}; rows quantize independently, so a layer's experts go in one call."""
+    e = layer.num_experts
+    w1 = torch.cat([layer.get_w1(i) for i in range(e)])
+    w2 = torch.cat([layer.get_w2(i) for i in range(e)])
+    per_bits = {b: _row_errors(w1, b, group_size).view(e, -1).sum(1) + _row_errors(w2, b, group_size).view(e, -1).sum(1)
+                for b in bits}
+    return [{b: float(per_bits[b][i]) for b in bits} for i in range(e)]
+
+
+# -- the stage ------------------------------------------------------------------------------------
+def _records(layers, stats: RoutingStats, traces: RunningMean, norm_traces, errors) -> tuple[ExpertSensitivity, ...]:
+    out, i = [], 0
+    mean, stderr = traces.mean, traces.stderr
+    for layer in layers:
+        for e in range(layer.num_experts):
+            tokens, total = int(stats.tokens[i]), int(stats.layer_tokens[i])
+            out.append(ExpertSensitivity(
+                name=layer.expert_name(e), layer=layer.layer, expert=e, params=layer.expert_params,
+                hessian_trace=float(mean[i]), hessian_trace_stderr=float(stderr[i]) if tokens else 0.0,
+                tokens=tokens, layer_tokens=total, frequency=tokens / total if total else 0.0,
+                routing_weight=float(stats.weight[i]), no_tokens=tokens == 0, quant_error=errors[i],
+                weight_norm_trace=float(norm_traces[i])))
+            i += 1
+    return tuple(out)
+
+
+def analyze(model: nn.Module, info: ModelInfo, calib: CalibrationSet, cfg: EstimatorConfig,
+            on_probe: ProbeCallback | None = None) -> SensitivityReport:
+    """Every per-expert statistic of the module docstring, for every routed expert of the model."""
+    start = time.perf_counter()
+    layers = find_moe_layers(model)
+    slots = expert_slots(layers)
+    stats = routing_stats(model, layers, calib.batches)
+    traces = hessian_traces(model, slots, calib.batches, cfg, stats.tokens > 0, on_probe)
+    norm_traces = weight_norm_traces(slots, cfg.norm_probes, cfg.seed)
+    errors = [err for layer in layers for err in quant_errors(layer, cfg.bits, cfg.group_size)]
+    experts = _records(layers, stats, traces, norm_traces, errors)
+    converged = traces.worst_rel(stats.tokens > 0) < cfg.rel_tol
+    return SensitivityReport(info, calib.info, cfg, traces.count, converged, round(time.perf_counter() - start, 3), experts)
+
+
+def load_report(path) -> SensitivityReport:
+    from .fsutil import read_json
+
+    return SensitivityReport.from_json(read_json(path, "sensitivity file"), str(path))
