@@ -1,0 +1,210 @@
+"""The bundle manifest (docs/BUNDLE.md): its schema as typed records, reading, and hash verification.
+
+Lives in the runtime because the device needs it to trust a bundle; the toolchain's writer
+(`mopeq_export/bundle.py`) builds the same records. NumPy-free, torch-free: only the standard library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .errors import BundleError
+
+SCHEMA_VERSION = 1
+KIND = "mopeq.bundle"
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative, POSIX separators
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class TensorSig:
+    name: str
+    dtype: str  # numpy name: float32, float16, int64, ...
+    shape: tuple  # ints for fixed dims, strings for symbolic ones
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    name: str  # decoder | embed | vision
+    file: str
+    data_files: tuple[str, ...]  # ONNX external data, kept beside the graph
+    inputs: tuple[TensorSig, ...]
+    outputs: tuple[TensorSig, ...]
+
+
+@dataclass(frozen=True)
+class TargetEntry:
+    name: str
+    arches: tuple[str, ...]  # host machines (platform.machine()) the bundle is meant for
+    activation_dtype: str
+    providers: tuple[str, ...]  # execution providers, preferred first
+    memory_bytes: int  # the share of device memory the model may use
+    context_length: int  # tokens the memory check was made for; the runtime enforces it
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    architecture: str
+    model_type: str
+    is_vlm: bool
+    config_sha256: str
+    weights_sha256: str
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    vocab: int
+    max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class TokenizerEntry:
+    file: str  # tokenizer.json, read with the `tokenizers` library
+    config_file: str | None
+    bos_id: int | None
+    eos_id: int | None
+    pad_id: int | None
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    status: str  # "binary": library included; "source": only csrc + recipe; "none"
+    library: str | None  # bundle path of the shared library when status == "binary"
+    arch: str | None  # machine the library was compiled for
+    source: str | None  # bundle folder with the C++ sources when status == "source"
+    build: str  # how to build it on the device
+    note: str  # said plainly: what runs when no library is loaded
+
+
+@dataclass(frozen=True)
+class Manifest:
+    target: TargetEntry
+    model: ModelEntry
+    toolchain: dict
+    plan: dict
+    quantization: dict
+    graphs: tuple[GraphEntry, ...]
+    tokenizer: TokenizerEntry
+    kernel: KernelEntry
+    validation: dict
+    files: tuple[FileEntry, ...]
+    prompt: dict | None = None  # VQA prompt format (mopeq_runtime.prompt.VQAFormat) for a VLM
+    schema_version: int = SCHEMA_VERSION
+    kind: str = KIND
+
+    def graph(self, name: str) -> GraphEntry:
+        for g in self.graphs:
+            if g.name == name:
+                return g
+        raise BundleError(f"the bundle has no {name!r} graph (it has {', '.join(g.name for g in self.graphs)})")
+
+    def to_json(self) -> dict:
+        d = _plain(asdict(self))
+        head = {"schema_version": d.pop("schema_version"), "kind": d.pop("kind")}
+        return {**head, **d}
+
+    def dumps(self) -> str:
+        """The exact bytes written to manifest.json (deterministic: fixed key order and indent)."""
+        return json.dumps(self.to_json(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, d: Any, source: str = MANIFEST) -> "Manifest":
+        if not isinstance(d, dict) or d.get("kind") != KIND:
+            raise BundleError(f"{source} is not a MoPEQ bundle manifest (kind != {KIND})")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise BundleError(f"{source} has schema version {d.get('schema_version')!r}; this runtime reads version "
+                              f"{SCHEMA_VERSION}: rebuild the bundle with a matching toolchain or update the runtime")
+        try:
+            return cls(
+                target=_rec(TargetEntry, d["target"]), model=_rec(ModelEntry, d["model"]),
+                toolchain=dict(d["toolchain"]), plan=dict(d["plan"]), quantization=dict(d["quantization"]),
+                graphs=tuple(_graph(g) for g in d["graphs"]), tokenizer=_rec(TokenizerEntry, d["tokenizer"]),
+                kernel=_rec(KernelEntry, d["kernel"]), validation=dict(d["validation"]),
+                files=tuple(_rec(FileEntry, f) for f in d["files"]), prompt=d.get("prompt"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{source} is malformed ({type(e).__name__}: {e}); rebuild the bundle") from None
+
+
+def _plain(x):
+    """Tuples -> lists so the JSON form round-trips to the same bytes."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _rec(cls, d: dict):
+    kw = {}
+    for f in fields(cls):
+        v = d[f.name]
+        kw[f.name] = tuple(v) if isinstance(v, list) else v
+    return cls(**kw)
+
+
+def _graph(d: dict) -> GraphEntry:
+    sig = lambda s: TensorSig(s["name"], s["dtype"], tuple(s["shape"]))  # noqa: E731
+    return GraphEntry(d["name"], d["file"], tuple(d["data_files"]), tuple(sig(s) for s in d["inputs"]),
+                      tuple(sig(s) for s in d["outputs"]))
+
+
+def read_manifest(root: Path) -> Manifest:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{root} is not a bundle: no {MANIFEST}; build one with `mopeq-export build`")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON ({e}); the bundle is damaged, rebuild or re-copy it") from None
+    return Manifest.from_json(d, str(path))
+
+
+def _safe_relpath(p: str) -> bool:
+    pp = PurePosixPath(p)
+    return bool(p) and not pp.is_absolute() and ".." not in pp.parts and "\\" not in p
+
+
+def verify_files(root: Path, manifest: Manifest) -> None:
+    """Every listed file exists with its size and sha256; nothing unlisted; every referenced file is listed."""
+    listed = {f.path for f in manifest.files}
+    for f in manifest.files:
+        if not _safe_relpath(f.path):
+            raise BundleError(f"manifest lists an unsafe path {f.path!r}; the bundle was tampered with")
+        p = root / f.path
+        if not p.is_file() or p.is_symlink():
+            raise BundleError(f"bundle file {f.path} is missing; re-copy the whole bundle folder")
+        if p.stat().st_size != f.size:
+            raise BundleError(f"bundle file {f.path} has {p.stat().st_size} bytes, the manifest says {f.size}: "
+                              "it was altered or truncated; re-copy the bundle")
+        if sha256_file(p) != f.sha256:
+            raise BundleError(f"bundle file {f.path} does not match its sha256 in the manifest: it was altered; "
+                              "re-copy or rebuild the bundle")
+    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+    extra = sorted(on_disk - listed - {MANIFEST})
+    if extra:
+        raise BundleError(f"bundle holds files its manifest does not list ({', '.join(extra[:3])}); "
+                          "it was modified after the build: remove them or rebuild")
+    referenced = [g.file for g in manifest.graphs] + [d for g in manifest.graphs for d in g.data_files]
+    referenced += [manifest.tokenizer.file] + ([manifest.kernel.library] if manifest.kernel.library else [])
+    missing = [r for r in referenced if r not in listed]
+    if missing:
+        raise BundleError(f"manifest refers to {missing[0]} but does not list its hash; the manifest was edited")
