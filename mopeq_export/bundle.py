@@ -85,7 +85,8 @@ def model_entry(info: ModelInfo, model_dir: Path, export_json: dict) -> ModelEnt
     dims = {"num_layers": tc["num_hidden_layers"], "kv_heads": tc.get("num_key_value_heads", heads),
             "head_dim": tc.get("head_dim") or tc["hidden_size"] // heads, "hidden": tc["hidden_size"],
             "vocab": tc["vocab_size"], "max_position_embeddings": tc["max_position_embeddings"]}
-    dims = {k: int(ex.get(k, v)) for k, v in dims.items()}
+    ex = {**ex, "max_position_embeddings": ex.get("max_position_embeddings", ex.get("max_positions"))}
+    dims = {k: int(ex[k]) if ex.get(k) is not None else int(v) for k, v in dims.items()}
     return ModelEntry(info.name, info.architecture, info.model_type, info.is_vlm, info.config_sha256,
                       info.weights_sha256, **dims)
 

@@ -1,0 +1,318 @@
+"""`build`: analyze -> plan -> quantize -> export -> package -> validate, into one verified bundle.
+
+Each expensive stage is cached under a key that hashes everything it depends on (source weights/config,
+calibration data, the stage's settings, the upstream key, and the toolchain's own source code), so a re-run
+with one changed setting redoes only what that setting touches. The bundle itself is never cached: it is
+written into a staging folder beside --out, validated through the runtime, and renamed into place only
+when the gate passes. A failing gate, Ctrl-C or a full disk leave no bundle.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .bundle import BundleInputs, toolchain_version, write_manifest, write_payload, write_tar
+from .errors import MopeqError
+from .fsutil import read_json, sha256_file, staged_dir, staged_file, write_json
+from .memory import MemoryCheck, check_memory, estimate_weights, kv_bytes_per_token, require_fit
+from .targets import Target, get_target
+from .validate import GateConfig, GateReport, plot_report, run_gate
+
+REPO = Path(__file__).resolve().parent.parent
+Say = Callable[[str, str], None]  # (stage, status: "run" | "cached" | "done")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    model: Path
+    target: str
+    out: Path
+    avg_bits: float | None = None  # None: the target's default (ignored with plan)
+    plan: Path | None = None  # a plan.json to use instead of analyze + plan
+    calib: Path | None = None  # None: the shipped calibration data for the model's kind
+    eval: Path | None = None  # None: the calibration data (the report says so)
+    seed: int = 0
+    tar: bool = False
+    cache: Path | None = None  # None: $MOPEQ_CACHE or ~/.cache/mopeq-export
+    use_cache: bool = True
+    context: int | None = None  # tokens for the memory check and the runtime's limit; None: model maximum
+    gate: GateConfig = field(default_factory=GateConfig)
+    group_size: int = 32
+    method: str = "gptq"
+    probes: int = 24
+    kernel_library: Path | None = None  # None: runtime/lib for x86-64 targets when built
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out: Path | None  # None when the gate failed
+    report: GateReport
+    report_path: Path  # inside the bundle, or beside --out when the gate failed
+    summary: dict
+
+
+class GateFailed(MopeqError):
+    def __init__(self, message: str, result: BuildResult):
+        super().__init__(message)
+        self.result = result
+
+
+# -- cache ---------------------------------------------------------------------------------------------
+def code_digest() -> str:
+    """Hash of the toolchain's Python sources: a changed quantizer or exporter invalidates the cache."""
+    h = hashlib.sha256()
+    for pkg in ("mopeq_export", "exporters", "runtime"):
+        for f in sorted((REPO / pkg).rglob("*.py")):
+            h.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+class StageCache:
+    def __init__(self, root: Path | None, say: Say):
+        self.tmp = None if root else Path(tempfile.mkdtemp(prefix="mopeq-build-"))
+        self.root, self.say, self.hits = Path(root or self.tmp), say, []
+
+    def get(self, stage: str, key: dict, make: Callable[[Path], None]) -> tuple[Path, str]:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        dest = self.root / f"{stage}-{digest[:20]}"
+        if (dest / ".complete").is_file():
+            self.say(stage, "cached")
+            self.hits.append(stage)
+            return dest, digest
+        self.say(stage, "run")
+        with staged_dir(dest) as st:
+            make(st)
+            (st / ".complete").write_text(digest + "\n")
+        self.say(stage, "done")
+        return dest, digest
+
+    def close(self) -> None:
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("MOPEQ_CACHE") or Path.home() / ".cache" / "mopeq-export")
+
+
+# -- stages ----------------------------------------------------------------------------------------------
+def _seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def _analyze(cfg: BuildConfig, calib: Path, st: Path) -> None:
+    from .calibration import load_calibration
+    from .models.loading import load_model, load_tokenizer
+    from .sensitivity import EstimatorConfig, analyze
+
+    _seed(cfg.seed)
+    est = EstimatorConfig(seed=cfg.seed, max_probes=cfg.probes, min_probes=min(8, cfg.probes),
+                          group_size=cfg.group_size)
+    net, info = load_model(cfg.model)
+    data = load_calibration(calib, load_tokenizer(cfg.model), net.config, samples=32, seq_len=128,
+                            batch_size=est.batch_size)
+    write_json(st / "sensitivity.json", analyze(net, info, data, est).to_json())
+
+
+def _plan(sens: Path, avg_bits: float, st: Path) -> None:
+    from .allocation import PlanConfig, plan_from_file
+
+    plan, _ = plan_from_file(sens, PlanConfig(method="budget", avg_bits=avg_bits))
+    write_json(st / "plan.json", plan.to_json())
+
+
+def _quantize(cfg: BuildConfig, plan: Path, calib: Path, st: Path) -> None:
+    from .quantize.pipeline import QuantizeConfig
+    from .quantize.stage import run_quantize
+
+    _seed(cfg.seed)
+    run_quantize(cfg.model, plan, st / "qdir", calib=calib, cfg=QuantizeConfig(method=cfg.method,
+                                                                                group_size=cfg.group_size))
+
+
+def _export(cfg: BuildConfig, qdir: Path, target: Target, st: Path) -> None:
+    from mopeq_exporters import export_quantized
+
+    export_quantized(qdir, target, st / "export", cfg.model)
+
+
+def kernel_for(target: Target, override: Path | None) -> Path | None:
+    """The compiled library when it can run on the target (x86-64 here); else None: ship the source."""
+    if override is not None:
+        return override
+    from mopeq_runtime.host import elf_arch, host_arch
+    from mopeq_runtime.native import LIBRARY_NAME
+
+    lib = REPO / "runtime" / "lib" / LIBRARY_NAME
+    if target.arch == host_arch() and lib.is_file() and elf_arch(lib) == target.arch:
+        return lib
+    return None
+
+
+# -- the whole build ---------------------------------------------------------------------------------------
+def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> BuildResult:
+    from .cli import default_calib
+    from .models.loading import model_info
+
+    target = get_target(cfg.target)
+    info = model_info(cfg.model)
+    tc = json.loads((Path(cfg.model) / "config.json").read_text())
+    tc = tc.get("text_config", tc)
+    max_pos = int(tc["max_position_embeddings"])
+    context = cfg.context or max_pos
+    if context > max_pos or context < 1:
+        raise MopeqError(f"--context {context} is outside 1..{max_pos} (the model's max_position_embeddings)")
+    calib = Path(cfg.calib or default_calib(info.is_vlm))
+    if not calib.exists():
+        raise MopeqError(f"calibration data not found: {calib}")
+    avg_bits = cfg.avg_bits if cfg.avg_bits is not None else target.default_avg_bits
+    heads = tc["num_attention_heads"]
+    per_token = kv_bytes_per_token(tc["num_hidden_layers"], tc.get("num_key_value_heads") or heads,
+                                   tc.get("head_dim") or tc["hidden_size"] // heads, target.activation_dtype)
+    # fail fast, before hours of GPTQ on a large model: estimated weights at the planned average width
+    require_fit(check_memory(target, estimate_weights(cfg.model, target, avg_bits, cfg.group_size), per_token,
+                             context), "the model at the planned width (estimate)")
+
+    cache = StageCache((cfg.cache or default_cache()) if cfg.use_cache else None, say)
+    try:
+        base = {"code": code_digest(), "weights": info.weights_sha256, "config": info.config_sha256,
+                "calib": sha256_file(calib) if calib.is_file() else str(calib), "seed": cfg.seed,
+                "group_size": cfg.group_size}
+        if cfg.plan is not None:
+            plan_dir, plan_key = cache.get("plan", {**base, "plan_file": sha256_file(cfg.plan)},
+                                           lambda st: shutil.copyfile(cfg.plan, st / "plan.json"))
+        else:
+            sens_dir, sens_key = cache.get("analyze", {**base, "probes": cfg.probes},
+                                           lambda st: _analyze(cfg, calib, st))
+            plan_dir, plan_key = cache.get("plan", {"analyze": sens_key, "avg_bits": avg_bits},
+                                           lambda st: _plan(sens_dir / "sensitivity.json", avg_bits, st))
+        plan_path = plan_dir / "plan.json"
+        q_dir, q_key = cache.get("quantize", {**base, "plan": plan_key, "method": cfg.method},
+                                 lambda st: _quantize(cfg, plan_path, calib, st))
+        e_dir, _ = cache.get("export", {"quantize": q_key, "target": target.to_json()},
+                             lambda st: _export(cfg, q_dir / "qdir", target, st))
+        return _package(cfg, target, info, context, per_token, plan_path, q_dir / "qdir", e_dir / "export",
+                        calib, say, progress, cache.hits)
+    finally:
+        cache.close()
+
+
+def _quantization_record(qdir: Path, seed: int) -> dict:
+    q = read_json(qdir / "quantized.json", "quantized checkpoint record")
+    return {"method": q["method"], "group_size": q["group_size"], "layout_version": q["layout_version"],
+            "config": q["config"], "calibration": q["calibration"], "seed": seed, "sizes": q["sizes"],
+            "rtn_fallbacks": q["rtn_fallbacks"]}
+
+
+def _stable_plan(plan_path: Path) -> dict:
+    """The plan record for the manifest. Its sensitivity hash covers the file's wall-clock `seconds` and
+    absolute paths; replace it by a hash of the content without them, so rebuilds stay byte-identical."""
+    from .bundle import scrub
+
+    plan = read_json(plan_path, "bit plan")
+    sens = plan.get("sensitivity") or {}
+    if isinstance(sens, dict) and sens.get("path") and Path(sens["path"]).is_file():
+        d = read_json(sens["path"], "sensitivity file")
+        d.pop("seconds", None)
+        digest = hashlib.sha256(json.dumps(scrub(d), sort_keys=True).encode()).hexdigest()
+        plan["sensitivity"] = {"path": Path(sens["path"]).name, "content_sha256": digest,
+                               "note": "sha256 of the JSON without `seconds`, paths reduced to names, sorted keys"}
+    return plan
+
+
+def report_beside(out: Path) -> Path:
+    return out.parent / f"{out.name}.validation.json"
+
+
+def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir, calib, say, progress, hits):
+    out = Path(cfg.out).resolve()
+    prompt = None
+    if info.is_vlm:
+        from transformers import AutoConfig
+
+        from .calibration import vqa_format_for
+
+        prompt = vqa_format_for(AutoConfig.from_pretrained(cfg.model)).to_json()
+    inputs = BundleInputs(export_dir, Path(cfg.model), info, target, context, _stable_plan(plan_path),
+                          _quantization_record(qdir, cfg.seed), kernel_for(target, cfg.kernel_library),
+                          REPO / "runtime" / "csrc", prompt)
+    eval_path = Path(cfg.eval or calib)
+    folder = out.with_name(out.name + ".dir") if cfg.tar else out
+    try:
+        with staged_dir(folder) as stage:
+            say("package", "run")
+            parts = write_payload(inputs, stage)
+            write_manifest(stage, parts, {"status": "pending"})
+            weights = sum(f.stat().st_size for f in stage.glob("*.onnx*"))
+            mem = check_memory(target, weights, per_token, context)
+            require_fit(mem)
+            say("package", "done")
+            say("validate", "run")
+            report = _validate(cfg, stage, eval_path, calib, progress)
+            summary = _summary(parts, stage, report, mem, hits)
+            if not report.passed:
+                path = report_beside(out)
+                with staged_file(path) as tmp:
+                    write_json(tmp, {**report.to_json(), "summary": summary})
+                raise GateFailed(f"accuracy gate failed: {'; '.join(report.failures)}; report: {path}; "
+                                 "no bundle written (raise --avg-bits, or relax the gate knowingly)",
+                                 BuildResult(None, report, path, summary))
+            say("validate", "done")
+            (stage / "validation").mkdir()
+            write_json(stage / "validation" / "report.json", report.to_json())
+            plot_report(report, stage / "validation" / "fidelity.png")
+            write_manifest(stage, parts, _validation_entry(report, mem))
+        report_beside(out).unlink(missing_ok=True)  # a stale failure report would contradict the bundle
+        if cfg.tar:
+            try:
+                with staged_file(out) as tmp:
+                    write_tar(folder, tmp)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise MopeqError(f"disk full while writing the bundle ({e.strerror}); free space in {out.parent} "
+                             "and re-run: no bundle was written") from None
+        raise
+    return BuildResult(out, report, out if cfg.tar else out / "validation" / "report.json", summary)
+
+
+def _validate(cfg: BuildConfig, stage: Path, eval_path: Path, calib: Path, progress) -> GateReport:
+    import mopeq_runtime
+
+    from .models.loading import load_model, load_tokenizer
+
+    # a Jetson bundle is validated here on the CPU: same graphs and dtype, the kernel or function bodies
+    bundle = mopeq_runtime.load(stage, allow_foreign_target=True)
+    ref, _ = load_model(cfg.model)
+    return run_gate(ref, bundle, load_tokenizer(cfg.model), eval_path, cfg.gate,
+                    is_calibration=eval_path.resolve() == calib.resolve(), progress=progress)
+
+
+def _validation_entry(report: GateReport, mem: MemoryCheck) -> dict:
+    return {"passed": report.passed, "kind": report.kind, "metrics": {k: v for k, v in report.metrics.items()
+                                                                    if k != "per_task"},
+            "gate": report.gate.to_json(), "data": report.data, "memory": mem.to_json(),
+            "report": "validation/report.json", "plots": ["validation/fidelity.png"]}
+
+
+def _summary(parts: dict, stage: Path, report: GateReport, mem: MemoryCheck, hits: list[str]) -> dict:
+    bits = Counter(parts["plan"]["experts"].values())
+    sizes = {p.name: p.stat().st_size for p in sorted(stage.rglob("*")) if p.is_file()}
+    return {"bits_histogram": {str(b): n for b, n in sorted(bits.items())}, "avg_bits": parts["plan"].get("avg_bits"),
+            "file_sizes": sizes, "bundle_bytes": sum(sizes.values()), "weights_bytes": mem.weights_bytes,
+            "memory": mem.to_json(), "metrics": report.metrics, "passed": report.passed, "cached_stages": hits,
+            "target": parts["target"].name, "activation_dtype": parts["target"].activation_dtype}

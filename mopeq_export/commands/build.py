@@ -1,0 +1,99 @@
+"""`mopeq-export build`: a Hugging Face MoE checkpoint -> a validated bundle for one target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..cli import app, console
+from ..targets import ALIASES, TARGETS
+
+STAGES = ("analyze", "plan", "quantize", "export", "package", "validate")
+
+
+@app.command()
+def build(
+    model: Path = typer.Option(..., "--model", help="Hugging Face checkpoint folder"),
+    target: str = typer.Option(..., "--target", help=f"one of {', '.join([*TARGETS, *ALIASES])}"),
+    out: Path = typer.Option(..., "--out", help="bundle folder (or .tar with --tar), written only if the gate passes"),
+    avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="average expert bits (default: the target's)"),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="use this plan.json instead of analyze + plan"),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="calibration data (default: calibration_data/)"),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="evaluation data for the gate (default: --calib)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the sensitivity probes and of everything random"),
+    tar: bool = typer.Option(False, "--tar", help="write one deterministic .tar instead of a folder"),
+    context: Optional[int] = typer.Option(None, "--context", help="tokens for the memory check (default: model max)"),
+    max_ppl_ratio: float = typer.Option(1.05, "--max-ppl-ratio", help="gate: bundle/float16 perplexity, at most"),
+    min_vqa_retention: float = typer.Option(0.985, "--min-vqa-retention", help="gate: VQA retention, at least"),
+    eval_windows: int = typer.Option(128, "--eval-windows", help="gate: text windows of 256 tokens (0 = all)"),
+    eval_samples: int = typer.Option(0, "--eval-samples", help="gate: VQA samples (0 = all)"),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="stage cache (default: ~/.cache/mopeq-export)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="recompute every stage"),
+) -> None:
+    """analyze -> plan -> quantize -> export -> package -> validate, with a cache of the stages."""
+    from ..build import BuildConfig, GateFailed, build as run_build
+    from ..errors import MopeqError
+    from ..targets import get_target
+    from ..validate import GateConfig
+
+    if avg_bits is not None and plan is not None:
+        raise MopeqError("give --avg-bits or --plan, not both")
+    get_target(target)
+    cfg = BuildConfig(model=model, target=target, out=out, avg_bits=avg_bits, plan=plan, calib=calib,
+                      eval=eval_data, seed=seed, tar=tar, cache=cache, use_cache=not no_cache, context=context,
+                      gate=GateConfig(max_ppl_ratio, min_vqa_retention, eval_windows or None, eval_samples or None))
+    cols = (SpinnerColumn(), TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    with Progress(*cols, console=console) as bar:
+        tasks = {s: bar.add_task(s, total=1, status="", start=False) for s in STAGES if not (plan and s == "analyze")}
+
+        def say(stage: str, status: str) -> None:
+            t = tasks[stage]
+            if status == "run":
+                bar.start_task(t)
+                bar.update(t, status="running")
+            else:
+                bar.update(t, completed=1, total=1, status=status)
+
+        def windows(n: int) -> None:
+            t = tasks["validate"]
+            bar.update(t, total=None if cfg.gate.max_windows is None else cfg.gate.max_windows, advance=n)
+
+        try:
+            result = run_build(cfg, say, windows)
+        except GateFailed as e:
+            bar.stop()
+            console.print(summary_table(e.result.summary))
+            raise
+    console.print(summary_table(result.summary))
+    console.print(f"[green]gate passed[/]; bundle -> {result.out}")
+
+
+def summary_table(s: dict) -> Table:
+    t = Table(title=f"bundle for {s['target']} ({s['activation_dtype']} activations)", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    hist = ", ".join(f"{n} x {b}-bit" for b, n in s["bits_histogram"].items())
+    t.add_row("experts", f"{hist} (avg {s['avg_bits']:.3f} bits)")
+    for name, size in s["file_sizes"].items():
+        if name.endswith((".onnx", ".data", ".so")):
+            t.add_row(f"  {name}", f"{size / 2**20:.2f} MiB")
+    m = s["memory"]
+    t.add_row("bundle size", f"{s['bundle_bytes'] / 2**20:.2f} MiB")
+    t.add_row("weights + KV cache", f"{m['weights_bytes'] / 2**20:.1f} + {m['kv_bytes'] / 2**20:.1f} MiB at "
+                                    f"{m['context']} tokens (share {m['share_bytes'] / 2**20:.0f} MiB)")
+    met = s["metrics"]
+    if "ppl_ratio" in met:
+        t.add_row("perplexity float16 -> bundle", f"{met['ppl_ref']:.3f} -> {met['ppl']:.3f} (x{met['ppl_ratio']:.4f})")
+        t.add_row("KL / top-1 agreement", f"{met['kl']:.4f} / {met['top1_agreement']:.4f}")
+    else:
+        t.add_row("VQA exact match float16 -> bundle",
+                  f"{met['accuracy_ref']:.4f} -> {met['accuracy']:.4f} ({met['accuracy_retention']:.2%})")
+        t.add_row("answer KL / agreement", f"{met['answer_kl']:.4f} / {met['answer_top1_agreement']:.4f}")
+    t.add_row("cached stages", ", ".join(s["cached_stages"]) or "-")
+    t.add_row("gate", "[green]PASS[/]" if s["passed"] else "[red]FAIL[/]")
+    return t

@@ -1,0 +1,84 @@
+"""`mopeq-export inspect BUNDLE`: what a bundle holds (manifest summary, bits per layer, sizes)."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..cli import app, console
+
+
+@app.command()
+def inspect(bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
+            verify: bool = typer.Option(True, "--verify/--no-verify", help="check every file's sha256")) -> None:
+    """Summarize a bundle's manifest; with --verify (default) also check its hashes."""
+    from mopeq_runtime.errors import BundleError
+    from mopeq_runtime.loader import open_bundle
+
+    import shutil
+
+    root, m, tmp = open_bundle(bundle, verify=False)
+    try:
+        status = "[green]ok[/]"
+        if verify:
+            from mopeq_runtime.manifest import verify_files
+
+            try:
+                verify_files(root, m)
+            except BundleError as e:
+                status = f"[red]FAILED[/]: {e}"
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    t = Table(title=f"bundle {bundle}", show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    t.add_row("schema", f"{m.kind} v{m.schema_version}; hashes {status if verify else 'not checked'}")
+    t.add_row("target", f"{m.target.name} ({'/'.join(m.target.arches)}, {m.target.activation_dtype}, "
+                        f"{' > '.join(p.replace('ExecutionProvider', '') for p in m.target.providers)}; "
+                        f"memory share {m.target.memory_bytes / 2**20:.0f} MiB, context {m.target.context_length})")
+    t.add_row("model", f"{m.model.name} ({m.model.architecture}), weights sha256 {m.model.weights_sha256[:16]}…")
+    t.add_row("toolchain", f"{m.toolchain.get('name')} {m.toolchain.get('version')}")
+    q = m.quantization
+    t.add_row("quantization", f"{q.get('method')} group {q.get('group_size')}, plan {m.plan.get('method')} "
+                              f"avg {m.plan.get('avg_bits')} bits, seed {q.get('seed')}")
+    t.add_row("kernel", f"{m.kernel.status}: {m.kernel.library or m.kernel.source or '-'} ({m.kernel.note})")
+    v = m.validation
+    met = v.get("metrics", {})
+    fid = (f"ppl x{met['ppl_ratio']:.4f}, KL {met['kl']:.4f}, top-1 {met['top1_agreement']:.4f}" if "ppl_ratio" in met
+           else f"VQA retention {met.get('accuracy_retention', float('nan')):.4f}" if met else "-")
+    t.add_row("validation", f"{'PASS' if v.get('passed') else 'not passed'} on {v.get('data', {}).get('file')}: {fid}")
+    console.print(t)
+    console.print(_bits_table(m.plan.get("experts", {})))
+    console.print(_files_table(m))
+
+
+def _bits_table(experts: dict) -> Table:
+    layers: dict[str, list[int]] = defaultdict(list)
+    for name, bits in experts.items():
+        layers[name.rsplit(".", 1)[0]].append(int(bits))
+    widths = sorted({b for v in layers.values() for b in v})
+    t = Table("experts of", *(f"{w}-bit" for w in widths), "avg", title="bits per layer")
+    for path, bits in layers.items():
+        c = Counter(bits)
+        t.add_row(path, *(str(c.get(w, 0)) for w in widths), f"{sum(bits) / len(bits):.2f}")
+    return t
+
+
+def _files_table(m) -> Table:
+    t = Table("file", "size", "sha256", title=f"{len(m.files)} files, {sum(f.size for f in m.files) / 2**20:.2f} MiB")
+    for f in m.files:
+        if f.path.startswith("kernel-src/"):
+            continue  # many small sources; summarized below
+        t.add_row(f.path, f"{f.size / 2**20:.3f} MiB", f.sha256[:16] + "…")
+    src = [f for f in m.files if f.path.startswith("kernel-src/")]
+    if src:
+        t.add_row(f"kernel-src/ ({len(src)} files)", f"{sum(f.size for f in src) / 2**20:.3f} MiB", "")
+    for g in m.graphs:  # the full signatures are in manifest.json
+        first = g.inputs[0]
+        t.add_row(f"graph {g.name}", f"{len(g.inputs)} in / {len(g.outputs)} out",
+                  f"{first.name}: {first.dtype}")
+    return t
