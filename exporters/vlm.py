@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from mopeq_export.errors import MopeqError
+
 
 class VisionFeatures(nn.Module):
     """pixel_values [B,3,S,S] -> image_features [B, image_tokens, hidden], as LlavaModel computes them."""
@@ -19,12 +21,19 @@ class VisionFeatures(nn.Module):
         self.model = model
 
     def forward(self, pixel_values):
-        cfg = self.model.config
-        out = self.model.model.get_image_features(
-            pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-        feats = out.pooler_output
-        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        # LlavaModel.get_image_features, minus its per-image list (which would pin the batch size at export)
+        cfg, llava = self.model.config, self.model.model
+        hidden = llava.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        feats = hidden[cfg.vision_feature_layer]
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]  # drop CLS
+        return llava.multi_modal_projector(feats)
+
+
+def check_supported(model: nn.Module) -> None:
+    layer = model.config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise MopeqError(f"vision_feature_layer {layer!r}: only a single feature layer is supported by the export")
 
 
 class TokenEmbedding(nn.Module):
@@ -43,6 +52,7 @@ def vision_info(model: nn.Module) -> dict:
 
 
 def export_vision(model: nn.Module, dtype: torch.dtype, opset: int):
+    check_supported(model)
     size = model.config.vision_config.image_size
     pixels = torch.randn(2, 3, size, size).to(dtype)
     with torch.no_grad():
