@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from mopeq_export.errors import MopeqError
 from mopeq_export.quantize.packing import LAYER_TENSOR_NAMES, SUPPORTED_BITS
 
 from .onnx_op import DOMAIN, OP_TYPE
@@ -138,7 +139,11 @@ def _activation(f: _Body, x: str, name: str) -> str:
 
 
 def build_function(opset: int) -> onnx.FunctionProto:
-    """The FunctionProto `mopeq.MoEExperts` (docs/OPS.md "Portable fallback") for a model at `opset`."""
+    """The FunctionProto `mopeq.MoEExperts` (docs/OPS.md "Portable fallback") for a model at `opset` >= 19.
+
+    19 because the activation is chosen with Equal on the string attribute (string Equal is opset 19)."""
+    if opset < 19:
+        raise MopeqError(f"the portable function body needs opset >= 19 (got {opset})")
     f = _Body()
     bits = f.attr_const("value_ints", "expert_bits")
     g = f.attr_const("value_int", "group_size")

@@ -6,9 +6,10 @@ Opset and IR version are chosen per target, deliberately:
 - `cuda` (PyPI onnxruntime-gpu): opset 21, IR 10. onnxruntime-gpu 1.31.1 refuses IR 14 ("max supported IR
   version: 13"), see docs/FACTS.md; IR 10 has margin.
 - `jetson-*` (ONNX Runtime built for JetPack, which lags PyPI: JetPack 5 builds are ORT 1.15-1.17,
-  JetPack 6 builds 1.17-1.20): opset 18, IR 9. Opset 18 is the lowest the PyTorch dynamo exporter emits and
-  the lowest with BitwiseAnd/BitwiseOr, which the portable function body needs; ORT supports opset 18 since
-  1.14 and IR 9 since 1.15.
+  JetPack 6 builds 1.17-1.20): opset 19, IR 9. Opset 19 is the floor for our graphs: the portable function
+  body needs BitwiseAnd/BitwiseOr (opset 18) and Equal on strings (opset 19, to pick the activation from
+  the node's string attribute). ORT runs opset 19 since 1.16 and IR 9 since 1.15, so any JetPack 6 build
+  (and late JetPack 5 builds) load the files.
 
 `jetson` is an alias of `jetson-orin-nano`: the smallest Orin (8 GB shared CPU/GPU memory), so a bundle built
 for plain "jetson" fits every Orin; a bigger board only gains headroom.
@@ -47,11 +48,11 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            "x86-64 desktop/server CPU (AVX2/AVX-512), our C++ kernel"),
     Target("cuda", "float16", _CUDA, "x86_64", None, 24, 0.8, 3.0, 21, 10,
            "discrete NVIDIA GPU with onnxruntime-gpu"),
-    Target("jetson-orin-nano", "float16", _JETSON, "aarch64", "sm_87", 8, 0.5, 2.5, 18, 9,
+    Target("jetson-orin-nano", "float16", _JETSON, "aarch64", "sm_87", 8, 0.5, 2.5, 19, 9,
            "Jetson Orin Nano 8 GB (68 GB/s; memory shared with the OS and the CPU)"),
-    Target("jetson-orin-nx", "float16", _JETSON, "aarch64", "sm_87", 16, 0.6, 3.0, 18, 9,
+    Target("jetson-orin-nx", "float16", _JETSON, "aarch64", "sm_87", 16, 0.6, 3.0, 19, 9,
            "Jetson Orin NX 16 GB (102 GB/s)"),
-    Target("jetson-agx-orin", "float16", _JETSON, "aarch64", "sm_87", 64, 0.7, 4.0, 18, 9,
+    Target("jetson-agx-orin", "float16", _JETSON, "aarch64", "sm_87", 64, 0.7, 4.0, 19, 9,
            "Jetson AGX Orin 64 GB (205 GB/s)"),
 )}
 
