@@ -1,0 +1,105 @@
+"""`mopeq-export analyze`: per-expert sensitivity statistics -> OUT/sensitivity.json (+ heatmap)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..cli import app, console, default_calib
+from ..fsutil import staged_dir, write_json
+from ..sensitivity import EstimatorConfig, SensitivityReport, analyze as run_analysis
+
+DEFAULTS = EstimatorConfig()
+
+
+@app.command()
+def analyze(
+    model: Path = typer.Option(..., "--model", help="Hugging Face checkpoint folder"),
+    out: Path = typer.Option(..., "--out", help="output folder (sensitivity.json, sensitivity.png)"),
+    calib: Path = typer.Option(None, "--calib", help="calibration data (.txt/.jsonl text, VQA .npz or folder); "
+                                                     "default: the shipped set for the model's kind"),
+    seed: int = typer.Option(DEFAULTS.seed, help="seed of the Rademacher probes"),
+    probes: int = typer.Option(DEFAULTS.max_probes, help="maximum Hutchinson probes (one batch each)"),
+    samples: int = typer.Option(32, help="calibration samples"),
+    seq_len: int = typer.Option(128, help="tokens per text sample"),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, help="samples per probe"),
+    rel_tol: float = typer.Option(DEFAULTS.rel_tol, help="stop when every expert's relative stderr is below this"),
+    trust_remote_code: bool = typer.Option(False, help="run the checkpoint's own Python code (only if you trust it)"),
+) -> None:
+    """Estimate every routed expert's Hessian trace (Hutchinson) and routing statistics."""
+    from ..calibration import load_calibration
+    from ..models.loading import load_model, load_tokenizer
+
+    cfg = EstimatorConfig(seed=seed, max_probes=probes, min_probes=min(DEFAULTS.min_probes, probes),
+                          rel_tol=rel_tol, batch_size=batch_size)
+    net, info = load_model(model, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+    data = load_calibration(calib or default_calib(info.is_vlm), tokenizer, net.config,
+                            samples=samples, seq_len=seq_len, batch_size=batch_size)
+    with staged_dir(out) as stage:
+        report = _run(net, info, data, cfg)
+        write_json(stage / "sensitivity.json", report.to_json())
+        heatmap(report, stage / "sensitivity.png")
+    console.print(summary_table(report))
+    console.print(f"{len(report.experts)} experts, {report.probes} probes "
+                  f"({'converged' if report.converged else 'probe cap reached'}), {report.seconds:.1f} s -> {out}/sensitivity.json")
+
+
+def _run(net, info, data, cfg: EstimatorConfig) -> SensitivityReport:
+    columns = (TextColumn("Hutchinson probes"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("worst rel. stderr {task.fields[worst]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task("probes", total=cfg.max_probes, worst="-")
+        return run_analysis(net, info, data, cfg,
+                            on_probe=lambda i, w: progress.update(task, completed=i, worst=f"{w:.3f}"))
+
+
+def _by_layer(report: SensitivityReport) -> dict[int, list]:
+    layers: dict[int, list] = {}
+    for e in report.experts:
+        layers.setdefault(e.layer, []).append(e)
+    return layers
+
+
+def heatmap(report: SensitivityReport, path: Path) -> None:
+    """Layers x experts, log10 Hessian trace; experts without tokens (or trace <= 0) left blank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = _by_layer(report)
+    width = max(len(v) for v in layers.values())
+    grid = np.full((len(layers), width), np.nan)
+    for r, experts in enumerate(layers.values()):
+        for e in experts:
+            if not e.no_tokens and e.hessian_trace > 0:
+                grid[r, e.expert] = np.log10(e.hessian_trace)
+    fig, ax = plt.subplots(figsize=(max(4, 0.4 * width + 2), max(2.5, 0.4 * len(layers) + 1.5)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(layers)), [str(k) for k in layers])
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(f"{report.model.name}: log10 Hessian trace per expert (blank: no tokens)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary_table(report: SensitivityReport) -> Table:
+    t = Table(title=f"sensitivity of {report.model.name} ({report.calibration.kind}, "
+                    f"{report.calibration.tokens} tokens, {report.probes} probes)")
+    for col in ("layer", "experts", "tokens", "trace min", "trace median", "trace max", "max rel. stderr", "no tokens"):
+        t.add_column(col, justify="right")
+    for layer, experts in _by_layer(report).items():
+        tr = np.array([e.hessian_trace for e in experts])
+        rel = [e.hessian_trace_stderr / abs(e.hessian_trace) for e in experts if not e.no_tokens and e.hessian_trace]
+        t.add_row(str(layer), str(len(experts)), str(experts[0].layer_tokens), f"{tr.min():.3g}",
+                  f"{np.median(tr):.3g}", f"{tr.max():.3g}", f"{max(rel, default=0):.2f}",
+                  str(sum(e.no_tokens for e in experts)))
+    return t
