@@ -1,0 +1,150 @@
+"""Compare bit allocations at matched sizes on text-moe: quality vs size, table + plot into docs/.
+
+Methods at each average width B in --sizes:
+  random     seeded random assignment of the two widths around B (the baseline a plan must beat)
+  frequency  ranked by activation frequency (the paper's ablation, filled to B)
+  hessian    ranked by Hessian trace (the paper's signal, filled to B)
+  budget     exact knapsack on the second-order loss estimate (this project's default)
+plus uniform 2/3/4 bits and the paper's k-means clustering (layer and model scope) at its own average.
+Every plan is quantized with GPTQ (and RTN with --rtn) and evaluated against the float16 model on
+the first --windows windows of text_dev (perplexity ratio, KL, top-1 agreement).
+
+    python scripts/compare_allocations.py --sensitivity work/sens/sensitivity.json [--windows 128] [--rtn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mopeq_export.allocation import PlanConfig, make_plan
+from mopeq_export.calibration import load_calibration
+from mopeq_export.evaluate import text_windows
+from mopeq_export.models.adapters import find_moe_layers
+from mopeq_export.models.loading import load_model, load_tokenizer
+from mopeq_export.quantize.checkpoint import layer_tensors
+from mopeq_export.quantize.pipeline import QuantizeConfig, quantize_layers
+from mopeq_export.sensitivity import load_report
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def random_plan(names, params, budget: float, seed: int = 0) -> dict[str, int]:
+    lo = int(np.floor(budget)) if budget < 4 else 3
+    n_hi = int(round((budget - lo) * len(names)))  # experts of one layer size: equal params
+    rng = np.random.default_rng(seed)
+    hi = set(rng.choice(len(names), n_hi, replace=False).tolist())
+    return {n: lo + 1 if i in hi else lo for i, n in enumerate(names)}
+
+
+class RefLogProbs:
+    """Float16 reference log-probabilities of the evaluation windows, computed once."""
+
+    def __init__(self, model, windows: torch.Tensor, batch: int = 8):
+        self.windows, self.batch = windows, batch
+        with torch.no_grad():
+            self.logp = [torch.log_softmax(model(input_ids=w).logits.float(), -1).half() for w in windows.split(batch)]
+
+    def score(self, model) -> dict:
+        nll_ref = nll = kl = agree = n = 0.0
+        with torch.no_grad():
+            for w, lr in zip(self.windows.split(self.batch), self.logp):
+                lq = torch.log_softmax(model(input_ids=w).logits.float(), -1)[:, :-1]
+                lr = lr[:, :-1].float()
+                t = w[:, 1:, None]
+                nll_ref += float(-lr.gather(-1, t).sum())
+                nll += float(-lq.gather(-1, t).sum())
+                kl += float((lr.exp() * (lr - lq)).sum())
+                agree += float((lr.argmax(-1) == lq.argmax(-1)).sum())
+                n += t.numel()
+        return {"ppl_ref": float(np.exp(nll_ref / n)), "ppl": float(np.exp(nll / n)),
+                "ppl_ratio": float(np.exp((nll - nll_ref) / n)), "kl": kl / n, "top1": agree / n}
+
+
+def plans(report, sizes, src) -> list[tuple[str, float, dict]]:
+    names = [e.name for e in report.experts]
+    params = [e.params for e in report.experts]
+    out = [(f"uniform-{b}", float(b), make_plan(report, PlanConfig("uniform", avg_bits=b), src).experts)
+           for b in (2, 3, 4)]
+    for scope in ("layer", "model"):
+        p = make_plan(report, PlanConfig("kmeans", scope=scope), src)
+        out.append((f"kmeans-{scope}", p.avg_bits, p.experts))
+        out.append((f"budget@kmeans-{scope}", p.avg_bits,
+                    make_plan(report, PlanConfig("budget", avg_bits=p.avg_bits), src).experts))
+    for b in sizes:
+        out.append(("random", b, random_plan(names, params, b)))
+        out.append(("frequency", b, make_plan(report, PlanConfig("frequency", avg_bits=b), src).experts))
+        out.append(("hessian", b, make_plan(report, PlanConfig("kmeans", avg_bits=b), src).experts))
+        out.append(("budget", b, make_plan(report, PlanConfig("budget", avg_bits=b), src).experts))
+    return out
+
+
+def write_outputs(rows: list[dict], out_md: Path, out_png: Path) -> None:
+    lines = ["| plan | avg bits | quantizer | expert MB | ppl ratio | KL | top-1 agree |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['plan']} | {r['avg_bits']:.3f} | {r['quantizer']} | {r['expert_mb']:.2f} | "
+                     f"{r['ppl_ratio']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} |")
+    out_md.write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (plan, q), marker in zip(sorted({(r["plan"].split("@")[0].split("-")[0], r["quantizer"]) for r in rows}),
+                                 "os^vDPX*<>h"):
+        pts = sorted((r["expert_mb"], r["ppl_ratio"]) for r in rows
+                     if r["plan"].split("@")[0].split("-")[0] == plan and r["quantizer"] == q)
+        ax.plot(*zip(*pts), marker=marker, label=f"{plan} ({q})", linestyle="-" if len(pts) > 1 else "none")
+    ax.set_xlabel("routed-expert bytes, MB (codes + scales + zeros)")
+    ax.set_ylabel("perplexity / float16 perplexity")
+    ax.set_title("text-moe: size vs quality by allocation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sensitivity", required=True)
+    ap.add_argument("--model", default=str(SHARED / "models/text-moe"))
+    ap.add_argument("--calib", default=str(SHARED / "data/text_calib.txt"))
+    ap.add_argument("--data", default=str(SHARED / "data/text_dev.txt"))
+    ap.add_argument("--windows", type=int, default=128)
+    ap.add_argument("--sizes", default="2.25,2.5,2.75,3.0,3.5")
+    ap.add_argument("--rtn", action="store_true", help="also quantize every plan with RTN")
+    ap.add_argument("--out", default=str(ROOT / "docs"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    report = load_report(args.sensitivity)
+    ref, _ = load_model(args.model)
+    tok = load_tokenizer(args.model)
+    ref_lp = RefLogProbs(ref, text_windows(args.data, tok, max_windows=args.windows))
+    calib = load_calibration(args.calib, tok, ref.config, samples=32)
+    rows = []
+    for name, avg, bits in plans(report, [float(s) for s in args.sizes.split(",")], args.sensitivity):
+        for method in ("gptq", "rtn") if args.rtn else ("gptq",):
+            model, _ = load_model(args.model)
+            layers = find_moe_layers(model)
+            t = time.time()
+            res = quantize_layers(model, layers, bits, calib, QuantizeConfig(method=method))
+            nbytes = sum(a.nbytes for rs in res for a in layer_tensors(rs).values())
+            row = {"plan": name, "avg_bits": avg, "quantizer": method, "expert_mb": nbytes / 1e6,
+                   "seconds": time.time() - t, **ref_lp.score(model)}
+            rows.append(row)
+            print(f"{name:22s} {avg:.3f} {method:4s} {row['expert_mb']:.2f} MB  ppl x{row['ppl_ratio']:.4f}  "
+                  f"kl {row['kl']:.4f}  top1 {row['top1']:.4f}", flush=True)
+    out = Path(args.out)
+    (out / "compare_text.json").write_text(json.dumps(rows, indent=1))
+    write_outputs(rows, out / "compare_text.md", out / "compare_text.png")
+
+
+if __name__ == "__main__":
+    main()
