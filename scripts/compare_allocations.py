@@ -6,10 +6,10 @@ Methods at each average width B in --sizes:
   hessian    ranked by Hessian trace (the paper's signal, filled to B)
   budget     exact knapsack on the second-order loss estimate (this project's default)
 plus uniform 2/3/4 bits and the paper's k-means clustering (layer and model scope) at its own average.
-Every plan is quantized with GPTQ (and RTN with --rtn) and evaluated against the float16 model on
+Every plan is quantized with GPTQ (and the families in --rtn also with RTN) and evaluated against the float16 model on
 the first --windows windows of text_dev (perplexity ratio, KL, top-1 agreement).
 
-    python scripts/compare_allocations.py --sensitivity work/sens/sensitivity.json [--windows 128] [--rtn]
+    python scripts/compare_allocations.py --sensitivity work/sens/sensitivity.json [--windows 128] [--rtn uniform,random,budget]
 """
 
 from __future__ import annotations
@@ -119,7 +119,9 @@ def main() -> None:
     ap.add_argument("--data", default=str(SHARED / "data/text_dev.txt"))
     ap.add_argument("--windows", type=int, default=128)
     ap.add_argument("--sizes", default="2.25,2.5,2.75,3.0,3.5")
-    ap.add_argument("--rtn", action="store_true", help="also quantize every plan with RTN")
+    ap.add_argument("--rtn", default="uniform,random,budget",
+                    help="plan families also quantized with RTN (comma list; empty for none)")
+    ap.add_argument("--skip", default="", help="plan families to leave out (comma list), e.g. to resume")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -129,8 +131,11 @@ def main() -> None:
     ref_lp = RefLogProbs(ref, text_windows(args.data, tok, max_windows=args.windows))
     calib = load_calibration(args.calib, tok, ref.config, samples=32)
     rows = []
+    family = lambda name: name.split("@")[0].split("-")[0]  # noqa: E731
     for name, avg, bits in plans(report, [float(s) for s in args.sizes.split(",")], args.sensitivity):
-        for method in ("gptq", "rtn") if args.rtn else ("gptq",):
+        if family(name) in args.skip.split(","):
+            continue
+        for method in ("gptq", "rtn") if family(name) in args.rtn.split(",") else ("gptq",):
             model, _ = load_model(args.model)
             layers = find_moe_layers(model)
             t = time.time()
