@@ -13,6 +13,9 @@
 #include <vector>
 
 #include "moe.h"
+#ifdef MOPEQ_WITH_ORT_CUDA
+#include "moe_cuda.h"  // runtime/csrc/cuda: the CUDA kernel's host API (cmake -DMOPEQ_CUDA=ON -DMOPEQ_ORT_CUDA=ON)
+#endif
 
 namespace mopeq {
 namespace {
@@ -122,6 +125,7 @@ std::vector<float> to_float(const Ort::Float16_t* p, size_t n) {
 
 template <class Elem>  // float or Ort::Float16_t: the type of hidden, weights and out
 struct Kernel {
+  static constexpr const char* kProvider = nullptr;  // ORT's CPU execution provider
   Attrs at;
 
   void Compute(OrtKernelContext* context) {
@@ -180,17 +184,75 @@ struct Kernel {
   }
 };
 
-template <class Elem, ONNXTensorElementDataType kType>
-struct Op : Ort::CustomOpBase<Op<Elem, kType>, Kernel<Elem>, /*WithStatus=*/true> {
+#ifdef MOPEQ_WITH_ORT_CUDA
+// The same op on ORT's CUDA execution provider: inputs and output stay on the device, scratch comes from
+// the provider's allocator, work goes on its compute stream. mopeq_cuda_moe_experts validates every shape
+// and attribute again (one validator for all CUDA callers) and, with check_indices, syncs the stream once
+// to turn an index outside [0, E) into an error status as OPS.md requires.
+template <class Elem>
+struct CudaKernel {
+  static constexpr const char* kProvider = "CUDAExecutionProvider";
+  Attrs at;
+
+  static cuda::Tensor view(const Ort::ConstValue& v) {
+    const auto s = shape_of(v);
+    require(s.size() <= 3, "an input has rank ", s.size(), "; the op takes ranks 2 and 3 only");
+    cuda::Tensor t;
+    t.data = v.GetTensorRawData();
+    t.rank = static_cast<int>(s.size());
+    for (size_t i = 0; i < s.size(); ++i) t.shape[i] = s[i];
+    return t;
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    require(ctx.GetInputCount() == kNumInputs, "expects ", kNumInputs, " inputs, got ", ctx.GetInputCount());
+    const std::vector<int64_t> bits(at.bits.begin(), at.bits.end());
+    cuda::MoeArgs a;
+    a.dtype = std::is_same_v<Elem, float> ? cuda::DType::kFloat32 : cuda::DType::kFloat16;
+    a.hidden = view(ctx.GetInput(0)), a.indices = view(ctx.GetInput(1)), a.weights = view(ctx.GetInput(2));
+    for (int i = 0; i < 6; ++i) a.w1[i] = view(ctx.GetInput(kW1 + i)), a.w2[i] = view(ctx.GetInput(kW2 + i));
+    a.expert_bits = bits.data(), a.num_expert_bits = static_cast<int64_t>(bits.size());
+    a.group_size = at.group_size, a.layout_version = kLayoutVersion;  // read_attrs refused any other version
+    a.activation = at.act == Activation::kSilu ? "silu" : "gelu";
+    size_t bytes = 0;
+    if (auto s = mopeq_cuda_moe_workspace_bytes(a, &bytes); !s.ok()) throw OpError(s.message);
+    auto out = ctx.GetOutput(0, shape_of(ctx.GetInput(0)));
+    a.out = out.GetTensorMutableRawData();
+    const Ort::MemoryInfo mem("Cuda", OrtDeviceAllocator, mopeq_cuda_current_device(), OrtMemTypeDefault);
+    OrtAllocator* alloc = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(mem));
+    require(alloc != nullptr, "no CUDA allocator from ONNX Runtime for the scratch memory");
+    a.workspace = alloc->Alloc(alloc, bytes), a.workspace_bytes = bytes;
+    require(a.workspace != nullptr, "could not allocate ", bytes, " bytes of CUDA scratch memory");
+    // Freed right after enqueueing: ORT's CUDA arena hands it out again only to work on this same stream.
+    const auto s = mopeq_cuda_moe_experts(a, static_cast<CUstream_st*>(ctx.GetGPUComputeStream()));
+    alloc->Free(alloc, a.workspace);
+    if (!s.ok()) throw OpError(s.message);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Compute(context);
+      return nullptr;
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    }
+  }
+};
+#endif
+
+template <class KernelT, ONNXTensorElementDataType kType>
+struct Op : Ort::CustomOpBase<Op<KernelT, kType>, KernelT, /*WithStatus=*/true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     try {
-      *kernel = new Kernel<Elem>{read_attrs(Ort::ConstKernelInfo(info))};
+      *kernel = new KernelT{read_attrs(Ort::ConstKernelInfo(info))};
       return nullptr;
     } catch (const std::exception& e) {
       return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
     }
   }
   const char* GetName() const { return "MoEExperts"; }
+  const char* GetExecutionProviderType() const { return KernelT::kProvider; }
   size_t GetInputTypeCount() const { return kNumInputs; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     if (i == 0 || i == 2) return kType;
@@ -215,14 +277,22 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   if (api == nullptr)
     return api_base->GetApi(1)->CreateStatus(ORT_FAIL, "libmopeq_ops needs ONNX Runtime >= 1.21");
   Ort::InitApi(api);
-  static const mopeq::Op<float, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> op_f32;
-  static const mopeq::Op<Ort::Float16_t, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_f16;
+  static const mopeq::Op<mopeq::Kernel<float>, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> op_f32;
+  static const mopeq::Op<mopeq::Kernel<Ort::Float16_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_f16;
+#ifdef MOPEQ_WITH_ORT_CUDA
+  static const mopeq::Op<mopeq::CudaKernel<float>, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT> op_cuda_f32;
+  static const mopeq::Op<mopeq::CudaKernel<Ort::Float16_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16> op_cuda_f16;
+#endif
   static std::mutex mu;
   static std::vector<Ort::CustomOpDomain> keep_alive;  // a domain must outlive every session using it
   try {
     Ort::CustomOpDomain domain("mopeq");
     domain.Add(&op_f32);
     domain.Add(&op_f16);
+#ifdef MOPEQ_WITH_ORT_CUDA  // same name and domain; ORT picks by the provider a node is assigned to
+    domain.Add(&op_cuda_f32);
+    domain.Add(&op_cuda_f16);
+#endif
     Ort::ThrowOnError(api->AddCustomOpDomain(options, domain));
     std::lock_guard<std::mutex> lock(mu);
     keep_alive.push_back(std::move(domain));
