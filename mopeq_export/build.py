@@ -179,6 +179,8 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
     if not calib.exists():
         raise MopeqError(f"calibration data not found: {calib}")
     avg_bits = cfg.avg_bits if cfg.avg_bits is not None else target.default_avg_bits
+    if cfg.plan is not None:  # the plan decides the widths; its realized average sizes the estimate
+        avg_bits = float(read_json(cfg.plan, "bit plan").get("avg_bits") or avg_bits)
     heads = tc["num_attention_heads"]
     per_token = kv_bytes_per_token(tc["num_hidden_layers"], tc.get("num_key_value_heads") or heads,
                                    tc.get("head_dim") or tc["hidden_size"] // heads, target.activation_dtype)
@@ -202,7 +204,8 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
         plan_path = plan_dir / "plan.json"
         q_dir, q_key = cache.get("quantize", {**base, "plan": plan_key, "method": cfg.method},
                                  lambda st: _quantize(cfg, plan_path, calib, st))
-        e_dir, _ = cache.get("export", {"quantize": q_key, "target": target.to_json()},
+        graph_key = {k: getattr(target, k) for k in ("name", "activation_dtype", "opset", "ir_version")}
+        e_dir, _ = cache.get("export", {"quantize": q_key, "target": graph_key},
                              lambda st: _export(cfg, q_dir / "qdir", target, st))
         return _package(cfg, target, info, context, per_token, plan_path, q_dir / "qdir", e_dir / "export",
                         calib, say, progress, cache.hits)

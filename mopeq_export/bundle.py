@@ -165,7 +165,7 @@ def _kernel(inputs: BundleInputs, stage: Path) -> KernelEntry:
         for f in sorted(p for p in src.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
             _copy(f, stage / "kernel-src" / f.relative_to(src))
     return KernelEntry("source", None, None, "kernel-src" if src is not None else None, KERNEL_RECIPE,
-                       f"no kernel binary for {inputs.target.arch} is included (it cannot be built on the build "
+                       f"no kernel binary for {inputs.target.arch} is included (none was built for it on the build "
                        "machine); the bundle runs through the portable ONNX function bodies until the library "
                        "is built on the device from kernel-src/")
 
