@@ -67,11 +67,22 @@ class GateFailed(MopeqError):
 
 
 # -- cache ---------------------------------------------------------------------------------------------
-def code_digest() -> str:
-    """Hash of the toolchain's Python sources: a changed quantizer or exporter invalidates the cache."""
+# The sources each stage's output depends on: editing the exporter re-exports but keeps the analysis.
+STAGE_SOURCES = {
+    "analyze": ("mopeq_export/sensitivity.py", "mopeq_export/calibration.py", "mopeq_export/models",
+                "mopeq_export/quantize/primitives.py"),
+    "plan": ("mopeq_export/allocation.py",),
+    "quantize": ("mopeq_export/quantize", "mopeq_export/calibration.py", "mopeq_export/models"),
+    "export": ("exporters", "mopeq_export/quantize", "mopeq_export/targets.py"),
+}
+
+
+def code_digest(stage: str) -> str:
+    """Hash of the Python sources a stage runs: a changed quantizer invalidates its cached output."""
     h = hashlib.sha256()
-    for pkg in ("mopeq_export", "exporters", "runtime"):
-        for f in sorted((REPO / pkg).rglob("*.py")):
+    for entry in STAGE_SOURCES[stage]:
+        p = REPO / entry
+        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
             h.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
@@ -82,6 +93,7 @@ class StageCache:
         self.root, self.say, self.hits = Path(root or self.tmp), say, []
 
     def get(self, stage: str, key: dict, make: Callable[[Path], None]) -> tuple[Path, str]:
+        key = {**key, "code": code_digest(stage)}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
         dest = self.root / f"{stage}-{digest[:20]}"
         if (dest / ".complete").is_file():
@@ -190,7 +202,7 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
 
     cache = StageCache((cfg.cache or default_cache()) if cfg.use_cache else None, say)
     try:
-        base = {"code": code_digest(), "weights": info.weights_sha256, "config": info.config_sha256,
+        base = {"weights": info.weights_sha256, "config": info.config_sha256,
                 "calib": sha256_file(calib) if calib.is_file() else str(calib), "seed": cfg.seed,
                 "group_size": cfg.group_size}
         if cfg.plan is not None:
