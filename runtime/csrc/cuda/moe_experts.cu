@@ -114,11 +114,50 @@ struct Work {
   __device__ int pair(int c) const { return pairs ? pairs[c] : pair0; }
 };
 
-// Rows of this warp against the TT staged activation rows: acc = Σ_g s·(Σ q·x - z·Σ x) per (row, token).
-// Lane l takes blocks l, l+32, ...; per block it decodes 8 codes at a time and reuses each for TT tokens.
-template <int B, int kStage, int TT>
-__device__ __forceinline__ void rows_dot(const DevLayer& L, const DevMat& M, const Work& w, int slot, int c0,
-                                         const float* xs, const float* xsum, float* dst) {
+// Stages TT activation rows as padded float32 blocks (zeros past K) plus per-block sums (the zero-point term
+// needs Σ x). All of a thread's global loads are issued before the first use: the CTA pays one round trip.
+template <class Tin, int kStage, int TT>
+__device__ __forceinline__ void stage_rows(const DevLayer& L, const Work& w, int c0, int K, int nb, const Tin* src,
+                                           float* xs, float* xsum) {
+  size_t srow[TT];
+#pragma unroll
+  for (int t = 0; t < TT; ++t) {
+    const int p = c0 + t < w.n ? w.pair(c0 + t) : 0;
+    srow[t] = (kStage == 1 ? static_cast<size_t>(p / L.k) : static_cast<size_t>(p)) * K;
+  }
+  constexpr int kUnroll = 8;
+  const int per_row = nb * 32, total = TT * per_row;
+  for (int base = threadIdx.x; base < total; base += kThreads * kUnroll) {
+    float v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kThreads, t = i / per_row, c = i - t * per_row;
+      v[u] = 0.f;
+#pragma unroll
+      for (int tt = 0; tt < TT; ++tt)  // constant index into srow
+        if (tt == t && i < total && c0 + t < w.n && c < K) v[u] = to_f32(src[srow[tt] + c]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kThreads, t = i / per_row, c = i - t * per_row;
+      if (i < total) xs[(t * nb + (c >> 5)) * kXStride + (c & 31)] = v[u];
+    }
+  }
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int tb = warp; tb < TT * nb; tb += kWarps) {
+    const float sum = warp_sum(xs[tb * kXStride + lane]);
+    if (lane == 0) xsum[tb] = sum;
+  }
+  __syncthreads();
+}
+
+// One group against this warp's rows: acc = Σ_g s·(Σ q·x - z·Σ x) per (row, token). Lane l takes blocks
+// l, l+32, ...; each block's codes are fetched one iteration ahead (the first ones while x is staged), and
+// each decoded code serves TT tokens.
+template <int B, int kStage, int TT, class Tin>
+__device__ __forceinline__ void gemv_group(const DevLayer& L, const DevMat& M, const Work& w, int slot, const Tin* src,
+                                           float* xs, float* xsum, float* dst) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nb = M.nb;
   const int unit = blockIdx.x * kWarps + warp;  // stage 1: 2 gate rows (+ 2 up rows); stage 2: 4 rows
   int row[kRows];
@@ -136,74 +175,82 @@ __device__ __forceinline__ void rows_dot(const DevLayer& L, const DevMat& M, con
     }
   }
   const uint32_t* base = M.codes[B] + static_cast<size_t>(slot) * M.rows * nb * B;
-  float acc[kRows][TT] = {};
-  for (int blk = lane; blk < nb; blk += 32) {
-    uint32_t cw[kRows][B];
-    float sc[kRows], zp[kRows];
+  uint32_t cw[kRows][B];
+  float sc[kRows], zp[kRows];
+  auto fetch = [&](int blk) {
     const int gi = blk / L.blocks_per_group;
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {  // all loads first: kRows independent requests in flight per lane
+    for (int r = 0; r < kRows; ++r) {
       load_block<B>(base + (static_cast<size_t>(row[r]) * nb + blk) * B, cw[r]);
       const size_t s = (static_cast<size_t>(w.e) * M.rows + row[r]) * M.G + gi;
       sc[r] = __half2float(M.scales[s]);
       zp[r] = static_cast<float>(M.zeros[s]);
     }
-    float dot[kRows][TT] = {};
-    const float* xb = xs + blk * kXStride;
+  };
+  for (int c0 = 0; c0 < w.n; c0 += TT) {
+    if (c0 > 0) __syncthreads();  // the previous pass is done reading xs
+    if (lane < nb) fetch(lane);
+    stage_rows<Tin, kStage, TT>(L, w, c0, M.K, nb, src, xs, xsum);
+    float acc[kRows][TT] = {};
+    for (int blk = lane; blk < nb; blk += 32) {
+      if (blk != lane) fetch(blk);  // later blocks: latency hidden by the other resident warps, not by
+                                    // double buffering, which cost 2x code registers and half the occupancy
+      float dot[kRows][TT] = {};
+      const float* xb = xs + blk * kXStride;
 #pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      float x[TT][8];
+      for (int s = 0; s < 4; ++s) {
+        float x[TT][8];
 #pragma unroll
-      for (int t = 0; t < TT; ++t) {
-        const float4 a = *reinterpret_cast<const float4*>(xb + t * nb * kXStride + 8 * s);
-        const float4 b = *reinterpret_cast<const float4*>(xb + t * nb * kXStride + 8 * s + 4);
-        x[t][0] = a.x, x[t][1] = a.y, x[t][2] = a.z, x[t][3] = a.w;
-        x[t][4] = b.x, x[t][5] = b.y, x[t][6] = b.z, x[t][7] = b.w;
+        for (int t = 0; t < TT; ++t) {
+          const float4 a = *reinterpret_cast<const float4*>(xb + t * nb * kXStride + 8 * s);
+          const float4 b = *reinterpret_cast<const float4*>(xb + t * nb * kXStride + 8 * s + 4);
+          x[t][0] = a.x, x[t][1] = a.y, x[t][2] = a.z, x[t][3] = a.w;
+          x[t][4] = b.x, x[t][5] = b.y, x[t][6] = b.z, x[t][7] = b.w;
+        }
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const float f = code_as_float<B>(cw[r], 8 * s + i);
+#pragma unroll
+            for (int t = 0; t < TT; ++t) dot[r][t] = fmaf(f, x[t][i], dot[r][t]);
+          }
       }
 #pragma unroll
-      for (int r = 0; r < kRows; ++r)
+      for (int t = 0; t < TT; ++t) {
+        const float xsb = xsum[t * nb + blk];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const float f = code_as_float<B>(cw[r], 8 * s + i);
-#pragma unroll
-          for (int t = 0; t < TT; ++t) dot[r][t] = fmaf(f, x[t][i], dot[r][t]);
-        }
+        for (int r = 0; r < kRows; ++r)  // Σ q·x = 2^B (Σ f·x - Σ x), exact up to float32 rounding
+          acc[r][t] += sc[r] * (static_cast<float>(1 << B) * (dot[r][t] - xsb) - zp[r] * xsb);
+      }
     }
 #pragma unroll
-    for (int t = 0; t < TT; ++t) {
-      const float xsb = xsum[t * nb + blk];
+    for (int r = 0; r < kRows; ++r)
 #pragma unroll
-      for (int r = 0; r < kRows; ++r)  // Σ q·x = 2^B (Σ f·x - Σ x), exact up to float32 rounding
-        acc[r][t] += sc[r] * (static_cast<float>(1 << B) * (dot[r][t] - xsb) - zp[r] * xsb);
-    }
-  }
+      for (int t = 0; t < TT; ++t) acc[r][t] = warp_sum(acc[r][t]);
 #pragma unroll
-  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < TT; ++t) {  // lane t writes token t of this pass
+      if (lane != t || c0 + t >= w.n) continue;
+      const size_t p = w.pair(c0 + t);
+      if (kStage == 1) {
 #pragma unroll
-    for (int t = 0; t < TT; ++t) acc[r][t] = warp_sum(acc[r][t]);
-  if (lane >= TT) return;  // lane t writes token t of this pass
-  const int t = lane;
-  if (c0 + t >= w.n) return;
-  const size_t p = w.pair(c0 + t);
+        for (int r = 0; r < kRows / 2; ++r)
+          if (valid[r]) dst[p * L.I + row[r]] = activate(acc[r][t], L.gelu) * acc[r + kRows / 2][t];
+      } else {
 #pragma unroll
-  for (int tt = 0; tt < TT; ++tt) {
-    if (tt != t) continue;  // register arrays need constant indices
-    if (kStage == 1) {
-#pragma unroll
-      for (int r = 0; r < kRows / 2; ++r)
-        if (valid[r]) dst[p * L.I + row[r]] = activate(acc[r][tt], L.gelu) * acc[r + kRows / 2][tt];
-    } else {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r)
-        if (valid[r]) dst[p * L.H + row[r]] = acc[r][tt];
+        for (int r = 0; r < kRows; ++r)
+          if (valid[r]) dst[p * L.H + row[r]] = acc[r][t];
+      }
     }
   }
 }
 
 // Stage 1 (src = hidden, Tin = hidden's type) or stage 2 (src = h, float). Dynamic shared memory holds TT
-// activation rows as padded float blocks plus their per-block sums (the zero-point term needs Σ x).
+// activation rows as padded float blocks plus their per-block sums.
+// Decode (TT = 1) is latency-bound: cap registers so 3 CTAs (24 warps) share an SM. Measured on H100:
+// 128-235 registers gave 1-2 CTAs per SM, 20% achieved occupancy and 0.44 issued warps per scheduler.
 template <class Tin, int kStage, int TT>
-__global__ void __launch_bounds__(kThreads) expert_gemv(const __grid_constant__ DevLayer L, const Tin* __restrict__ src,
+__global__ void __launch_bounds__(kThreads, TT == 1 ? 3 : 1) expert_gemv(const __grid_constant__ DevLayer L, const Tin* __restrict__ src,
                                                         const int64_t* __restrict__ indices, Groups g,
                                                         bool grouped, float* __restrict__ dst, int* flag, bool reset_flag) {
   extern __shared__ float4 smem4[];
@@ -220,31 +267,13 @@ __global__ void __launch_bounds__(kThreads) expert_gemv(const __grid_constant__ 
     const int s = g.start[blockIdx.y];
     w = {g.expert[blockIdx.y], g.start[blockIdx.y + 1] - s, 0, g.pairs + s};
   }
-  const int nb = M.nb, K = M.K, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int bits = L.expert[w.e] & 15, slot = L.expert[w.e] >> 4;
-  float* xsum = xs + TT * nb * kXStride;
-  for (int c0 = 0; c0 < w.n; c0 += TT) {
-    __syncthreads();  // the previous pass is done reading xs
-    // Stage TT rows: one warp per block of 32 values (coalesced read, float32, zero padding past K, sum).
-    for (int tb = warp; tb < TT * nb; tb += kWarps) {
-      const int t = tb / nb, c = (tb % nb) * 32 + lane;
-      float v = 0.f;
-      if (c0 + t < w.n && c < K) {
-        const int p = w.pair(c0 + t);
-        const size_t srow = kStage == 1 ? p / L.k : p;
-        v = to_f32(src[srow * K + c]);
-      }
-      xs[tb * kXStride + lane] = v;  // tb = t·nb + block
-      const float s = warp_sum(v);
-      if (lane == 0) xsum[tb] = s;
-    }
-    __syncthreads();
-    switch (bits) {
-      case 2: rows_dot<2, kStage, TT>(L, M, w, slot, c0, xs, xsum, dst); break;
-      case 3: rows_dot<3, kStage, TT>(L, M, w, slot, c0, xs, xsum, dst); break;
-      case 4: rows_dot<4, kStage, TT>(L, M, w, slot, c0, xs, xsum, dst); break;
-      default: rows_dot<8, kStage, TT>(L, M, w, slot, c0, xs, xsum, dst); break;
-    }
+  float* xsum = xs + TT * M.nb * kXStride;
+  switch (bits) {
+    case 2: gemv_group<2, kStage, TT>(L, M, w, slot, src, xs, xsum, dst); break;
+    case 3: gemv_group<3, kStage, TT>(L, M, w, slot, src, xs, xsum, dst); break;
+    case 4: gemv_group<4, kStage, TT>(L, M, w, slot, src, xs, xsum, dst); break;
+    default: gemv_group<8, kStage, TT>(L, M, w, slot, src, xs, xsum, dst); break;
   }
 }
 
@@ -291,7 +320,8 @@ __global__ void combine(const float* __restrict__ y, const int64_t* __restrict__
   const int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= H) return;
   float acc = 0.f;
-  for (int j = 0; j < k; ++j) {
+#pragma unroll 8
+  for (int j = 0; j < k; ++j) {  // unrolled so the k loads are in flight together (k round trips otherwise)
     const size_t p = static_cast<size_t>(t) * k + j;
     const int64_t v = indices[p];
     if (v >= 0 && v < E) acc += to_f32(weights[p]) * y[p * H + c];
@@ -498,8 +528,9 @@ Status run(const MoeArgs& a, const Plan& pl, cudaStream_t st) {
     if (k > 0) {
       const bool grouped = a.path == Path::kGrouped || (a.path == Path::kAuto && P > kDirectMaxPairs);
       if (grouped) route_pairs<<<1, 1024, 2 * L.E * sizeof(int), st>>>(idx, P, L.E, g);
-      // Grouped mode reuses each decoded code for 4 tokens when 4 staged rows fit in shared memory.
-      const bool four = grouped && stage_smem(kGroupTokens, std::max(H, I)) <= static_cast<size_t>(optin);
+      // 4 tokens per pass pays only where groups average 2+ tokens (else 3/4 of the math is on padding),
+      // and only while 4 staged rows fit in shared memory.
+      const bool four = grouped && P >= 2 * gmax && stage_smem(kGroupTokens, std::max(H, I)) <= static_cast<size_t>(optin);
       const T* x = hidden + t0 * H;
       const Status s = four ? launch_stages<T, kGroupTokens>(L, pl, x, idx, g, true, P, gmax, h, y, flag, t0 == 0, optin, st)
                             : launch_stages<T, 1>(L, pl, x, idx, g, grouped, P, gmax, h, y, flag, t0 == 0, optin, st);
