@@ -6,7 +6,7 @@ BUILD   := build
 # ORT C/C++ API headers for the kernel library; override with ORT_INCLUDE_DIR=/path/to/include/onnxruntime
 ORT_INCLUDE_DIR ?= $(abspath $(BUILD)/ort-headers/usr/include/onnxruntime)
 
-.PHONY: setup test test-fast kernels bench clean
+.PHONY: setup test test-fast kernels kernels-cuda cuda-check clean
 
 setup: $(VENV)/.installed kernels
 
@@ -25,6 +25,16 @@ kernels: $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h
 	cmake -S runtime/csrc -B $(BUILD)/kernels -DCMAKE_BUILD_TYPE=Release -DORT_INCLUDE_DIR=$(ORT_INCLUDE_DIR) >/dev/null
 	cmake --build $(BUILD)/kernels -j 2
 	cmake --install $(BUILD)/kernels --prefix runtime >/dev/null
+
+# GPU/Jetson: the same library with the CUDA kernel and its CUDA-EP registration (needs nvcc; off in setup)
+kernels-cuda: $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h
+	cmake -S runtime/csrc -B $(BUILD)/kernels-cuda -DCMAKE_BUILD_TYPE=Release -DMOPEQ_CUDA=ON -DMOPEQ_ORT_CUDA=ON \
+	  -DORT_INCLUDE_DIR=$(ORT_INCLUDE_DIR) >/dev/null
+	cmake --build $(BUILD)/kernels-cuda -j 2
+
+# on a CUDA machine: build the CUDA kernel standalone, run its correctness harness, memcheck and benchmark
+cuda-check:
+	bash scripts/cuda_check.sh
 
 test:
 	$(VPY) -m pytest -q
