@@ -39,7 +39,7 @@ class BuildConfig:
     avg_bits: float | None = None  # None: the target's default (ignored with plan)
     plan: Path | None = None  # a plan.json to use instead of analyze + plan
     calib: Path | None = None  # None: the shipped calibration data for the model's kind
-    eval: Path | None = None  # None: the calibration data (the report says so)
+    eval: Path | None = None  # None: evaluation_data/ (held out), else the calibration data (the report says so)
     seed: int = 0
     tar: bool = False
     cache: Path | None = None  # None: $MOPEQ_CACHE or ~/.cache/mopeq-export
@@ -110,6 +110,12 @@ class StageCache:
     def close(self) -> None:
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def default_eval(is_vlm: bool) -> Path | None:
+    """Held-out data shipped with the toolchain (evaluation_data/); None when absent (then: calibration)."""
+    p = REPO / "evaluation_data" / ("vqa_eval.npz" if is_vlm else "text_eval.txt")
+    return p if p.is_file() else None
 
 
 def default_cache() -> Path:
@@ -264,7 +270,7 @@ def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir,
     inputs = BundleInputs(export_dir, Path(cfg.model), info, target, context, _stable_plan(plan_path),
                           _quantization_record(qdir, cfg.seed), kernel_for(target, cfg.kernel_library),
                           REPO / "runtime" / "csrc", prompt)
-    eval_path = Path(cfg.eval or calib)
+    eval_path = Path(cfg.eval or default_eval(info.is_vlm) or calib)
     folder = out.with_name(out.name + ".dir") if cfg.tar else out
     try:
         with staged_dir(folder) as stage:

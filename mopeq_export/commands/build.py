@@ -23,7 +23,7 @@ def build(
     avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="average expert bits (default: the target's)"),
     plan: Optional[Path] = typer.Option(None, "--plan", help="use this plan.json instead of analyze + plan"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration data (default: calibration_data/)"),
-    eval_data: Optional[Path] = typer.Option(None, "--eval", help="evaluation data for the gate (default: --calib)"),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="held-out data for the gate (default: evaluation_data/)"),
     seed: int = typer.Option(0, "--seed", help="seed of the sensitivity probes and of everything random"),
     tar: bool = typer.Option(False, "--tar", help="write one deterministic .tar instead of a folder"),
     context: Optional[int] = typer.Option(None, "--context", help="tokens for the memory check (default: model max)"),

@@ -21,6 +21,7 @@ def run_bundle(
     top_k: int = typer.Option(0, "--top-k"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
+    fit_image: bool = typer.Option(False, "--fit-image", help="convert/resize the image to the model's input"),
     allow_foreign_target: bool = typer.Option(False, "--allow-foreign-target",
                                               help="run a bundle built for another device on this host"),
     no_kernel: bool = typer.Option(False, "--no-kernel", help="force the portable function-body fallback"),
@@ -39,6 +40,10 @@ def run_bundle(
 
     if image is None:
         out(prompt)
+    elif fit_image and model.prompt_format is not None:
+        from mopeq_runtime.prompt import load_image
+
+        image = load_image(str(image), model.prompt_format.image_size, fit=True)
     g = model.generate(prompt, max_new_tokens=max_new_tokens, image=image, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed, stream=out)
     sys.stdout.write("\n")
