@@ -28,8 +28,8 @@ from .targets import Target
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 GRAPH_ORDER = ("decoder", "embed", "vision")
 KERNEL_RECIPE = ("cmake -S kernel-src -B build -DCMAKE_BUILD_TYPE=Release -DORT_INCLUDE_DIR=<onnxruntime headers> "
-                 "&& cmake --build build -j && cp build/libmopeq_ops.so lib/  (headers: the JetPack/ORT release "
-                 "tarball's include/onnxruntime; then register lib/libmopeq_ops.so, see docs/BUNDLE.md)")
+                 "&& cmake --build build -j  (headers: the JetPack/ORT release tarball's include/onnxruntime); then "
+                 "mopeq_runtime.load(BUNDLE, kernel_library='build/libmopeq_ops.so'), see docs/BUNDLE.md")
 FIXED_MTIME = 0  # tar members: 1970-01-01, so the archive does not depend on when it was built
 
 

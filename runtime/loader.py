@@ -43,13 +43,18 @@ def open_bundle(path: str | Path, verify: bool = True) -> tuple[Path, Manifest, 
     return root, manifest, tmp
 
 
-def _kernel(ort, so, root: Path, manifest: Manifest, use_kernel: bool) -> KernelStatus:
+def _kernel(ort, so, root: Path, manifest: Manifest, use_kernel: bool, device_library: Path | None) -> KernelStatus:
     k = manifest.kernel
     if not use_kernel:
         return KernelStatus(False, "kernel disabled by the caller: MoE layers run the ONNX function-body fallback")
-    if k.status != "binary" or not k.library:
+    if device_library is not None:  # built on the device from kernel-src/: outside the bundle, so not hashed
+        lib = Path(device_library)
+        if not lib.is_file():
+            raise BundleError(f"kernel library {lib} not found; build it from the bundle's kernel-src/ ({k.build})")
+    elif k.status != "binary" or not k.library:
         return KernelStatus(False, f"no kernel library in the bundle ({k.note}); running the function-body fallback")
-    lib = root / k.library
+    else:
+        lib = root / k.library
     arch, host = elf_arch(lib), host_arch()
     if arch != host:
         return KernelStatus(False, f"the bundle's kernel library is for {arch}, this host is {host}; "
@@ -59,17 +64,18 @@ def _kernel(ort, so, root: Path, manifest: Manifest, use_kernel: bool) -> Kernel
     except Exception as e:  # ORT raises a generic exception for libraries it cannot load
         return KernelStatus(False, f"the kernel library did not load ({str(e).splitlines()[0]}); "
                                    "running the function-body fallback")
-    return KernelStatus(True, f"mopeq.MoEExperts runs in {k.library} ({arch})")
+    return KernelStatus(True, f"mopeq.MoEExperts runs in {device_library or k.library} ({arch})")
 
 
 def load(bundle: str | Path, *, target: str | None = None, allow_foreign_target: bool = False,
-         use_kernel: bool = True, require_kernel: bool = False, providers: list[str] | None = None,
-         threads: int = 0, verify: bool = True) -> BundleModel:
+         use_kernel: bool = True, require_kernel: bool = False, kernel_library: str | Path | None = None,
+         providers: list[str] | None = None, threads: int = 0, verify: bool = True) -> BundleModel:
     """Open a bundle for inference.
 
     target: the device name this app expects (refuses another target's bundle); allow_foreign_target runs a
     bundle on a host it was not built for (e.g. a Jetson bundle on an x86 CPU). use_kernel=False forces the
     portable function bodies; require_kernel=True makes a missing or unloadable kernel library an error.
+    kernel_library: a libmopeq_ops built on the device from the bundle's kernel-src/ (a source-only bundle).
     """
     import onnxruntime as ort
 
@@ -80,7 +86,7 @@ def load(bundle: str | Path, *, target: str | None = None, allow_foreign_target:
         so.log_severity_level = 3  # ORT warnings (e.g. unused initializers) are noise to a device app
         if threads:
             so.intra_op_num_threads = threads
-        kernel = _kernel(ort, so, root, manifest, use_kernel)
+        kernel = _kernel(ort, so, root, manifest, use_kernel, kernel_library)
         if require_kernel and not kernel.used:
             raise BundleError(f"kernel library required but not used: {kernel.reason}")
         chosen = providers or pick_providers(manifest.target.providers, ort.get_available_providers())

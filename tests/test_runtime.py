@@ -174,3 +174,12 @@ def test_tar_is_deterministic_and_loads(bundle, tmp_path):
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
     m = mopeq_runtime.load(tmp_path / "a.tar")
     assert m.generate("The", max_new_tokens=2).prompt_tokens > 0
+
+
+def test_device_built_kernel_library_for_a_source_only_bundle(tmp_path):
+    b = make_fake_bundle(tmp_path, target="jetson-orin-nano")
+    with pytest.raises(BundleError, match="not found; build it from the bundle's kernel-src"):
+        mopeq_runtime.load(b, allow_foreign_target=True, kernel_library=tmp_path / "nope.so")
+    if LIB.is_file():
+        m = mopeq_runtime.load(b, allow_foreign_target=True, kernel_library=LIB)
+        assert m.uses_kernel and str(LIB) in m.kernel.reason
