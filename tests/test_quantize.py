@@ -217,3 +217,45 @@ def test_plan_for_another_model_or_incomplete_is_refused(text_plan, tmp_path):
     with pytest.raises(MopeqError, match="does not have"):
         run_quantize(TEXT_MOE, extra, tmp_path / "o3", calib=None, cfg=QuantizeConfig(method="rtn"))
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir() if p.is_dir())
+
+
+@pytest.mark.slow
+def test_quantize_dense_option_packs_shared_experts_and_attention(text_plan, tmp_path):
+    from mopeq_export.models.loading import load_model
+    from mopeq_export.quantize.loader import load_quantized
+    from mopeq_export.quantize.reference import PackedLinear
+    from mopeq_export.quantize.stage import run_quantize
+
+    out = tmp_path / "q8"
+    res = run_quantize(TEXT_MOE, text_plan, out, calib=None, cfg=QuantizeConfig(method="rtn"), dense_bits=8,
+                       dense_attention=True)
+    dense = res.record["dense"]
+    assert any(".shared_expert." in d["path"] for d in dense) and any(".self_attn.q_proj" in d["path"] for d in dense)
+    model = load_quantized(out)
+    assert isinstance(model.get_submodule(dense[0]["path"]), PackedLinear)
+    with pytest.raises(MopeqError, match="4 or 8"):
+        run_quantize(TEXT_MOE, text_plan, tmp_path / "q3", calib=None, cfg=QuantizeConfig(method="rtn"), dense_bits=3)
+    # 8-bit dense layers barely move the logits relative to the experts-only checkpoint's float16 dense layers
+    ref, _ = load_model(TEXT_MOE)
+    x = torch.randint(0, 4096, (1, 16))
+    with torch.no_grad():
+        a, b = ref(input_ids=x).logits, model(input_ids=x).logits
+    assert torch.isfinite(b).all() and float((a - b).abs().max()) < 0.5 * float(a.abs().max())
+
+
+@pytest.mark.slow
+def test_evaluate_cli_writes_a_report(text_qdir, tmp_path):
+    from typer.testing import CliRunner
+
+    from mopeq_export.cli import app
+
+    data = TEXT_MOE.parents[1] / "data" / "text_dev.txt"
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["evaluate", "--model", str(TEXT_MOE), "--quantized", str(text_qdir), "--data",
+                                   str(data), "--max-windows", "2", "--out", str(report)])
+    assert res.exit_code == 0, res.output
+    m = json.loads(report.read_text())["metrics"]
+    assert m["windows"] == 2 and m["tokens"] == 2 * 255 and m["ppl"] > m["ppl_ref"] * 0.9 and 0 < m["top1_agreement"] <= 1
+    bad = CliRunner().invoke(app, ["evaluate", "--model", str(TEXT_MOE), "--quantized", str(tmp_path / "nope"),
+                                   "--data", str(data)])
+    assert bad.exit_code != 0
