@@ -8,7 +8,8 @@ from onnx import TensorProto, helper
 
 from mopeq_export.quantize import packing as P
 from mopeq_exporters.function_body import build_function
-from test_kernel_cpu import LAYER_TYPES, random_layer
+from packed_layers import random_layer
+from test_kernel_cpu import LAYER_TYPES
 
 native = pytest.importorskip("mopeq_runtime.native")
 

@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from mopeq_export.quantize import packing as P
+from packed_layers import random_layer
 
 native = pytest.importorskip("mopeq_runtime.native")
 try:
@@ -54,19 +55,6 @@ def make_session(expert_bits, group_size, dtype, activation="silu", layout_versi
     so.intra_op_num_threads = 2
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
-
-def random_layer(rng, expert_bits, h, i, g):
-    layer = {}
-    for m, rows, k in (("w1", 2 * i, h), ("w2", h, i)):
-        codes = [rng.integers(0, 1 << b, (rows, k), dtype=np.uint8) for b in expert_bits]
-        for b, words in P.split_by_width(codes, expert_bits).items():
-            layer[f"{m}.q{b}"] = words
-        G = P.num_groups(k, g)
-        # weights of about +-0.05 at every width, like a trained layer (keeps activations finite)
-        step = np.array([0.1 / ((1 << b) - 1) for b in expert_bits])[:, None, None]
-        layer[f"{m}.scales"] = (step * rng.uniform(0.5, 1.5, (len(expert_bits), rows, G))).astype(np.float16)
-        layer[f"{m}.zeros"] = np.stack([rng.integers(0, 1 << b, (rows, G), dtype=np.uint8) for b in expert_bits])
-    return layer
 
 
 def random_case(seed, expert_bits, h, i, g, t, k, dtype):

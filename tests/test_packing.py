@@ -7,6 +7,7 @@ from hypothesis.extra import numpy as hnp
 
 from mopeq_export.errors import MopeqError
 from mopeq_export.quantize import packing as P
+from packed_layers import random_layer
 
 
 def hexwords(words):
@@ -107,20 +108,6 @@ def test_slot_table_and_split_merge():
     with pytest.raises(MopeqError, match="hold 2 experts"):
         P.merge_by_width({**packed, 2: packed[2][:2]}, bits, 70)
 
-
-def random_layer(rng, expert_bits, h, i, g):
-    layer = {}
-    for m, rows, k in (("w1", 2 * i, h), ("w2", h, i)):
-        codes = [rng.integers(0, 1 << b, (rows, k), dtype=np.uint8) for b in expert_bits]
-        for b, words in P.split_by_width(codes, expert_bits).items():
-            layer[f"{m}.q{b}"] = words
-        G = P.num_groups(k, g)
-        # weights of about +-0.05 at every width, like a trained layer (keeps activations finite)
-        step = np.array([0.1 / ((1 << b) - 1) for b in expert_bits])[:, None, None]
-        layer[f"{m}.scales"] = (step * rng.uniform(0.5, 1.5, (len(expert_bits), rows, G))).astype(np.float16)
-        layer[f"{m}.zeros"] = np.stack(
-            [rng.integers(0, 1 << b, (rows, G), dtype=np.uint8) for b in expert_bits])
-    return layer
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])

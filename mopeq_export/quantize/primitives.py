@@ -12,23 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import MopeqError
+from .packing import check_bits, check_group_size, num_groups
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-BLOCK = 32
 _MIN_SCALE = 1e-6  # above float16's smallest subnormal, far below any real weight range
 CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # shrink factors 1.0 .. 0.5 for the clipping search
 
 
 def check_width(bits: int, group_size: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise MopeqError(f"unsupported width {bits} bits; supported: {', '.join(map(str, SUPPORTED_BITS))}")
-    if group_size <= 0 or group_size % BLOCK:
-        raise MopeqError(f"group size {group_size} must be a positive multiple of {BLOCK} (e.g. 32, 64, 128)")
-
-
-def num_groups(k: int, group_size: int) -> int:
-    return -(-k // group_size)
+    """The packed format's limits (packing.py is the one place they are defined)."""
+    check_bits(bits)
+    check_group_size(group_size)
 
 
 @dataclass
@@ -46,8 +39,8 @@ class QuantizedMatrix:
 
 
 def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    """[rows, G] -> [rows, K]: each group's value repeated over its columns (last group truncated)."""
-    return t.repeat_interleave(group_size, dim=-1)[..., :k]
+    """[..., G] -> [..., K]: each group's value repeated over its columns (last group partial)."""
+    return t[..., torch.arange(k) // group_size]
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .packing import BLOCK, LAYER_TENSOR_NAMES, slot_table
+from .primitives import dequantize as dequantize_codes
 
 def _fields(words: torch.Tensor, width: int) -> torch.Tensor:
     """[..., W] uint32 -> [..., W * 32/width] fields of `width` bits, low bits first."""
@@ -36,9 +37,7 @@ def unpack_codes(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 
 def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, k: int,
                group_size: int) -> torch.Tensor:
-    codes = unpack_codes(words, bits, k).float()
-    col_group = torch.arange(k) // group_size
-    return (codes - zeros.float()[..., col_group]) * scales.float()[..., col_group]
+    return dequantize_codes(unpack_codes(words, bits, k), scales, zeros, group_size)
 
 
 def _act(x: torch.Tensor, name: str) -> torch.Tensor:
