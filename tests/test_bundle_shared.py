@@ -25,7 +25,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not TEXT.is_dir(), reason="ne
 @pytest.fixture(scope="module")
 def text_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("text") / "B"
-    build(BuildConfig(model=TEXT, target="cpu", out=out, avg_bits=2.5, calib=DATA / "text_calib.txt"))
+    # a private stage cache: the user's cache may hold other quantized checkpoints of the same plan
+    build(BuildConfig(model=TEXT, target="cpu", out=out, avg_bits=2.5, calib=DATA / "text_calib.txt",
+                      cache=out.parent / "cache"))
     return out
 
 
@@ -36,12 +38,11 @@ def test_text_bundle_passes_gate_and_matches_pytorch_quantized(text_bundle):
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from check_bundle_ppl import find_qdir
-    from mopeq_export.build import default_cache
 
     m = mopeq_runtime.load(text_bundle)
     assert m.manifest.validation["passed"] and m.manifest.validation["metrics"]["ppl_ratio"] <= 1.05
     ids = m.tokenizer.encode((DATA / "text_dev.txt").read_text())[: 32 * 256]
-    res = evaluate_text(torch_forward(load_quantized(find_qdir(m.manifest, default_cache()))), runtime_forward(m),
+    res = evaluate_text(torch_forward(load_quantized(find_qdir(m.manifest, text_bundle.parent / "cache"))), runtime_forward(m),
                         torch.tensor(ids).view(32, 256))
     assert abs(res.ppl_ratio - 1) < 0.005
 
