@@ -1,7 +1,8 @@
 """Acceptance on the reference models (slow: minutes from a cold cache, seconds from a warm one).
 
-The builds share the default stage cache (~/.cache/mopeq-export or $MOPEQ_CACHE), so the jetson bundle
-reuses the cpu bundle's analyze/plan/quantize stages and only re-exports.
+The builds share one stage cache private to this module (not the user's ~/.cache/mopeq-export, which may
+hold checkpoints of older quantizer versions), so the jetson bundle reuses the cpu bundle's
+analyze/plan/quantize stages and only re-exports.
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not TEXT.is_dir(), reason="ne
 
 
 @pytest.fixture(scope="module")
-def text_bundle(tmp_path_factory):
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("stage-cache")
+
+
+@pytest.fixture(scope="module")
+def text_bundle(tmp_path_factory, cache):
     out = tmp_path_factory.mktemp("text") / "B"
-    # a private stage cache: the user's cache may hold other quantized checkpoints of the same plan
-    build(BuildConfig(model=TEXT, target="cpu", out=out, avg_bits=2.5, calib=DATA / "text_calib.txt",
-                      cache=out.parent / "cache"))
+    build(BuildConfig(model=TEXT, target="cpu", out=out, avg_bits=2.5, calib=DATA / "text_calib.txt", cache=cache))
     return out
 
 
-def test_text_bundle_passes_gate_and_matches_pytorch_quantized(text_bundle):
+def test_text_bundle_passes_gate_and_matches_pytorch_quantized(text_bundle, cache):
     from mopeq_export.evaluate import evaluate_text, torch_forward
     from mopeq_export.quantize.loader import load_quantized
     from mopeq_export.validate import runtime_forward
@@ -42,7 +46,7 @@ def test_text_bundle_passes_gate_and_matches_pytorch_quantized(text_bundle):
     m = mopeq_runtime.load(text_bundle)
     assert m.manifest.validation["passed"] and m.manifest.validation["metrics"]["ppl_ratio"] <= 1.05
     ids = m.tokenizer.encode((DATA / "text_dev.txt").read_text())[: 32 * 256]
-    res = evaluate_text(torch_forward(load_quantized(find_qdir(m.manifest, text_bundle.parent / "cache"))), runtime_forward(m),
+    res = evaluate_text(torch_forward(load_quantized(find_qdir(m.manifest, cache))), runtime_forward(m),
                         torch.tensor(ids).view(32, 256))
     assert abs(res.ppl_ratio - 1) < 0.005
 
@@ -54,9 +58,10 @@ def test_run_cli_prints_text(text_bundle):
     assert r.stdout.startswith("The os module") and len(r.stdout.strip()) > len("The os module")
 
 
-def test_jetson_bundle_float16_manifest_memory_and_runs_here(tmp_path):
+def test_jetson_bundle_float16_manifest_memory_and_runs_here(tmp_path, cache):
     out = tmp_path / "J"
-    build(BuildConfig(model=TEXT, target="jetson-orin-nano", out=out, avg_bits=2.5, calib=DATA / "text_calib.txt"))
+    build(BuildConfig(model=TEXT, target="jetson-orin-nano", out=out, avg_bits=2.5, calib=DATA / "text_calib.txt",
+                      cache=cache))
     with pytest.raises(mopeq_runtime.BundleError, match="not a Jetson|this host is"):
         mopeq_runtime.load(out)
     m = mopeq_runtime.load(out, allow_foreign_target=True)
@@ -72,10 +77,10 @@ def test_jetson_bundle_float16_manifest_memory_and_runs_here(tmp_path):
 
 
 @pytest.mark.skipif(not VLM.is_dir(), reason="needs ../shared/models/vlm-moe")
-def test_vlm_bundle_retention_and_image(tmp_path):
+def test_vlm_bundle_retention_and_image(tmp_path, cache):
     out = tmp_path / "V"
     build(BuildConfig(model=VLM, target="cpu", out=out, avg_bits=2.5, calib=DATA / "vqa_calib.npz",
-                      eval=DATA / "vqa_dev.npz"))
+                      eval=DATA / "vqa_dev.npz", cache=cache))
     m = mopeq_runtime.load(out)
     assert m.manifest.validation["metrics"]["accuracy_retention"] >= 0.985
     with np.load(DATA / "vqa_dev.npz") as z:
