@@ -48,7 +48,7 @@ class BuildConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     group_size: int = 32
     method: str = "gptq"
-    probes: int = 24
+    probes: int = 32  # = EstimatorConfig().max_probes (kept import-free)
     kernel_library: Path | None = None  # None: runtime/lib for x86-64 targets when built
 
 
@@ -132,15 +132,16 @@ def _seed(seed: int) -> None:
 
 
 def _analyze(cfg: BuildConfig, calib: Path, st: Path) -> None:
-    from .calibration import load_calibration
+    from .calibration import calibration_kind, load_calibration
     from .models.loading import load_model, load_tokenizer
-    from .sensitivity import EstimatorConfig, analyze
+    from .sensitivity import DATA_DEFAULTS, TEXT_SEQ_LEN, EstimatorConfig, analyze
 
     _seed(cfg.seed)
+    samples, batch_size = DATA_DEFAULTS[calibration_kind(calib)]
     est = EstimatorConfig(seed=cfg.seed, max_probes=cfg.probes, min_probes=min(8, cfg.probes),
-                          group_size=cfg.group_size)
+                          batch_size=batch_size, group_size=cfg.group_size)
     net, info = load_model(cfg.model)
-    data = load_calibration(calib, load_tokenizer(cfg.model), net.config, samples=32, seq_len=128,
+    data = load_calibration(calib, load_tokenizer(cfg.model), net.config, samples=samples, seq_len=TEXT_SEQ_LEN,
                             batch_size=est.batch_size)
     write_json(st / "sensitivity.json", analyze(net, info, data, est).to_json())
 
@@ -215,7 +216,10 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
             plan_dir, plan_key = cache.get("plan", {**base, "plan_file": sha256_file(cfg.plan)},
                                            lambda st: shutil.copyfile(cfg.plan, st / "plan.json"))
         else:
-            sens_dir, sens_key = cache.get("analyze", {**base, "probes": cfg.probes},
+            from .sensitivity import SCHEMA_VERSION, EstimatorConfig
+
+            sens_dir, sens_key = cache.get("analyze", {**base, "probes": cfg.probes, "schema": SCHEMA_VERSION,
+                                                       "estimator": EstimatorConfig().version},
                                            lambda st: _analyze(cfg, calib, st))
             plan_dir, plan_key = cache.get("plan", {"analyze": sens_key, "avg_bits": avg_bits},
                                            lambda st: _plan(sens_dir / "sensitivity.json", avg_bits, st))

@@ -6,13 +6,17 @@ Accepted inputs
 - image-text: an ``.npz`` with ``images`` (uint8 N x S x S x 3), ``questions``, ``answers``; or a folder
   holding images and a ``.jsonl`` of ``{"image": file, "question": ..., "answer": ...}``. The loss of a
   VQA sample is on its answer tokens only (prompt format: ``mopeq_runtime.prompt.VQAFormat``).
+
+The samples that were not chosen stay reachable as a ``SparePool``: the sensitivity stage scans them
+for inputs that reach experts the chosen samples never routed to (``CalibrationSet.extend``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,23 +39,52 @@ class CalibrationInfo:
     samples: int
     seq_len: int  # text window length; for VQA the padded sample length
     tokens: int  # tokens fed to the model (VQA: answer tokens that carry the loss)
+    coverage_samples: int = 0  # of `samples`, added to reach experts the chosen ones missed
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "CalibrationInfo":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass(frozen=True)
+class SparePool:
+    """The samples of the calibration source that were not chosen, collated on demand."""
+
+    ids: tuple[int, ...]
+    collate: Callable[[list[int]], dict[str, torch.Tensor]]  # sample ids -> one model batch
+    tokens: Callable[[list[int]], int]  # sample ids -> tokens as counted in CalibrationInfo.tokens
+
+    def batches(self, batch_size: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        for i in range(0, len(self.ids), batch_size):
+            chunk = list(self.ids[i:i + batch_size])
+            yield chunk, self.collate(chunk)
 
 
 @dataclass
 class CalibrationSet:
     info: CalibrationInfo
     batches: list[dict[str, torch.Tensor]]  # model inputs, each with `labels` (IGNORE where no loss)
+    spare: SparePool | None = None
+    batch_size: int = 8
 
     @property
     def num_tokens(self) -> int:
         return int(sum(b["input_ids"].numel() for b in self.batches))
+
+    def extend(self, ids: list[int]) -> "CalibrationSet":
+        """This set plus the spare samples `ids` (in their own batches); they leave the spare pool."""
+        if not ids:
+            return self
+        assert self.spare is not None and set(ids) <= set(self.spare.ids), "extend() takes spare sample ids"
+        chunks = [ids[i:i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
+        info = replace(self.info, samples=self.info.samples + len(ids),
+                       tokens=self.info.tokens + self.spare.tokens(ids),
+                       coverage_samples=self.info.coverage_samples + len(ids))
+        rest = SparePool(tuple(i for i in self.spare.ids if i not in set(ids)), self.spare.collate, self.spare.tokens)
+        return CalibrationSet(info, self.batches + [self.spare.collate(c) for c in chunks], rest, self.batch_size)
 
 
 def vqa_format_for(config) -> VQAFormat:
@@ -96,11 +129,14 @@ def load_text(path: Path, tokenizer, samples: int, seq_len: int, batch_size: int
             "give more text or a smaller --seq-len"
         )
     n = min(samples, windows)
-    starts = np.linspace(0, windows - 1, n).round().astype(int) * seq_len  # spread over the whole file
-    data = torch.tensor(np.stack([ids[s:s + seq_len] for s in starts]), dtype=torch.long)
-    batches = [{"input_ids": b, "labels": b.clone()} for b in data.split(batch_size)]
+    every = torch.tensor(ids[:windows * seq_len], dtype=torch.long).view(windows, seq_len)
+    chosen = np.unique(np.linspace(0, windows - 1, n).round().astype(int))  # spread over the whole file
+    n = len(chosen)
+    batches = [{"input_ids": b, "labels": b.clone()} for b in every[chosen].split(batch_size)]
     info = CalibrationInfo(str(path.resolve()), sha256_file(path), "text", n, seq_len, n * seq_len)
-    return CalibrationSet(info, batches)
+    spare = SparePool(tuple(sorted(set(range(windows)) - set(chosen.tolist()))),
+                      lambda w: {"input_ids": every[w], "labels": every[w].clone()}, lambda w: len(w) * seq_len)
+    return CalibrationSet(info, batches, spare, batch_size)
 
 
 def read_vqa(path: Path, image_size: int | None = None) -> dict[str, np.ndarray]:
@@ -155,20 +191,31 @@ def collate_vqa(examples, pixel_values: np.ndarray, pad_id: int) -> dict[str, to
 def load_vqa(path: Path, tokenizer, config, samples: int, batch_size: int) -> CalibrationSet:
     fmt = vqa_format_for(config)
     data = read_vqa(path, fmt.image_size)
-    n = min(samples, len(data["questions"]))
+    total = len(data["questions"])
+    n = min(samples, total)
     if n < 1:
         raise MopeqError(f"VQA data {path} is empty")
     try:
         pixels = fmt.pixel_values(data["images"][:n])
     except ValueError as e:
         raise MopeqError(f"{path}: {e}") from None
-    examples = vqa_examples(fmt, tokenizer, data["questions"][:n], data["answers"][:n])
+    examples = vqa_examples(fmt, tokenizer, data["questions"], data["answers"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = [collate_vqa(examples[i:i + batch_size], pixels[i:i + batch_size], pad) for i in range(0, n, batch_size)]
     digest = sha256_file(path) if path.is_file() else sha256_bytes(b"".join(p.read_bytes() for p in sorted(path.iterdir())))
-    answer_tokens = sum(len(a) for _, a in examples)
-    info = CalibrationInfo(str(path.resolve()), digest, "vqa", n, max(len(p) + len(a) for p, a in examples), answer_tokens)
-    return CalibrationSet(info, batches)
+    answer_tokens = lambda idx: sum(len(examples[i][1]) for i in idx)  # noqa: E731
+    info = CalibrationInfo(str(path.resolve()), digest, "vqa", n,
+                           max(len(p) + len(a) for p, a in examples[:n]), answer_tokens(range(n)))
+    spare = SparePool(tuple(range(n, total)),
+                      lambda idx: collate_vqa([examples[i] for i in idx], fmt.pixel_values(data["images"][idx]), pad),
+                      answer_tokens)
+    return CalibrationSet(info, batches, spare, batch_size)
+
+
+def calibration_kind(path: str | Path) -> str:
+    """"vqa" for an .npz or a folder (image-text), else "text"."""
+    path = Path(path)
+    return "vqa" if path.suffix == ".npz" or path.is_dir() else "text"
 
 
 def load_calibration(path: str | Path, tokenizer, config, *, samples: int = 32, seq_len: int = 256,
@@ -180,7 +227,7 @@ def load_calibration(path: str | Path, tokenizer, config, *, samples: int = 32, 
     if samples < 1 or seq_len < 2 or batch_size < 1:
         raise MopeqError("--samples and --batch-size must be >= 1 and --seq-len >= 2")
     is_vlm = getattr(config, "vision_config", None) is not None
-    if path.suffix == ".npz" or path.is_dir():
+    if calibration_kind(path) == "vqa":
         if not is_vlm:
             raise MopeqError(f"{path} is image-text data but the model is text-only; pass a .txt or .jsonl file")
         return load_vqa(path, tokenizer, config, samples, batch_size)

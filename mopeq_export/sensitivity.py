@@ -2,13 +2,24 @@
 
 For every routed expert e (its w1 and w2 seen as one parameter block):
 
-- ``hessian_trace``: Hutchinson estimate of Tr(H_e), H_e the Hessian of the task loss (mean next-token
-  cross-entropy over the tokens that carry a label; for VQA only the answer tokens do) w.r.t. the
-  expert's weights. Tr(H) = E_v[v^T H v] for Rademacher v. One Hessian-vector product per probe serves
-  every expert of every layer: the Hessian's diagonal blocks are what the trace needs, and v^T H v
-  splits into per-block sums of v * Hv (the off-diagonal blocks only add zero-mean noise). Each probe
-  uses the next calibration batch, so the mean estimates E_data E_v and its standard error covers both
-  sources of noise.
+- ``hessian_trace``: a Hutchinson (Rademacher-probe) estimate of Tr(H_e), the curvature of the task
+  loss (mean next-token cross-entropy over the tokens that carry a label; for VQA only the answer
+  tokens do) in the expert's weights. Two curvatures (``EstimatorConfig.curvature``):
+
+  * ``gauss-newton`` (default): the Gauss-Newton part of the Hessian, G = J^T H_z J with J the
+    Jacobian of the labelled logits z and H_z = (diag(p) - p p^T) / N the cross-entropy Hessian in
+    the logits (for softmax cross-entropy this is also the Fisher information). With the factor
+    A = diag(sqrt p) - p sqrt(p)^T (A A^T = diag(p) - p p^T) and a Rademacher u in logit space,
+    Tr(G_e) = E_u ||g_e||^2 where g = J^T A u / sqrt(N) is ONE vector-Jacobian product (a backward
+    pass) for every expert at once. A gradient splits exactly by parameter block, so there is no
+    cross-expert noise, and a squared norm is never negative.
+  * ``hessian``: the exact Hessian, Tr(H_e) = E_v[v_e^T (H v)_e] for Rademacher v over all expert
+    weights; ONE Hessian-vector product (double backward) per probe serves every expert, the
+    off-diagonal blocks adding zero-mean noise. This is the paper's estimator; on trained models it
+    is far noisier per probe, and an expert's true Hessian trace can be negative (docs/DECISIONS.md).
+
+  Each probe uses the next calibration batch, so the mean estimates E_data E_probe and its standard
+  error covers both sources of noise.
 - routing statistics (sums and counts, one no-grad pass): ``tokens`` = (token, slot) assignments,
   ``routing_weight`` = sum of the router weights it received, ``layer_tokens`` = tokens its layer saw.
 - ``quant_error``: squared Frobenius RTN error at each candidate width (group size recorded).
@@ -17,7 +28,9 @@ For every routed expert e (its w1 and w2 seen as one parameter block):
   estimator is checked against the closed form in the tests.
 
 An expert that received no calibration token has an exactly zero loss Hessian (its weights do not
-enter the loss); it is flagged ``no_tokens`` instead of being passed off as a measured 0.
+enter the loss). Before giving up on it, ``cover_experts`` scans the calibration samples that were not
+chosen for windows that do route to it and adds them; an expert still unreached is flagged
+``no_tokens`` instead of being passed off as a measured 0.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,7 +50,11 @@ from .models.adapters import MoELayer, find_moe_layers
 from .models.loading import ModelInfo
 from .quantize.primitives import check_width, rtn
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: curvature choice (Gauss-Newton default), coverage samples
+CURVATURES = ("gauss-newton", "hessian")
+# calibration the stage reads when the user does not say: kind -> (samples, samples per probe)
+DATA_DEFAULTS = {"text": (64, 8), "vqa": (256, 32)}
+TEXT_SEQ_LEN = 128
 ProbeCallback = Callable[[int, float], None]  # (probes done, worst relative stderr so far)
 
 
@@ -46,20 +64,24 @@ class EstimatorConfig:
     """Settings of the Hutchinson estimator and of the per-width quantization errors."""
 
     seed: int = 0
-    max_probes: int = 24
+    curvature: str = "gauss-newton"  # one of CURVATURES
+    max_probes: int = 32
     min_probes: int = 8
     rel_tol: float = 0.15  # stop once every expert's stderr / |trace| is below this
-    batch_size: int = 4  # calibration samples per probe
+    batch_size: int = 8  # calibration samples per probe
+    cover: bool = True  # add spare calibration samples for experts the chosen ones never reach
     group_size: int = 32
     bits: tuple[int, ...] = (2, 3, 4)
     norm_probes: int = 4  # the weight-norm Hessian is almost isotropic: few probes suffice
-    version: int = 1
+    version: int = 2
 
     def __post_init__(self):
         if self.max_probes < 1 or not 1 <= self.min_probes:
             raise MopeqError("--probes must be >= 1")
         if not self.rel_tol > 0:
             raise MopeqError("--rel-tol must be > 0")
+        if self.curvature not in CURVATURES:
+            raise MopeqError(f"unknown --curvature {self.curvature!r}; choose one of {', '.join(CURVATURES)}")
         for b in self.bits:
             check_width(b, self.group_size)
 
@@ -183,6 +205,25 @@ def hutchinson_probe(loss: torch.Tensor, params: Sequence[torch.Tensor], gen: to
     return [vi * h if (h := hv.get(id(p))) is not None else torch.zeros_like(vi) for vi, p in zip(v, params)]
 
 
+def softmax_hessian_factor(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A u per row, A = diag(sqrt p) - p sqrt(p)^T, so that A A^T = diag(p) - p p^T (rows of p sum to 1)."""
+    sp = p.sqrt()
+    return sp * u - p * (sp * u).sum(-1, keepdim=True)
+
+
+def gauss_newton_probe(logits: torch.Tensor, params: Sequence[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+    """g * g elementwise, g = J^T A u / sqrt(N) for one Rademacher u over the N labelled logit rows.
+
+    E_u of a block's sum of g * g is Tr(J_e^T H_z J_e), the Gauss-Newton trace of the mean
+    cross-entropy in that block: one vector-Jacobian product for every expert.
+    """
+    p = logits.detach().double().softmax(-1)
+    u = rademacher([p], gen)[0]
+    w = (softmax_hessian_factor(p, u) / math.sqrt(logits.shape[0])).to(logits.dtype)
+    grads = torch.autograd.grad(logits, params, grad_outputs=w, allow_unused=True)
+    return [g * g if g is not None else torch.zeros_like(q) for g, q in zip(grads, params)]
+
+
 class RunningMean:
     """Per-expert sums and sums of squares over probes: mean and standard error of the mean."""
 
@@ -213,15 +254,21 @@ class RunningMean:
         return float(rel.max())
 
 
+def labelled_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, V] (float32) predicting the N labelled tokens, and those labels [N]."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    if not bool(keep.any()):
+        raise MopeqError("a calibration batch has no labelled token; the loss (and its Hessian) would be empty")
+    return logits[keep].float(), labels[keep]
+
+
 def task_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled tokens, from logits (never a model's aux losses)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    if not bool((labels != IGNORE).any()):
-        raise MopeqError("a calibration batch has no labelled token; the loss (and its Hessian) would be empty")
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-
+    logits, labels = labelled_logits(model, batch)
+    return nn.functional.cross_entropy(logits, labels)
 
 
 class _ExpertGrad:
@@ -243,15 +290,31 @@ class _ExpertGrad:
             p.requires_grad_(flag)
 
 
+def curvature_probe(model: nn.Module, slots: ExpertSlots, batch: dict, curvature: str,
+                    gen: torch.Generator) -> torch.Tensor:
+    """One probe's per-expert estimates [experts]: one forward and one backward (double for "hessian")."""
+    if curvature == "hessian":
+        return slots.reduce(hutchinson_probe(task_loss(model, batch), slots.params, gen)).detach()
+    logits, _ = labelled_logits(model, batch)
+    return slots.reduce(gauss_newton_probe(logits, slots.params, gen)).detach()
+
+
 def hessian_traces(model: nn.Module, slots: ExpertSlots, batches: Sequence[dict], cfg: EstimatorConfig,
                    active: torch.Tensor, on_probe: ProbeCallback | None = None) -> RunningMean:
-    """Hutchinson over probes, batch i % len(batches) for probe i, until rel_tol or max_probes."""
+    """Hutchinson over probes, batch i % len(batches) for probe i, until rel_tol or max_probes.
+
+    A probe's estimate is for its batch's mean loss; scaling it by the batch's share of the labelled
+    tokens (times the batch count) makes the average over a cycle the trace for the whole set's mean
+    loss, however unequal the batches (a short last batch, coverage samples, VQA answer lengths).
+    """
     gen = torch.Generator().manual_seed(cfg.seed)
     stats = RunningMean(slots.count)
+    labelled = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
+    scale = [n * len(batches) / max(sum(labelled), 1) for n in labelled]
     with _ExpertGrad(model, slots.params):
         for i in range(cfg.max_probes):
-            loss = task_loss(model, batches[i % len(batches)])
-            stats.add(slots.reduce(hutchinson_probe(loss, slots.params, gen)).detach())
+            b = i % len(batches)
+            stats.add(scale[b] * curvature_probe(model, slots, batches[b], cfg.curvature, gen))
             worst = stats.worst_rel(active)
             if on_probe:
                 on_probe(i + 1, worst)
@@ -313,6 +376,66 @@ def routing_stats(model: nn.Module, layers: Sequence[MoELayer], batches: Sequenc
     return stats
 
 
+class _Reached(Exception):
+    """Raised from a routing hook: the deepest layer that still needs coverage has been routed."""
+
+
+@torch.no_grad()
+def cover_experts(model: nn.Module, layers: Sequence[MoELayer], calib: CalibrationSet,
+                  stats: RoutingStats) -> tuple[CalibrationSet, RoutingStats]:
+    """Add spare calibration samples that route tokens to experts the chosen samples never reached.
+
+    Scans the spare pool in order (routing only: each forward stops at the deepest layer with an
+    uncovered expert) and adds, per uncovered expert, the first sample that reaches it. Returns the
+    extended set and routing statistics that include the added samples.
+    """
+    offsets = np.cumsum([0] + [layer.num_experts for layer in layers])
+    missing = set((stats.tokens == 0).nonzero().flatten().tolist())
+    if not missing or calib.spare is None or not calib.spare.ids:
+        return calib, stats
+    found: dict[int, int] = {}  # expert -> spare sample id
+    state: dict = {}
+
+    def hook_for(li: int):
+        def callback(hidden, top_k_index, top_k_weights):
+            rows = torch.arange(top_k_index.shape[0]) // state["seq"]
+            mask = state["mask"]
+            idx = top_k_index.long() + int(offsets[li])
+            if mask is not None and mask.numel() == idx.shape[0]:
+                idx, rows = idx[mask], rows[mask]
+            for e in missing - found.keys():
+                hit = (idx == e).any(1)
+                if bool(hit.any()):
+                    found[e] = state["ids"][int(rows[hit][0])]
+            if li == state["deepest"]:
+                raise _Reached
+        return callback
+
+    handles = [layer.register_routing_hook(hook_for(li)) for li, layer in enumerate(layers)]
+    try:
+        for ids, batch in calib.spare.batches(calib.batch_size):
+            left = missing - found.keys()
+            if not left:
+                break
+            mask = batch.get("attention_mask")
+            state.update(ids=ids, seq=batch["input_ids"].shape[1], mask=None if mask is None else mask.flatten().bool(),
+                         deepest=max(int(np.searchsorted(offsets, e, side="right")) - 1 for e in left))
+            try:
+                model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+            except _Reached:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    added = sorted(set(found.values()))
+    if not added:
+        return calib, stats
+    extended = calib.extend(added)
+    more = routing_stats(model, layers, extended.batches[len(calib.batches):])
+    return extended, RoutingStats(stats.tokens + more.tokens, stats.weight + more.weight,
+                                  stats.layer_tokens + more.layer_tokens)
+
+
 def _row_errors(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     return ((rtn(w, bits, group_size).dequantize() - w) ** 2).sum(1, dtype=torch.float64)
 
@@ -351,6 +474,8 @@ def analyze(model: nn.Module, info: ModelInfo, calib: CalibrationSet, cfg: Estim
     layers = find_moe_layers(model)
     slots = expert_slots(layers)
     stats = routing_stats(model, layers, calib.batches)
+    if cfg.cover:
+        calib, stats = cover_experts(model, layers, calib, stats)
     traces = hessian_traces(model, slots, calib.batches, cfg, stats.tokens > 0, on_probe)
     norm_traces = weight_norm_traces(slots, cfg.norm_probes, cfg.seed)
     errors = [err for layer in layers for err in quant_errors(layer, cfg.bits, cfg.group_size)]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 
 from mopeq_export import cli
+from mopeq_export.sensitivity import SCHEMA_VERSION
 
 import tiny_models as tm
 
@@ -76,12 +78,13 @@ def analyzed(tiny_dir, text_file, tmp_path_factory):
 
 def test_analyze_writes_record_and_heatmap(analyzed):
     rec = json.loads((analyzed / "sensitivity.json").read_text())
-    assert rec["kind"] == "mopeq.sensitivity" and rec["schema_version"] == 1 and rec["probes"] == 2
+    assert rec["kind"] == "mopeq.sensitivity" and rec["schema_version"] == SCHEMA_VERSION and rec["probes"] == 2
+    assert rec["estimator"]["curvature"] == "gauss-newton"
     assert len(rec["experts"]) == 2 * tm.E
     for key in ("name", "layer", "expert", "params", "hessian_trace", "hessian_trace_stderr", "tokens", "frequency",
                 "routing_weight", "no_tokens", "quant_error", "weight_norm_trace"):
         assert key in rec["experts"][0]
-    assert rec["calibration"]["samples"] == 4 and rec["model"]["weights_sha256"]
+    assert rec["calibration"]["samples"] - rec["calibration"]["coverage_samples"] == 4 and rec["model"]["weights_sha256"]
     assert (analyzed / "sensitivity.png").stat().st_size > 1000
 
 
@@ -120,7 +123,8 @@ def test_analyze_bad_input(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
              (("--model", dense, "--calib", text_file), "no Mixture-of-Experts layer"),
              (("--model", tiny_dir, "--calib", empty), "is empty"),
              (("--model", tiny_dir, "--calib", text_file, "--seq-len", "100000"), "fewer than one window"),
-             (("--model", tiny_dir, "--calib", text_file, "--rel-tol", "0"), "--rel-tol")]
+             (("--model", tiny_dir, "--calib", text_file, "--rel-tol", "0"), "--rel-tol"),
+             (("--model", tiny_dir, "--calib", text_file, "--curvature", "newton"), "unknown --curvature")]
     for args, fragment in cases:
         out = tmp_path / "out"
         code, err = run(monkeypatch, capsys, "analyze", *ANALYZE_FAST, *args, "--out", out)
@@ -131,7 +135,9 @@ def test_analyze_bad_input(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
 def test_plan_bad_input(analyzed, tmp_path, monkeypatch, capsys):
     sens = analyzed / "sensitivity.json"
     broken = tmp_path / "broken.json"
-    broken.write_text('{"kind": "mopeq.sensitivity", "schema_version": 1, "experts": []}')
+    broken.write_text(json.dumps({"kind": "mopeq.sensitivity", "schema_version": SCHEMA_VERSION, "experts": []}))
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"kind": "mopeq.sensitivity", "schema_version": 1, "experts": []}))
     cases = [(("--sensitivity", sens, "--method", "hawq"), "unknown method"),
              (("--sensitivity", sens, "--scope", "expert"), "unknown scope"),
              (("--sensitivity", sens, "--avg-bits", "5"), "outside [2, 4]"),
@@ -140,6 +146,7 @@ def test_plan_bad_input(analyzed, tmp_path, monkeypatch, capsys):
              (("--sensitivity", sens, "--set", "nobits"), "NAME=BITS"),
              (("--sensitivity", sens, "--bits-candidates", "2,x"), "comma-separated"),
              (("--sensitivity", broken), "malformed"),
+             (("--sensitivity", old), "rerun `mopeq-export analyze`"),
              (("--sensitivity", tmp_path / "missing.json"), "not found")]
     for args, fragment in cases:
         out = tmp_path / "plan.json"
@@ -159,6 +166,9 @@ def test_text_moe_end_to_end(tmp_path, monkeypatch, capsys):
     assert code in (0, None)
     rec = json.loads((out / "sensitivity.json").read_text())
     assert len(rec["experts"]) == 96
+    # layer 1 expert 14 is reached by one token of the whole file: coverage must find that window
+    assert rec["calibration"]["coverage_samples"] >= 1
+    assert all(not e["no_tokens"] and math.isfinite(e["hessian_trace"]) and e["hessian_trace"] > 0 for e in rec["experts"])
     code, _ = run(monkeypatch, capsys, "plan", "--sensitivity", out / "sensitivity.json", "--out", tmp_path / "p.json",
                   "--avg-bits", "2.5")
     assert code in (0, None) and 2.49 <= json.loads((tmp_path / "p.json").read_text())["avg_bits"] <= 2.5

@@ -1,4 +1,4 @@
-"""Sensitivity stage: the Hutchinson estimator against exact traces, routing sums, every architecture."""
+"""Sensitivity stage: both Hutchinson estimators against exact traces, coverage, routing sums, every architecture."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_hutchinson_mean_matches_exact_hessian_trace_of_a_model():
     batch = text_batch(vocab=32, batch=2, seq=8)
     H, (gu, dn) = exact_hessian(model, batch)
     exact = _per_expert(torch.diagonal(H), gu, dn)
-    cfg = EstimatorConfig(max_probes=40, min_probes=40, rel_tol=1e-9)
+    cfg = EstimatorConfig(curvature="hessian", max_probes=40, min_probes=40, rel_tol=1e-9)
     stats = hessian_traces(model, expert_slots(find_moe_layers(model)), [batch], cfg, torch.ones(4, dtype=torch.bool))
     assert stats.count == 40
     # statistical tolerance: 4 standard errors (plus float noise)
@@ -109,6 +109,85 @@ def test_hutchinson_matches_exact_trace_of_coupled_quadratic():
 
 
 
+# -- Gauss-Newton ---------------------------------------------------------------------------------
+def labelled_jacobian(model, batch):
+    """Jacobian [N, V, P] of the labelled logits w.r.t. the (only) layer's fused expert params, and p [N, V]."""
+    layer = find_moe_layers(model)[0]
+    gu, dn = layer.experts.gate_up_proj, layer.experts.down_proj
+    keep = batch["labels"][:, 1:] != -100
+
+    def f(flat):
+        a, b = flat[:gu.numel()].view_as(gu), flat[gu.numel():].view_as(dn)
+        params = {f"{layer.experts_path}.gate_up_proj": a, f"{layer.experts_path}.down_proj": b}
+        logits = torch.func.functional_call(model, params, args=(), kwargs={"input_ids": batch["input_ids"],
+                                                                           "use_cache": False}).logits
+        return logits[:, :-1][keep]
+
+    flat = torch.cat([gu.detach().flatten(), dn.detach().flatten()])
+    with torch.no_grad():
+        p = f(flat).double().softmax(-1)
+    return torch.autograd.functional.jacobian(f, flat, vectorize=True).double(), p, (gu, dn)
+
+
+def exact_gauss_newton_diag(model, batches):
+    """diag of G = sum_t J_t^T (diag p_t - p_t p_t^T) J_t / N over all labelled tokens of all batches."""
+    total, n = 0, 0
+    for batch in batches:
+        J, p, blocks = labelled_jacobian(model, batch)
+        Hz = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        total = total + torch.einsum("tak,tab,tbk->k", J, Hz, J)
+        n += p.shape[0]
+    return total / n, blocks
+
+
+def test_softmax_hessian_factor_squares_to_the_cross_entropy_hessian():
+    gen = torch.Generator().manual_seed(0)
+    for v in (2, 5, 33):
+        p = (torch.randn(v, generator=gen, dtype=torch.float64) * 3).softmax(-1)
+        A_T = sens.softmax_hessian_factor(p.expand(v, v), torch.eye(v, dtype=torch.float64))  # row i: A e_i
+        torch.testing.assert_close(A_T.T @ A_T, torch.diag(p) - torch.outer(p, p))
+
+
+def test_one_gauss_newton_probe_splits_exactly_by_expert():
+    """For the same logit-space u, per-expert sums of g*g equal those of g = J^T A u / sqrt(N) built from J."""
+    model = micro_mixtral()
+    batch = text_batch(vocab=32, batch=2, seq=8)
+    J, p, (gu, dn) = labelled_jacobian(model, batch)
+    slots = expert_slots(find_moe_layers(model))
+    with sens._ExpertGrad(model, slots.params):
+        logits, _ = sens.labelled_logits(model, batch)
+        got = slots.reduce(sens.gauss_newton_probe(logits, slots.params, torch.Generator().manual_seed(3)))
+    u = sens.rademacher([p], torch.Generator().manual_seed(3))[0]
+    g = torch.einsum("tak,ta->k", J, sens.softmax_hessian_factor(p, u)) / p.shape[0] ** 0.5
+    torch.testing.assert_close(got, _per_expert(g * g, gu, dn), rtol=1e-4, atol=1e-9)
+
+
+def test_gauss_newton_mean_matches_exact_trace_over_unequal_batches():
+    """Two batches with different numbers of labelled tokens: the cycle average is the whole set's trace."""
+    model = micro_mixtral()
+    short = text_batch(vocab=32, batch=2, seq=8, seed=1)
+    short["labels"][:, :5] = -100  # 2 * 3 - 2 labelled predictions vs 14 in the other batch
+    batches = [text_batch(vocab=32, batch=2, seq=8), short]
+    diag, (gu, dn) = exact_gauss_newton_diag(model, batches)
+    exact = _per_expert(diag, gu, dn)
+    cfg = EstimatorConfig(max_probes=400, min_probes=400, rel_tol=1e-9)
+    stats = hessian_traces(model, expert_slots(find_moe_layers(model)), batches, cfg, torch.ones(4, dtype=torch.bool))
+    assert bool((exact > 0).all())
+    assert bool(((stats.mean - exact).abs() <= 4 * stats.stderr).all()), (stats.mean, exact, stats.stderr)
+    assert float((stats.stderr / exact).max()) < 0.1  # tight enough to catch a wrong scale or batch weighting
+
+
+def test_gauss_newton_estimates_are_positive_where_the_hessian_is_not():
+    """Gauss-Newton probe sums are squared norms: > 0 for every probe of every routed expert."""
+    model = tm.olmoe()
+    slots = expert_slots(find_moe_layers(model))
+    gen = torch.Generator().manual_seed(0)
+    with sens._ExpertGrad(model, slots.params):
+        for seed in range(4):
+            est = sens.curvature_probe(model, slots, text_batch(seed=seed), "gauss-newton", gen)
+            assert bool((est > 0).all()), est
+
+
 @pytest.mark.parametrize("build", [tm.mixtral, tm.modulelist_moe])
 def test_weight_norm_trace_matches_closed_form(build):
     model = build()
@@ -122,7 +201,8 @@ def test_weight_norm_trace_matches_closed_form(build):
     torch.testing.assert_close(est, torch.stack(closed), rtol=1e-2, atol=0)
 
 
-def test_one_hessian_vector_product_per_probe(monkeypatch):
+@pytest.mark.parametrize("curvature, grads_per_probe", [("hessian", 2), ("gauss-newton", 1)])
+def test_probe_cost_is_independent_of_the_expert_count(monkeypatch, curvature, grads_per_probe):
     model = tm.qwen2_moe()
     layers = find_moe_layers(model)
     calls, forwards = [], []
@@ -130,10 +210,11 @@ def test_one_hessian_vector_product_per_probe(monkeypatch):
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real_grad(*a, **k))
     model.register_forward_pre_hook(lambda *_: forwards.append(1))
     batches = [text_batch(seed=s) for s in range(3)]
-    cfg = EstimatorConfig(max_probes=5, min_probes=5, rel_tol=1e-9)
+    cfg = EstimatorConfig(curvature=curvature, max_probes=5, min_probes=5, rel_tol=1e-9)
     hessian_traces(model, expert_slots(layers), batches, cfg, torch.ones(8, dtype=torch.bool))
-    # per probe: one forward, one gradient (create_graph) and one Hessian-vector product, for all experts
-    assert len(forwards) == 5 and len(calls) == 10
+    # hessian: per probe one forward, one gradient (create_graph) and one Hessian-vector product;
+    # gauss-newton: one forward and one vector-Jacobian product; for all experts together either way
+    assert len(forwards) == 5 and len(calls) == 5 * grads_per_probe
 
 
 def test_probes_stop_early_when_tolerance_met():
@@ -177,6 +258,95 @@ def test_expert_without_tokens_is_flagged_not_zeroed():
     assert starved and all(e.no_tokens and e.tokens == 0 and e.hessian_trace == 0.0 for e in starved)
     assert not any(e.no_tokens for e in report.experts if e.expert != 0)
     assert all(e.weight_norm_trace > 0 for e in starved)  # the data-free signal still exists
+
+
+# -- coverage: spare samples for experts the chosen samples never reach -----------------------------
+RARE = 5  # the only token id that expert 0 of layer 0 is routed
+
+
+def _route_expert_zero_only_for(model, token=RARE):
+    """Layer 0's expert 0 gets exactly the tokens equal to `token`; returns a call counter of layer 1's gate."""
+    seen, calls = {}, []
+    model.register_forward_pre_hook(lambda _m, _a, kw: seen.update(ids=kw["input_ids"]), with_kwargs=True)
+    layers = find_moe_layers(model)
+    gate = layers[0].block.gate
+
+    def forward(h):
+        scores = torch.nn.functional.linear(h.reshape(-1, h.shape[-1]), gate.weight).softmax(-1)
+        rare = (seen["ids"].flatten() == token)[:, None]
+        scores = torch.cat([torch.where(rare, 1.0, -1.0), scores[:, 1:]], 1)
+        w, idx = torch.topk(scores, gate.top_k, dim=-1)
+        return idx, w, None
+
+    gate.forward = forward
+    deeper = layers[1].block.gate
+    deeper.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def _windows(rare_at: dict[int, int], n=6, seq=16):
+    """n windows of ids in [6, vocab) (no RARE), RARE placed at {window: position}."""
+    w = torch.randint(6, tm.V, (n, seq), generator=torch.Generator().manual_seed(0))
+    for i, pos in rare_at.items():
+        w[i, pos] = RARE
+    return w
+
+
+def _set_with_spare(windows, chosen, batch_size=1):
+    from mopeq_export.calibration import SparePool
+
+    batch = lambda idx: {"input_ids": windows[idx], "labels": windows[idx].clone()}  # noqa: E731
+    spare = SparePool(tuple(i for i in range(len(windows)) if i not in chosen), batch, lambda idx: len(idx) * windows.shape[1])
+    info = CalibrationInfo("/calib", "h" * 64, "text", len(chosen), windows.shape[1], len(chosen) * windows.shape[1])
+    return CalibrationSet(info, [batch(list(chosen))], spare, batch_size)
+
+
+def test_coverage_adds_the_first_spare_sample_that_reaches_an_unrouted_expert():
+    model = tm.modulelist_moe()
+    deeper_calls = _route_expert_zero_only_for(model)
+    windows = _windows({3: 7, 4: 2})  # windows 3 and 4 reach expert 0; 0 and 1 are chosen
+    report = analyze(model, INFO, _set_with_spare(windows, [0, 1]), EstimatorConfig(max_probes=4, min_probes=4))
+    rare = next(e for e in report.experts if e.layer == 0 and e.expert == 0)
+    assert rare.tokens == 1 and not rare.no_tokens and rare.hessian_trace > 0
+    assert report.calibration.coverage_samples == 1 and report.calibration.samples == 3
+    assert report.calibration.tokens == 3 * 16
+    assert all(e.layer_tokens == 3 * 16 for e in report.experts)  # routing stats include the added window
+    # the scan of spare windows 2 and 3 stopped at layer 0: layer 1 routed only the chosen and the added batch
+    # (routing statistics, then one forward per probe)
+    assert len(deeper_calls) == 1 + 1 + 4
+
+
+def test_coverage_off_or_unreachable_leaves_the_expert_flagged():
+    for rare_at, cover in (({3: 7}, False), ({}, True)):
+        model = tm.modulelist_moe()
+        _route_expert_zero_only_for(model)
+        report = analyze(model, INFO, _set_with_spare(_windows(rare_at), [0, 1]),
+                         EstimatorConfig(max_probes=2, min_probes=2, cover=cover))
+        rare = next(e for e in report.experts if e.layer == 0 and e.expert == 0)
+        assert rare.no_tokens and rare.tokens == 0 and rare.hessian_trace == 0.0
+        assert report.calibration.coverage_samples == 0 and report.calibration.samples == 2
+
+
+def test_text_spare_pool_is_every_window_not_chosen(tmp_path):
+    from mopeq_export.calibration import load_calibration
+
+    class Tok:  # one token per character
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    path = tmp_path / "t.txt"
+    path.write_text("".join(chr(65 + i % 26) for i in range(10 * 8 + 3)))  # 10 windows of 8, 3 left over
+    data = load_calibration(path, Tok(), object(), samples=4, seq_len=8, batch_size=3)
+    chosen = [tuple(r.tolist()) for b in data.batches for r in b["input_ids"]]
+    spare = [tuple(r.tolist()) for _, b in data.spare.batches(4) for r in b["input_ids"]]
+    every = [tuple(ord(c) for c in path.read_text()[i * 8:(i + 1) * 8]) for i in range(10)]
+    assert len(chosen) == 4 and sorted(chosen + spare) == sorted(every) and not set(chosen) & set(spare)
+    more = data.extend([data.spare.ids[1]])
+    assert more.info.samples == 5 and more.info.coverage_samples == 1 and more.info.tokens == 40
+    assert [tuple(r.tolist()) for r in more.batches[-1]["input_ids"]] == [every[data.spare.ids[1]]]
+    assert data.spare.ids[1] not in more.spare.ids and len(more.spare.ids) == 5
 
 
 def vlm_batch():

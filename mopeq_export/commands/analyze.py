@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import typer
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from ..cli import app, console, default_calib
 from ..fsutil import staged_dir, write_json
-from ..sensitivity import EstimatorConfig, SensitivityReport, analyze as run_analysis
+from ..sensitivity import DATA_DEFAULTS, TEXT_SEQ_LEN, EstimatorConfig, SensitivityReport, analyze as run_analysis
 
 DEFAULTS = EstimatorConfig()
 
@@ -23,30 +24,42 @@ def analyze(
     calib: Path = typer.Option(None, "--calib", help="calibration data (.txt/.jsonl text, VQA .npz or folder); "
                                                      "default: the shipped set for the model's kind"),
     seed: int = typer.Option(DEFAULTS.seed, help="seed of the Rademacher probes"),
+    curvature: str = typer.Option(DEFAULTS.curvature, help="gauss-newton (Gauss-Newton/Fisher part of the "
+                                  "Hessian, the default) or hessian (exact Hessian, double backward)"),
     probes: int = typer.Option(DEFAULTS.max_probes, help="maximum Hutchinson probes (one batch each)"),
-    samples: int = typer.Option(32, help="calibration samples"),
-    seq_len: int = typer.Option(128, help="tokens per text sample"),
-    batch_size: int = typer.Option(DEFAULTS.batch_size, help="samples per probe"),
+    samples: Optional[int] = typer.Option(None, help=f"calibration samples [default: {DATA_DEFAULTS['text'][0]} text windows, "
+                                           f"{DATA_DEFAULTS['vqa'][0]} VQA samples]"),
+    seq_len: int = typer.Option(TEXT_SEQ_LEN, help="tokens per text sample"),
+    batch_size: Optional[int] = typer.Option(None, help=f"samples per probe [default: {DATA_DEFAULTS['text'][1]} text, "
+                                              f"{DATA_DEFAULTS['vqa'][1]} VQA]"),
     rel_tol: float = typer.Option(DEFAULTS.rel_tol, help="stop when every expert's relative stderr is below this"),
+    cover: bool = typer.Option(DEFAULTS.cover, help="add unused calibration samples that reach experts the chosen "
+                                                   "samples never routed to"),
     trust_remote_code: bool = typer.Option(False, help="run the checkpoint's own Python code (only if you trust it)"),
 ) -> None:
     """Estimate every routed expert's Hessian trace (Hutchinson) and routing statistics."""
-    from ..calibration import load_calibration
+    from ..calibration import calibration_kind, load_calibration
     from ..models.loading import load_model, load_tokenizer
 
-    cfg = EstimatorConfig(seed=seed, max_probes=probes, min_probes=min(DEFAULTS.min_probes, probes),
-                          rel_tol=rel_tol, batch_size=batch_size)
     net, info = load_model(model, trust_remote_code=trust_remote_code)
+    calib = calib or default_calib(info.is_vlm)
+    default_samples, default_batch = DATA_DEFAULTS[calibration_kind(calib)]
+    cfg = EstimatorConfig(seed=seed, curvature=curvature, max_probes=probes,
+                          min_probes=min(DEFAULTS.min_probes, probes), rel_tol=rel_tol,
+                          batch_size=batch_size or default_batch, cover=cover)
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    data = load_calibration(calib or default_calib(info.is_vlm), tokenizer, net.config,
-                            samples=samples, seq_len=seq_len, batch_size=batch_size)
+    data = load_calibration(calib, tokenizer, net.config, samples=samples or default_samples, seq_len=seq_len,
+                            batch_size=cfg.batch_size)
     with staged_dir(out) as stage:
         report = _run(net, info, data, cfg)
         write_json(stage / "sensitivity.json", report.to_json())
         heatmap(report, stage / "sensitivity.png")
     console.print(summary_table(report))
-    console.print(f"{len(report.experts)} experts, {report.probes} probes "
-                  f"({'converged' if report.converged else 'probe cap reached'}), {report.seconds:.1f} s -> {out}/sensitivity.json")
+    added = report.calibration.coverage_samples
+    console.print(f"{len(report.experts)} experts, {report.probes} {cfg.curvature} probes "
+                  f"({'converged' if report.converged else 'probe cap reached'}), "
+                  + (f"{added} sample(s) added to reach unrouted experts, " if added else "")
+                  + f"{report.seconds:.1f} s -> {out}/sensitivity.json")
 
 
 def _run(net, info, data, cfg: EstimatorConfig) -> SensitivityReport:
@@ -84,7 +97,7 @@ def heatmap(report: SensitivityReport, path: Path) -> None:
     ax.set_yticks(range(len(layers)), [str(k) for k in layers])
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
-    ax.set_title(f"{report.model.name}: log10 Hessian trace per expert (blank: no tokens)")
+    ax.set_title(f"{report.model.name}: log10 {report.estimator.curvature} trace per expert (blank: no tokens)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
