@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="plan families to leave out (comma list), e.g. to resume")
     ap.add_argument("--out", default=str(ROOT / "docs"))
     args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     report = load_report(args.sensitivity)
     ref, _ = load_model(args.model)
@@ -146,8 +148,7 @@ def main() -> None:
             rows.append(row)
             print(f"{name:22s} {avg:.3f} {method:4s} {row['expert_mb']:.2f} MB  ppl x{row['ppl_ratio']:.4f}  "
                   f"kl {row['kl']:.4f}  top1 {row['top1']:.4f}", flush=True)
-    out = Path(args.out)
-    (out / "compare_text.json").write_text(json.dumps(rows, indent=1))
+            (out / "compare_text.json").write_text(json.dumps(rows, indent=1))  # after every row: a crash keeps them
     write_outputs(rows, out / "compare_text.md", out / "compare_text.png")
 
 
