@@ -110,7 +110,7 @@ def load_model(
 ) -> tuple[torch.nn.Module, ModelInfo]:
     """Load a checkpoint for analysis/quantization (float32 compute on CPU by default).
 
-    Eager attention is the default because the Hessian-vector products need double backward,
+    Eager attention is the default because `analyze --curvature hessian` needs double backward,
     which the CPU SDPA kernel does not provide.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
