@@ -12,14 +12,16 @@ For every routed expert e (its w1 and w2 seen as one parameter block):
     A = diag(sqrt p) - p sqrt(p)^T (A A^T = diag(p) - p p^T) and a Rademacher u in logit space,
     Tr(G_e) = E_u ||g_e||^2 where g = J^T A u / sqrt(N) is ONE vector-Jacobian product (a backward
     pass) for every expert at once. A gradient splits exactly by parameter block, so there is no
-    cross-expert noise, and a squared norm is never negative.
+    cross-expert noise, and a squared norm is never negative: an expert's estimate is > 0 once one
+    of its tokens reaches a labelled prediction.
   * ``hessian``: the exact Hessian, Tr(H_e) = E_v[v_e^T (H v)_e] for Rademacher v over all expert
     weights; ONE Hessian-vector product (double backward) per probe serves every expert, the
     off-diagonal blocks adding zero-mean noise. This is the paper's estimator; on trained models it
     is far noisier per probe, and an expert's true Hessian trace can be negative (docs/DECISIONS.md).
 
-  Each probe uses the next calibration batch, so the mean estimates E_data E_probe and its standard
-  error covers both sources of noise.
+  Probes cycle through the calibration batches; the per-batch means are combined with the batches'
+  shares of labelled tokens (``StratifiedMean``), and the standard error is that of the probes for
+  this calibration set (what a different seed changes).
 - routing statistics (sums and counts, one no-grad pass): ``tokens`` = (token, slot) assignments,
   ``routing_weight`` = sum of the router weights it received, ``layer_tokens`` = tokens its layer saw.
 - ``quant_error``: squared Frobenius RTN error at each candidate width (group size recorded).
@@ -224,33 +226,72 @@ def gauss_newton_probe(logits: torch.Tensor, params: Sequence[torch.Tensor], gen
     return [g * g if g is not None else torch.zeros_like(q) for g, q in zip(grads, params)]
 
 
-class RunningMean:
-    """Per-expert sums and sums of squares over probes: mean and standard error of the mean."""
+class StratifiedMean:
+    """Per-expert means and standard errors of probe estimates over calibration batches (strata).
 
-    def __init__(self, n: int):
-        self.count, self.sum, self.sumsq = 0, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    Batch b holds the share w_b of the labelled tokens, so the whole set's trace is sum_b w_b T_b with
+    T_b the trace for batch b's mean loss. Each T_b is estimated by the mean of that batch's probes;
+    a batch not yet probed is left out and the weights renormalized. The standard error is the
+    stratified one, sqrt(sum_b w_b^2 var_b / n_b): the calibration set is fixed and only the probes
+    are random (what a different seed changes). Until every probed batch has two probes it falls back
+    to the spread of the weighted single-probe estimates (w_b * B * x, B batches), which also counts the
+    differences between batches and so is larger.
+    """
 
-    def add(self, x: torch.Tensor) -> None:
-        self.count += 1
-        self.sum += x
-        self.sumsq += x * x
+    def __init__(self, weights: Sequence[float], n: int):
+        self.w = torch.tensor(weights, dtype=torch.float64)
+        self.w = self.w / self.w.sum()
+        b = len(weights)
+        self.n = torch.zeros(b, dtype=torch.long)
+        self.sum, self.sumsq = torch.zeros(b, n, dtype=torch.float64), torch.zeros(b, n, dtype=torch.float64)
+        self.pooled_sum, self.pooled_sumsq = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+
+    def add(self, batch: int, x: torch.Tensor) -> None:
+        x = x.double()
+        self.n[batch] += 1
+        self.sum[batch] += x
+        self.sumsq[batch] += x * x
+        y = x * self.w[batch] * len(self.w)
+        self.pooled_sum += y
+        self.pooled_sumsq += y * y
+
+    @property
+    def count(self) -> int:
+        return int(self.n.sum())
+
+    @property
+    def all_seen(self) -> bool:
+        return bool((self.n > 0).all())
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.sum / max(self.count, 1)
+        seen = self.n > 0
+        if not bool(seen.any()):
+            return torch.zeros(self.sum.shape[1], dtype=torch.float64)
+        w = self.w[seen] / self.w[seen].sum()
+        return (w[:, None] * self.sum[seen] / self.n[seen, None]).sum(0)
 
     @property
     def stderr(self) -> torch.Tensor:
-        if self.count < 2:
-            return torch.full_like(self.sum, math.inf)
-        var = (self.sumsq - self.count * self.mean ** 2).clamp_min(0) / (self.count - 1)
-        return (var / self.count).sqrt()
+        seen = self.n > 0
+        k = self.count
+        if k < 2:
+            return torch.full_like(self.pooled_sum, math.inf)
+        if bool((self.n[seen] >= 2).all()):
+            n = self.n[seen, None].double()
+            means = self.sum[seen] / n
+            var = ((self.sumsq[seen] - n * means ** 2).clamp_min(0) / (n - 1))
+            w = self.w[seen] / self.w[seen].sum()
+            return ((w[:, None] ** 2) * var / n).sum(0).sqrt()
+        mean = self.pooled_sum / k
+        return ((self.pooled_sumsq - k * mean ** 2).clamp_min(0) / (k - 1) / k).sqrt()
 
     def worst_rel(self, active: torch.Tensor) -> float:
-        """Largest stderr/|mean| among `active` experts (inactive ones have an exact 0 trace)."""
+        """Largest stderr/|mean| among `active` experts; an active expert still at 0 counts as infinite."""
         if not bool(active.any()):
             return 0.0
-        rel = self.stderr[active] / self.mean[active].abs().clamp_min(1e-30)
+        mean, err = self.mean[active].abs(), self.stderr[active]
+        rel = torch.where(mean > 0, err / mean.clamp_min(1e-300), torch.full_like(mean, math.inf))
         return float(rel.max())
 
 
@@ -300,25 +341,25 @@ def curvature_probe(model: nn.Module, slots: ExpertSlots, batch: dict, curvature
 
 
 def hessian_traces(model: nn.Module, slots: ExpertSlots, batches: Sequence[dict], cfg: EstimatorConfig,
-                   active: torch.Tensor, on_probe: ProbeCallback | None = None) -> RunningMean:
+                   active: torch.Tensor, on_probe: ProbeCallback | None = None) -> StratifiedMean:
     """Hutchinson over probes, batch i % len(batches) for probe i, until rel_tol or max_probes.
 
-    A probe's estimate is for its batch's mean loss; scaling it by the batch's share of the labelled
-    tokens (times the batch count) makes the average over a cycle the trace for the whole set's mean
-    loss, however unequal the batches (a short last batch, coverage samples, VQA answer lengths).
+    Batches are weighted by their labelled tokens (``StratifiedMean``), so unequal batches (a short
+    last one, coverage samples, VQA answers of different lengths) still give the whole set's trace.
+    The run stops early only once every batch has been probed, at least min_probes were done, and
+    every active expert's relative standard error is under rel_tol.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
-    stats = RunningMean(slots.count)
     labelled = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
-    scale = [n * len(batches) / max(sum(labelled), 1) for n in labelled]
+    stats = StratifiedMean(labelled, slots.count)
     with _ExpertGrad(model, slots.params):
         for i in range(cfg.max_probes):
             b = i % len(batches)
-            stats.add(scale[b] * curvature_probe(model, slots, batches[b], cfg.curvature, gen))
+            stats.add(b, curvature_probe(model, slots, batches[b], cfg.curvature, gen))
             worst = stats.worst_rel(active)
             if on_probe:
                 on_probe(i + 1, worst)
-            if stats.count >= max(cfg.min_probes, 2) and worst < cfg.rel_tol:
+            if stats.all_seen and stats.count >= max(cfg.min_probes, 2) and worst < cfg.rel_tol:
                 break
     return stats
 
@@ -327,11 +368,11 @@ def weight_norm_traces(slots: ExpertSlots, probes: int, seed: int) -> torch.Tens
     """Hutchinson estimate of Tr Hess ||W_e||_F per expert (closed form (n-1)/||W_e||), no data."""
     gen = torch.Generator().manual_seed(seed + 1)
     leaves = [p.detach().float().clone().requires_grad_(True) for p in slots.params]
-    stats = RunningMean(slots.count)
+    stats = StratifiedMean([1.0], slots.count)
     for _ in range(probes):
         # experts are separate blocks, so the Hessian of the sum of norms is block-diagonal
         loss = slots.reduce([w * w for w in leaves]).sqrt().sum()
-        stats.add(slots.reduce(hutchinson_probe(loss, leaves, gen)))
+        stats.add(0, slots.reduce(hutchinson_probe(loss, leaves, gen)))
     return stats.mean
 
 
@@ -380,14 +421,26 @@ class _Reached(Exception):
     """Raised from a routing hook: the deepest layer that still needs coverage has been routed."""
 
 
+def loss_reaching_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, T] bool: real tokens at or before the row's last labelled prediction (later ones, like a
+    window's last token or an answer's end, cannot change the loss, so they measure nothing)."""
+    labelled = batch["labels"][:, 1:] != IGNORE  # position t predicts token t + 1
+    t = torch.arange(batch["input_ids"].shape[1])
+    last = torch.where(labelled.any(1), (labelled * torch.arange(labelled.shape[1])).max(1).values, -1)
+    keep = t[None, :] <= last[:, None]
+    mask = batch.get("attention_mask")
+    return keep & mask.bool() if mask is not None else keep
+
+
 @torch.no_grad()
 def cover_experts(model: nn.Module, layers: Sequence[MoELayer], calib: CalibrationSet,
                   stats: RoutingStats) -> tuple[CalibrationSet, RoutingStats]:
     """Add spare calibration samples that route tokens to experts the chosen samples never reached.
 
     Scans the spare pool in order (routing only: each forward stops at the deepest layer with an
-    uncovered expert) and adds, per uncovered expert, the first sample that reaches it. Returns the
-    extended set and routing statistics that include the added samples.
+    uncovered expert) and adds, per uncovered expert, the first sample that routes it a token that
+    can reach the loss (``loss_reaching_positions``). Returns the extended set and routing statistics
+    that include the added samples.
     """
     offsets = np.cumsum([0] + [layer.num_experts for layer in layers])
     missing = set((stats.tokens == 0).nonzero().flatten().tolist())
@@ -399,10 +452,10 @@ def cover_experts(model: nn.Module, layers: Sequence[MoELayer], calib: Calibrati
     def hook_for(li: int):
         def callback(hidden, top_k_index, top_k_weights):
             rows = torch.arange(top_k_index.shape[0]) // state["seq"]
-            mask = state["mask"]
+            keep = state["keep"]
             idx = top_k_index.long() + int(offsets[li])
-            if mask is not None and mask.numel() == idx.shape[0]:
-                idx, rows = idx[mask], rows[mask]
+            if keep.numel() == idx.shape[0]:
+                idx, rows = idx[keep], rows[keep]
             for e in missing - found.keys():
                 hit = (idx == e).any(1)
                 if bool(hit.any()):
@@ -417,8 +470,7 @@ def cover_experts(model: nn.Module, layers: Sequence[MoELayer], calib: Calibrati
             left = missing - found.keys()
             if not left:
                 break
-            mask = batch.get("attention_mask")
-            state.update(ids=ids, seq=batch["input_ids"].shape[1], mask=None if mask is None else mask.flatten().bool(),
+            state.update(ids=ids, seq=batch["input_ids"].shape[1], keep=loss_reaching_positions(batch).flatten(),
                          deepest=max(int(np.searchsorted(offsets, e, side="right")) - 1 for e in left))
             try:
                 model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
@@ -451,7 +503,7 @@ def quant_errors(layer: MoELayer, bits: Sequence[int], group_size: int) -> list[
 
 
 # -- the stage ------------------------------------------------------------------------------------
-def _records(layers, stats: RoutingStats, traces: RunningMean, norm_traces, errors) -> tuple[ExpertSensitivity, ...]:
+def _records(layers, stats: RoutingStats, traces: StratifiedMean, norm_traces, errors) -> tuple[ExpertSensitivity, ...]:
     out, i = [], 0
     mean, stderr = traces.mean, traces.stderr
     for layer in layers:

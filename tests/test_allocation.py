@@ -73,6 +73,11 @@ def test_kmeans_dp_is_optimal(values, k):
     assert (np.diff(labels[order]) >= 0).all()
 
 
+def test_kmeans_clusters_raw_traces():
+    """As the paper: near-zero experts share the lowest cluster (on a log scale they would take two)."""
+    assert allocation.cluster_widths(np.array([1e-6, 1e-3, 5.0, 6.0, 10.0]), (2, 3, 4)).tolist() == [2, 2, 3, 3, 4]
+
+
 def test_kmeans_with_fewer_distinct_values_than_widths():
     assert allocation.cluster_widths(np.array([1.0, 1.0, 1.0]), (2, 3, 4)).tolist() == [3, 3, 3]
     assert allocation.cluster_widths(np.array([1.0, 5.0, 1.0]), (2, 3, 4)).tolist() == [2, 4, 2]

@@ -124,7 +124,8 @@ def test_analyze_bad_input(tiny_dir, text_file, tmp_path, monkeypatch, capsys):
              (("--model", tiny_dir, "--calib", empty), "is empty"),
              (("--model", tiny_dir, "--calib", text_file, "--seq-len", "100000"), "fewer than one window"),
              (("--model", tiny_dir, "--calib", text_file, "--rel-tol", "0"), "--rel-tol"),
-             (("--model", tiny_dir, "--calib", text_file, "--curvature", "newton"), "unknown --curvature")]
+             (("--model", tiny_dir, "--calib", text_file, "--curvature", "newton"), "unknown --curvature"),
+             (("--model", tiny_dir, "--calib", text_file, "--samples", "0"), "--samples")]
     for args, fragment in cases:
         out = tmp_path / "out"
         code, err = run(monkeypatch, capsys, "analyze", *ANALYZE_FAST, *args, "--out", out)

@@ -99,10 +99,10 @@ def test_hutchinson_matches_exact_trace_of_coupled_quadratic():
     blocks = [range(0, 6), range(6, 12), range(12, 18), range(18, 22), range(22, 27)]
     exact = torch.stack([torch.diagonal(A)[list(r)].sum() for r in blocks])
     gen = torch.Generator().manual_seed(1)
-    stats = sens.RunningMean(5)
+    stats = sens.StratifiedMean([1.0], 5)
     for _ in range(1000):
         x = torch.cat([p.flatten() for p in (fused, a, b)]).double()
-        stats.add(slots.reduce(sens.hutchinson_probe(0.5 * x @ A @ x, (fused, a, b), gen)).detach())
+        stats.add(0, slots.reduce(sens.hutchinson_probe(0.5 * x @ A @ x, (fused, a, b), gen)).detach())
     assert bool(((stats.mean - exact).abs() <= 4 * stats.stderr).all()), (stats.mean, exact)
     assert float((stats.stderr / exact).max()) < 0.05  # tight enough to catch a wrong block split
 
@@ -166,7 +166,7 @@ def test_gauss_newton_mean_matches_exact_trace_over_unequal_batches():
     """Two batches with different numbers of labelled tokens: the cycle average is the whole set's trace."""
     model = micro_mixtral()
     short = text_batch(vocab=32, batch=2, seq=8, seed=1)
-    short["labels"][:, :5] = -100  # 2 * 3 - 2 labelled predictions vs 14 in the other batch
+    short["labels"][:, :5] = -100  # 2 * 3 labelled predictions vs 14 in the other batch
     batches = [text_batch(vocab=32, batch=2, seq=8), short]
     diag, (gu, dn) = exact_gauss_newton_diag(model, batches)
     exact = _per_expert(diag, gu, dn)
@@ -177,15 +177,25 @@ def test_gauss_newton_mean_matches_exact_trace_over_unequal_batches():
     assert float((stats.stderr / exact).max()) < 0.1  # tight enough to catch a wrong scale or batch weighting
 
 
-def test_gauss_newton_estimates_are_positive_where_the_hessian_is_not():
-    """Gauss-Newton probe sums are squared norms: > 0 for every probe of every routed expert."""
-    model = tm.olmoe()
-    slots = expert_slots(find_moe_layers(model))
-    gen = torch.Generator().manual_seed(0)
-    with sens._ExpertGrad(model, slots.params):
-        for seed in range(4):
-            est = sens.curvature_probe(model, slots, text_batch(seed=seed), "gauss-newton", gen)
-            assert bool((est > 0).all()), est
+def test_stratified_mean_weights_batches_by_tokens_and_reports_probe_noise():
+    stats = sens.StratifiedMean([3, 1], 2)  # batch 0 holds 3/4 of the labelled tokens
+    for x in ([1.0, 0.0], [3.0, 0.0]):
+        stats.add(0, torch.tensor(x))
+    assert stats.mean.tolist() == [2.0, 0.0] and not stats.all_seen  # batch 1 not probed: left out
+    stats.add(1, torch.tensor([10.0, 4.0]))
+    # batch 1 has one probe: no within-batch variance yet -> the pooled spread of w_b * B * x
+    pooled = torch.tensor([1.0 * 0.75 * 2, 3.0 * 0.75 * 2, 10.0 * 0.25 * 2], dtype=torch.float64)
+    torch.testing.assert_close(stats.stderr[0], pooled.std() / 3 ** 0.5)
+    stats.add(1, torch.tensor([14.0, 4.0]))
+    torch.testing.assert_close(stats.mean, torch.tensor([0.75 * 2 + 0.25 * 12, 0.25 * 4], dtype=torch.float64))
+    # stratified: sqrt(sum w_b^2 var_b / n_b), var_0 = 2, var_1 = 8 (expert 0); expert 1 has no probe noise
+    torch.testing.assert_close(stats.stderr, torch.tensor([(0.75 ** 2 * 2 / 2 + 0.25 ** 2 * 8 / 2) ** 0.5, 0.0],
+                                                           dtype=torch.float64))
+    assert stats.worst_rel(torch.tensor([False, True])) == 0.0
+    zero = sens.StratifiedMean([1], 2)
+    for _ in range(3):
+        zero.add(0, torch.tensor([1.0, 0.0]))
+    assert zero.worst_rel(torch.tensor([True, True])) == float("inf")  # an active expert at 0 is not converged
 
 
 @pytest.mark.parametrize("build", [tm.mixtral, tm.modulelist_moe])
@@ -221,6 +231,10 @@ def test_probes_stop_early_when_tolerance_met():
     model = tm.olmoe()
     report = analyze(model, INFO, calib([text_batch()]), EstimatorConfig(max_probes=50, min_probes=3, rel_tol=1e6))
     assert report.probes == 3 and report.converged
+    # never before every batch has been probed: the estimate is for the whole calibration set
+    batches = [text_batch(seed=s) for s in range(5)]
+    report = analyze(model, INFO, calib(batches), EstimatorConfig(max_probes=50, min_probes=3, rel_tol=1e6))
+    assert report.probes == 5 and report.converged
 
 
 def test_routing_sums_and_counts_are_consistent():
@@ -314,6 +328,46 @@ def test_coverage_adds_the_first_spare_sample_that_reaches_an_unrouted_expert():
     # the scan of spare windows 2 and 3 stopped at layer 0: layer 1 routed only the chosen and the added batch
     # (routing statistics, then one forward per probe)
     assert len(deeper_calls) == 1 + 1 + 4
+
+
+def test_coverage_ignores_padding_and_tokens_after_the_last_prediction():
+    """Spare batches of two samples: RARE in (left) padding (sample 2) or at a window's last position
+    (sample 3) cannot change the loss and is skipped; sample 4 reaches the loss and is the one added."""
+    from mopeq_export.calibration import SparePool
+
+    model = tm.modulelist_moe()
+    _route_expert_zero_only_for(model)
+    windows = _windows({2: 3, 3: 15, 4: 5})
+    first = torch.zeros(len(windows), 1, dtype=torch.long)
+    first[2] = 6  # sample 2: positions 0..5 are padding
+
+    def batch(idx):
+        mask = (torch.arange(16)[None] >= first[idx]).long()
+        ids = windows[idx]  # padding positions keep their ids: a router may send padding anywhere
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    spare = SparePool((2, 3, 4, 5), batch, lambda idx: len(idx) * 16)
+    info = CalibrationInfo("/calib", "h" * 64, "text", 2, 16, 32)
+    report = analyze(model, INFO, CalibrationSet(info, [batch([0, 1])], spare, 2),
+                     EstimatorConfig(max_probes=4, min_probes=4))
+    rare = next(e for e in report.experts if e.layer == 0 and e.expert == 0)
+    assert report.calibration.coverage_samples == 1 and rare.tokens == 1 and rare.hessian_trace > 0
+    assert all(e.layer_tokens == 32 + 16 for e in report.experts)  # sample 4 was added, not 2 or 3
+
+
+def test_early_stop_waits_for_every_batch_including_coverage():
+    """Five batches, min_probes 2 and a tolerance met at once: the run still probes all five, so the
+    expert only the last (coverage) batch reaches gets its measured, positive trace."""
+    model = tm.modulelist_moe()
+    _route_expert_zero_only_for(model)
+    windows = _windows({6: 4}, n=8)
+    data = _set_with_spare(windows, [0], batch_size=1)
+    data.batches = [data.spare.collate([i]) for i in range(4)]
+    data.spare = type(data.spare)((5, 6, 7), data.spare.collate, data.spare.tokens)
+    report = analyze(model, INFO, data, EstimatorConfig(max_probes=50, min_probes=2, rel_tol=1e6))
+    rare = next(e for e in report.experts if e.layer == 0 and e.expert == 0)
+    assert report.calibration.coverage_samples == 1 and report.probes == 5 and report.converged
+    assert rare.tokens == 1 and rare.hessian_trace > 0
 
 
 def test_coverage_off_or_unreachable_leaves_the_expert_flagged():

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..cli import app, console, default_calib
+from ..errors import MopeqError
 from ..fsutil import staged_dir, write_json
 from ..sensitivity import DATA_DEFAULTS, TEXT_SEQ_LEN, EstimatorConfig, SensitivityReport, analyze as run_analysis
 
@@ -39,17 +40,19 @@ def analyze(
 ) -> None:
     """Estimate every routed expert's Hessian trace (Hutchinson) and routing statistics."""
     from ..calibration import calibration_kind, load_calibration
-    from ..models.loading import load_model, load_tokenizer
+    from ..models.loading import load_model, load_tokenizer, model_info
 
-    net, info = load_model(model, trust_remote_code=trust_remote_code)
-    calib = calib or default_calib(info.is_vlm)
+    calib = calib or default_calib(model_info(model).is_vlm)  # settings are checked before the model loads
     default_samples, default_batch = DATA_DEFAULTS[calibration_kind(calib)]
+    samples = default_samples if samples is None else samples
+    if samples < 1 or (batch_size is not None and batch_size < 1):
+        raise MopeqError("--samples and --batch-size must be >= 1")
     cfg = EstimatorConfig(seed=seed, curvature=curvature, max_probes=probes,
                           min_probes=min(DEFAULTS.min_probes, probes), rel_tol=rel_tol,
-                          batch_size=batch_size or default_batch, cover=cover)
+                          batch_size=default_batch if batch_size is None else batch_size, cover=cover)
+    net, info = load_model(model, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    data = load_calibration(calib, tokenizer, net.config, samples=samples or default_samples, seq_len=seq_len,
-                            batch_size=cfg.batch_size)
+    data = load_calibration(calib, tokenizer, net.config, samples=samples, seq_len=seq_len, batch_size=cfg.batch_size)
     with staged_dir(out) as stage:
         report = _run(net, info, data, cfg)
         write_json(stage / "sensitivity.json", report.to_json())
