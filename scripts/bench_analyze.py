@@ -40,7 +40,7 @@ def traces(rec: dict) -> list[float]:
 
 def main(model: str = "../shared/models/text-moe", calib: str = "../shared/data/text_calib.txt",
          baseline: bool = typer.Option(True, help="also run the exact-Hessian baseline"),
-         probe_counts: str = "4,8,16") -> None:
+         probe_counts: str = "8,16,32") -> None:
     console = Console(width=150)
     curvatures = ["gauss-newton"] + (["hessian"] if baseline else [])
     with tempfile.TemporaryDirectory() as tmp:
