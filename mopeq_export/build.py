@@ -131,27 +131,27 @@ def _seed(seed: int) -> None:
     np.random.seed(seed)
 
 
-def _analysis_settings(cfg: BuildConfig, calib: Path) -> tuple[object, dict]:
-    """The estimator settings and calibration sizes of the analyze stage (also its cache key)."""
+def _analysis_settings(cfg: BuildConfig, calib: Path) -> dict:
+    """Everything the analyze stage's output depends on besides the model and data: its cache key."""
     from .calibration import calibration_kind
     from .sensitivity import DATA_DEFAULTS, SCHEMA_VERSION, TEXT_SEQ_LEN, EstimatorConfig
 
     samples, batch_size = DATA_DEFAULTS[calibration_kind(calib)]
-    est = EstimatorConfig(seed=cfg.seed, max_probes=cfg.probes, min_probes=min(8, cfg.probes),
+    est = EstimatorConfig(seed=cfg.seed, max_probes=cfg.probes, min_probes=min(EstimatorConfig.min_probes, cfg.probes),
                           batch_size=batch_size, group_size=cfg.group_size)
-    return est, {"schema": SCHEMA_VERSION, "estimator": est.to_json(), "samples": samples, "seq_len": TEXT_SEQ_LEN}
+    return {"schema": SCHEMA_VERSION, "estimator": est.to_json(), "samples": samples, "seq_len": TEXT_SEQ_LEN}
 
 
-def _analyze(cfg: BuildConfig, calib: Path, st: Path) -> None:
+def _analyze(cfg: BuildConfig, settings: dict, calib: Path, st: Path) -> None:
     from .calibration import load_calibration
     from .models.loading import load_model, load_tokenizer
-    from .sensitivity import analyze
+    from .sensitivity import EstimatorConfig, analyze
 
     _seed(cfg.seed)
-    est, data_cfg = _analysis_settings(cfg, calib)
+    est = EstimatorConfig.from_json(settings["estimator"])
     net, info = load_model(cfg.model)
-    data = load_calibration(calib, load_tokenizer(cfg.model), net.config, samples=data_cfg["samples"],
-                            seq_len=data_cfg["seq_len"], batch_size=est.batch_size)
+    data = load_calibration(calib, load_tokenizer(cfg.model), net.config, samples=settings["samples"],
+                            seq_len=settings["seq_len"], batch_size=est.batch_size)
     write_json(st / "sensitivity.json", analyze(net, info, data, est).to_json())
 
 
@@ -225,8 +225,9 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
             plan_dir, plan_key = cache.get("plan", {**base, "plan_file": sha256_file(cfg.plan)},
                                            lambda st: shutil.copyfile(cfg.plan, st / "plan.json"))
         else:
-            sens_dir, sens_key = cache.get("analyze", {**base, **_analysis_settings(cfg, calib)[1]},
-                                           lambda st: _analyze(cfg, calib, st))
+            settings = _analysis_settings(cfg, calib)
+            sens_dir, sens_key = cache.get("analyze", {**base, **settings},
+                                           lambda st: _analyze(cfg, settings, calib, st))
             plan_dir, plan_key = cache.get("plan", {"analyze": sens_key, "avg_bits": avg_bits},
                                            lambda st: _plan(sens_dir / "sensitivity.json", avg_bits, st))
         plan_path = plan_dir / "plan.json"

@@ -83,8 +83,19 @@ class CalibrationSet:
         info = replace(self.info, samples=self.info.samples + len(ids),
                        tokens=self.info.tokens + self.spare.tokens(ids),
                        coverage_samples=self.info.coverage_samples + len(ids))
-        rest = SparePool(tuple(i for i in self.spare.ids if i not in set(ids)), self.spare.collate, self.spare.tokens)
+        taken = set(ids)
+        rest = SparePool(tuple(i for i in self.spare.ids if i not in taken), self.spare.collate, self.spare.tokens)
         return CalibrationSet(info, self.batches + [self.spare.collate(c) for c in chunks], rest, self.batch_size)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A calibration batch without its labels: what the model's forward takes."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def labelled_predictions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, T-1] bool: position t's logits predict token t + 1, which carries a label."""
+    return batch["labels"][:, 1:] != IGNORE
 
 
 def vqa_format_for(config) -> VQAFormat:
@@ -212,6 +223,12 @@ def load_vqa(path: Path, tokenizer, config, samples: int, batch_size: int) -> Ca
     return CalibrationSet(info, batches, spare, batch_size)
 
 
+def check_sizes(samples: int, seq_len: int, batch_size: int) -> None:
+    """The sample count, text window length and batch size a calibration set can be built with."""
+    if samples < 1 or seq_len < 2 or batch_size < 1:
+        raise MopeqError("--samples and --batch-size must be >= 1 and --seq-len >= 2")
+
+
 def calibration_kind(path: str | Path) -> str:
     """"vqa" for an .npz or a folder (image-text), else "text"."""
     path = Path(path)
@@ -224,8 +241,7 @@ def load_calibration(path: str | Path, tokenizer, config, *, samples: int = 32, 
     path = Path(path)
     if not path.exists():
         raise MopeqError(f"calibration data not found: {path}")
-    if samples < 1 or seq_len < 2 or batch_size < 1:
-        raise MopeqError("--samples and --batch-size must be >= 1 and --seq-len >= 2")
+    check_sizes(samples, seq_len, batch_size)
     is_vlm = getattr(config, "vision_config", None) is not None
     if calibration_kind(path) == "vqa":
         if not is_vlm:

@@ -46,9 +46,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibration import IGNORE, CalibrationInfo, CalibrationSet
+from .calibration import CalibrationInfo, CalibrationSet, labelled_predictions, model_inputs
 from .errors import MopeqError
-from .models.adapters import MoELayer, find_moe_layers
+from .models.adapters import MoELayer, StopForward, find_moe_layers, forward_until_stopped
 from .models.loading import ModelInfo
 from .quantize.primitives import check_width, rtn
 
@@ -297,10 +297,9 @@ class StratifiedMean:
 
 def labelled_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, V] (float32) predicting the N labelled tokens, and those labels [N]."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1]
     labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
+    keep = labelled_predictions(batch)
     if not bool(keep.any()):
         raise MopeqError("a calibration batch has no labelled token; the loss (and its Hessian) would be empty")
     return logits[keep].float(), labels[keep]
@@ -350,7 +349,7 @@ def hessian_traces(model: nn.Module, slots: ExpertSlots, batches: Sequence[dict]
     every active expert's relative standard error is under rel_tol.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
-    labelled = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
+    labelled = [int(labelled_predictions(b).sum()) for b in batches]
     stats = StratifiedMean(labelled, slots.count)
     with _ExpertGrad(model, slots.params):
         for i in range(cfg.max_probes):
@@ -410,21 +409,17 @@ def routing_stats(model: nn.Module, layers: Sequence[MoELayer], batches: Sequenc
         for batch in batches:
             mask = batch.get("attention_mask")
             stats.mask = mask.flatten().bool() if mask is not None else None
-            model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
+            model(**model_inputs(batch), use_cache=False)
     finally:
         for h in handles:
             h.remove()
     return stats
 
 
-class _Reached(Exception):
-    """Raised from a routing hook: the deepest layer that still needs coverage has been routed."""
-
-
 def loss_reaching_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B, T] bool: real tokens at or before the row's last labelled prediction (later ones, like a
     window's last token or an answer's end, cannot change the loss, so they measure nothing)."""
-    labelled = batch["labels"][:, 1:] != IGNORE  # position t predicts token t + 1
+    labelled = labelled_predictions(batch)
     t = torch.arange(batch["input_ids"].shape[1])
     last = torch.where(labelled.any(1), (labelled * torch.arange(labelled.shape[1])).max(1).values, -1)
     keep = t[None, :] <= last[:, None]
@@ -461,7 +456,7 @@ def cover_experts(model: nn.Module, layers: Sequence[MoELayer], calib: Calibrati
                 if bool(hit.any()):
                     found[e] = state["ids"][int(rows[hit][0])]
             if li == state["deepest"]:
-                raise _Reached
+                raise StopForward  # the deepest layer that still needs coverage has been routed
         return callback
 
     handles = [layer.register_routing_hook(hook_for(li)) for li, layer in enumerate(layers)]
@@ -472,10 +467,7 @@ def cover_experts(model: nn.Module, layers: Sequence[MoELayer], calib: Calibrati
                 break
             state.update(ids=ids, seq=batch["input_ids"].shape[1], keep=loss_reaching_positions(batch).flatten(),
                          deepest=max(int(np.searchsorted(offsets, e, side="right")) - 1 for e in left))
-            try:
-                model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
-            except _Reached:
-                pass
+            forward_until_stopped(model, model_inputs(batch))
     finally:
         for h in handles:
             h.remove()

@@ -11,7 +11,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..cli import app, console, default_calib
-from ..errors import MopeqError
 from ..fsutil import staged_dir, write_json
 from ..sensitivity import DATA_DEFAULTS, TEXT_SEQ_LEN, EstimatorConfig, SensitivityReport, analyze as run_analysis
 
@@ -39,17 +38,16 @@ def analyze(
     trust_remote_code: bool = typer.Option(False, help="run the checkpoint's own Python code (only if you trust it)"),
 ) -> None:
     """Estimate every routed expert's Hessian trace (Hutchinson) and routing statistics."""
-    from ..calibration import calibration_kind, load_calibration
+    from ..calibration import calibration_kind, check_sizes, load_calibration
     from ..models.loading import load_model, load_tokenizer, model_info
 
     calib = calib or default_calib(model_info(model).is_vlm)  # settings are checked before the model loads
     default_samples, default_batch = DATA_DEFAULTS[calibration_kind(calib)]
     samples = default_samples if samples is None else samples
-    if samples < 1 or (batch_size is not None and batch_size < 1):
-        raise MopeqError("--samples and --batch-size must be >= 1")
+    batch_size = default_batch if batch_size is None else batch_size
+    check_sizes(samples, seq_len, batch_size)
     cfg = EstimatorConfig(seed=seed, curvature=curvature, max_probes=probes,
-                          min_probes=min(DEFAULTS.min_probes, probes), rel_tol=rel_tol,
-                          batch_size=default_batch if batch_size is None else batch_size, cover=cover)
+                          min_probes=min(DEFAULTS.min_probes, probes), rel_tol=rel_tol, batch_size=batch_size, cover=cover)
     net, info = load_model(model, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
     data = load_calibration(calib, tokenizer, net.config, samples=samples, seq_len=seq_len, batch_size=cfg.batch_size)

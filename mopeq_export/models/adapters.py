@@ -116,6 +116,18 @@ class MoELayer:
         return _register_gate_hook(self, callback)
 
 
+class StopForward(Exception):
+    """Raised by a routing hook when nothing after its layer needs computing."""
+
+
+def forward_until_stopped(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
+    """Run the model on `inputs` for its hooks' sake; a hook raising StopForward ends the pass early."""
+    try:
+        model(**inputs, use_cache=False)
+    except StopForward:
+        pass
+
+
 def _register_gate_hook(layer: MoELayer, callback: RoutingCallback):
     """ModuleList blocks route inside their forward; observe the gate's input and output instead."""
     gate = getattr(layer.block, "gate", None)

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..calibration import CalibrationSet
+from ..calibration import CalibrationSet, model_inputs
 from ..errors import MopeqError
-from ..models.adapters import MoELayer
+from ..models.adapters import MoELayer, StopForward, forward_until_stopped
 from .gptq import GPTQConfig, Gram, gptq
 from .primitives import QuantizedMatrix, check_width, rtn
 
@@ -52,14 +52,6 @@ class ExpertResult:
         return d
 
 
-class _Stop(Exception):
-    """Raised by the capture hook: nothing after the observed layer needs computing."""
-
-
-def _model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
 def capture_layer_inputs(model, layer: MoELayer, calib: CalibrationSet):
     """Hidden states [N, H] entering the layer's experts, their top-k indices and weights [N, k] (no padding)."""
     hidden, indices, weights, state = [], [], [], {}
@@ -69,17 +61,14 @@ def capture_layer_inputs(model, layer: MoELayer, calib: CalibrationSet):
         hidden.append(x.detach().reshape(-1, x.shape[-1])[keep].float())
         indices.append(idx.detach().reshape(x.shape[0], -1)[keep])
         weights.append(w.detach().reshape(x.shape[0], -1)[keep].float())
-        raise _Stop
+        raise StopForward  # nothing after the observed layer needs computing
 
     handle = layer.register_routing_hook(hook)
     try:
         with torch.no_grad():
             for batch in calib.batches:
                 state["mask"] = batch.get("attention_mask")
-                try:
-                    model(**_model_inputs(batch))
-                except _Stop:
-                    pass
+                forward_until_stopped(model, model_inputs(batch))
     finally:
         handle.remove()
     return torch.cat(hidden), torch.cat(indices), torch.cat(weights)
