@@ -18,7 +18,7 @@ from mopeq_export.quantize.packing import LAYOUT_VERSION
 from mopeq_export.quantize.reference import PackedLinear
 from mopeq_export.targets import Target, get_target
 
-from . import decoder, finalize, onnx_op, torch_op, vlm
+from . import decoder, finalize, onnx_op, patches, torch_op, vlm
 
 EXPORT_SCHEMA_VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -61,16 +61,17 @@ def dequantize_dense(model: nn.Module, dtype: torch.dtype) -> int:
 def _export_all(model: nn.Module, is_vlm: bool, target: Target, stage: Path, translations, say: Progress) -> dict:
     dtype = DTYPES[target.activation_dtype]
     graphs = {}
+    shape = decoder.DecoderShape.of(model, is_vlm, dtype)
     say("decoder")
-    graphs["decoder"] = _save(decoder.export_decoder(model, is_vlm, dtype, target.opset, translations),
-                              stage / "decoder.onnx", target)
+    with patches.real_rope(model):
+        program = decoder.export_decoder(model, is_vlm, dtype, target.opset, shape, translations)
+    graphs["decoder"] = _save(program, stage / "decoder.onnx", target)
     if is_vlm:
         say("embed")
         graphs["embed"] = _save(vlm.export_embed(model, target.opset), stage / "embed.onnx", target)
         say("vision")
         graphs["vision"] = _save(vlm.export_vision(model, dtype, target.opset), stage / "vision.onnx", target,
                                  vision=True)
-    shape = decoder.DecoderShape.of(decoder.text_config(model))
     record = {
         "schema_version": EXPORT_SCHEMA_VERSION,
         "target": target.to_json(),
@@ -79,7 +80,7 @@ def _export_all(model: nn.Module, is_vlm: bool, target: Target, stage: Path, tra
         "ir_version": target.ir_version,
         "custom_op": {"domain": onnx_op.DOMAIN, "op_type": onnx_op.OP_TYPE, "version": onnx_op.OP_VERSION,
                       "layout_version": LAYOUT_VERSION, "fallback": "model-local ONNX function"},
-        "model": {**shape.__dict__, "is_vlm": is_vlm,
+        "model": {**shape.to_json(), "is_vlm": is_vlm,
                   "bos_token_id": decoder.text_config(model).bos_token_id,
                   "eos_token_id": decoder.text_config(model).eos_token_id},
         "graphs": graphs,
@@ -90,17 +91,22 @@ def _export_all(model: nn.Module, is_vlm: bool, target: Target, stage: Path, tra
 
 
 def export_quantized(qdir: str | Path, target: str | Target, out: str | Path, model_dir: str | Path | None = None,
-                     say: Progress = lambda s: None) -> dict:
-    """QDIR (from `quantize`) -> ODIR with the custom-op graph(s) for `target`."""
+                     say: Progress = lambda s: None, trust_remote_code: bool = False) -> dict:
+    """QDIR (from `quantize`) -> ODIR with the custom-op graph(s) for `target`.
+
+    The model is the skeleton with the packed experts and only its other weights loaded, in the target's
+    dtype (`load_quantized`): no float copy of the experts is ever made."""
     from mopeq_export.quantize.loader import load_quantized
 
     target = get_target(target) if isinstance(target, str) else target
     dtype = DTYPES[target.activation_dtype]
     qrecord = read_json(Path(qdir) / "quantized.json", "quantized checkpoint record")
-    say("loading")
-    model = load_quantized(qdir, model_dir, dtype=dtype)
-    dense = dequantize_dense(model, dtype)
     is_vlm = bool(qrecord["model"].get("is_vlm"))
+    say("loading")
+    model = load_quantized(qdir, model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    if is_vlm:
+        vlm.check_supported(model)
+    dense = dequantize_dense(model, dtype)
     with staged_dir(out) as stage, torch_op.exporting(model) as n_layers:
         record = _export_all(model, is_vlm, target, stage, onnx_op.TRANSLATIONS, say)
         record["quantized"] = {"path": str(Path(qdir).resolve()), "model": qrecord["model"],

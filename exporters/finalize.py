@@ -94,10 +94,22 @@ def add_fallback_function(model: ir.Model, opset: int) -> bool:
     return True
 
 
+def strip_provenance(model: ir.Model) -> None:
+    """Exporter stack traces and doc strings name files of the build machine: the shipped file has none."""
+    for g in [model.graph, *model.functions.values()]:
+        for node in g:
+            node.metadata_props.clear()
+            node.doc_string = None
+        g.doc_string = None
+    model.doc_string = None
+    model.metadata_props.clear()
+
+
 def finalize(model: ir.Model, path: Path, ir_version: int, opset: int) -> None:
     rename_nodes(model.graph)
     rename_initializers(model.graph)
     add_fallback_function(model, opset)
+    strip_provenance(model)
     model.ir_version = ir_version
     model.producer_name = "mopeq-export"
     ir.save(model, path, external_data=f"{path.name}.data")

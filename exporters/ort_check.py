@@ -46,8 +46,8 @@ class Exported:
         return self._sessions[graph]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        s = self.shape
-        return [np.zeros((batch, s["kv_heads"], 0, s["head_dim"]), self.dtype) for _ in range(2 * s["num_layers"])]
+        return [np.zeros((batch, h, 0, d), self.dtype) for kh, kd, vh, vd in self.shape["kv_cache"]
+                for h, d in ((kh, kd), (vh, vd))]
 
     def step(self, tokens: np.ndarray, past: list[np.ndarray], mask: np.ndarray | None = None,
              positions: np.ndarray | None = None):

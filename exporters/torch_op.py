@@ -6,6 +6,14 @@ Wrapped as an opaque custom op with a fake implementation, the exported program 
 layer, which the ONNX translation (`onnx_op.py`) turns into one `mopeq.MoEExperts` node.
 
 `exporting(model)` swaps every `PackedLayer.forward` for a call of this op for the duration of an export.
+A ModuleList MoE block (remote-code DeepSeek-VL2 / MolmoE style) routes and loops over its experts in its
+own forward, which cannot be traced; during the export the block computes instead
+
+    x -> gate -> (indices, weights) -> mopeq::moe_experts(x, ...) [+ shared experts (x), sigmoid-gated
+         when the block has a shared_expert_gate]
+
+from the whole packed layer the loader attached to it; the export tests compare that with the block's own
+forward over its packed experts.
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from mopeq_export.models.adapters import routing_from_gate
+from mopeq_export.quantize.loader import PACKED_ATTR
 from mopeq_export.quantize.packing import LAYER_TENSOR_NAMES, LAYOUT_VERSION
 from mopeq_export.quantize.reference import PackedLayer, moe_experts_torch
 
@@ -48,15 +58,38 @@ def _forward_via_op(layer: PackedLayer, hidden, indices, weights):
                                        layer.group_size, layer.activation, LAYOUT_VERSION)
 
 
+def _block_via_op(layer, hidden_states):
+    """A ModuleList MoE block's output from its packed layer (see the module docstring)."""
+    block, packed = layer.block, getattr(layer.block, PACKED_ATTR)
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    idx, w = routing_from_gate(layer, layer.block.gate(x), x.shape[0])
+    y = _forward_via_op(packed, x, idx.long(), w.to(x.dtype))
+    if layer.shared_expert_path:
+        shared = getattr(block, layer.shared_expert_path.rsplit(".", 1)[1])(x)
+        if isinstance(getattr(block, "shared_expert_gate", None), nn.Module):
+            shared = torch.sigmoid(block.shared_expert_gate(x)) * shared
+        y = y + shared
+    return y.reshape(shape)
+
+
 @contextlib.contextmanager
 def exporting(model: nn.Module) -> Iterator[int]:
-    """Within the block every PackedLayer of `model` calls `mopeq::moe_experts`; yields how many there are."""
-    layers = [m for m in model.modules() if isinstance(m, PackedLayer)]
-    for m in layers:
-        # instance attribute shadows the class forward; removed again below
-        m.forward = _forward_via_op.__get__(m)
+    """Within the block every MoE layer of `model` calls `mopeq::moe_experts`; yields how many there are."""
+    swapped = []
+    for m in list(model.modules()):
+        if not isinstance(m, PackedLayer):
+            continue
+        layer = m.__dict__.get("moe_layer")
+        if layer is None:  # fused experts: the packed layer replaced the experts module
+            m.forward = _forward_via_op.__get__(m)  # instance attribute shadows the class forward
+            swapped.append(m)
+        else:  # a ModuleList block: the whole block is recomputed around the op
+            layer.block.forward = lambda h, layer=layer: _block_via_op(layer, h)
+            swapped.append(layer.block)
     try:
-        yield len(layers)
+        yield len(swapped)
     finally:
-        for m in layers:
+        for m in swapped:
             del m.forward
+

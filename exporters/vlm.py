@@ -31,6 +31,12 @@ class VisionFeatures(nn.Module):
 
 
 def check_supported(model: nn.Module) -> None:
+    cfg = model.config
+    llava = hasattr(getattr(model, "model", None), "multi_modal_projector") and hasattr(cfg, "vision_feature_layer")
+    if not llava:
+        raise MopeqError(f"{type(model).__name__}: the vision-language export handles LLaVA-style models (a vision "
+                         "tower and a projector feeding inputs_embeds); this architecture's vision path "
+                         f"({cfg.model_type}) is not exported yet. Its language model can be quantized and evaluated")
     layer = model.config.vision_feature_layer
     if not isinstance(layer, int):
         raise MopeqError(f"vision_feature_layer {layer!r}: only a single feature layer is supported by the export")

@@ -22,8 +22,8 @@ from typing import Callable
 
 from .bundle import BundleInputs, toolchain_version, write_manifest, write_payload, write_tar
 from .errors import MopeqError
-from .fsutil import read_json, sha256_file, staged_dir, staged_file, write_json
-from .memory import MemoryCheck, check_memory, estimate_weights, kv_bytes_per_token, require_fit
+from .fsutil import default_cache, read_json, require_free_space, sha256_file, staged_dir, staged_file, write_json
+from .memory import MemoryCheck, check_memory, estimate_weights, kv_bytes_per_token, kv_cache_of_config, require_fit
 from .targets import Target, get_target
 from .validate import GateConfig, GateReport, plot_report, run_gate
 
@@ -50,6 +50,9 @@ class BuildConfig:
     method: str = "gptq"
     probes: int = 32  # = EstimatorConfig().max_probes (kept import-free)
     kernel_library: Path | None = None  # None: runtime/lib for x86-64 targets when built
+    device: str = "auto"  # analyze, quantize and the gate's float16 reference: auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # the analysis' (and reference's) compute dtype (devices.py)
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,11 @@ class GateFailed(MopeqError):
 # The sources each stage's output depends on: editing the exporter re-exports but keeps the analysis.
 STAGE_SOURCES = {
     "analyze": ("mopeq_export/sensitivity.py", "mopeq_export/calibration.py", "mopeq_export/models",
-                "mopeq_export/quantize/primitives.py"),
+                "mopeq_export/quantize/primitives.py", "mopeq_export/devices.py"),
     "plan": ("mopeq_export/allocation.py",),
-    "quantize": ("mopeq_export/quantize", "mopeq_export/calibration.py", "mopeq_export/models"),
-    "export": ("exporters", "mopeq_export/quantize", "mopeq_export/targets.py"),
+    "quantize": ("mopeq_export/quantize", "mopeq_export/calibration.py", "mopeq_export/models",
+                 "mopeq_export/devices.py"),
+    "export": ("exporters", "mopeq_export/quantize", "mopeq_export/targets.py", "mopeq_export/models"),
 }
 
 
@@ -118,10 +122,6 @@ def default_eval(is_vlm: bool) -> Path | None:
     return p if p.is_file() else None
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("MOPEQ_CACHE") or Path.home() / ".cache" / "mopeq-export")
-
-
 # -- stages ----------------------------------------------------------------------------------------------
 def _seed(seed: int) -> None:
     import numpy as np
@@ -131,28 +131,28 @@ def _seed(seed: int) -> None:
     np.random.seed(seed)
 
 
-def _analysis_settings(cfg: BuildConfig, calib: Path) -> dict:
-    """Everything the analyze stage's output depends on besides the model and data: its cache key."""
+def _analysis_settings(cfg: BuildConfig, calib: Path, device, dtype) -> dict:
+    """Everything the analyze stage's output depends on besides the model and data: its cache key (the
+    device type and compute dtype change the numbers in their last digits, so they are part of it)."""
     from .calibration import calibration_kind
+    from .devices import dtype_name
     from .sensitivity import DATA_DEFAULTS, SCHEMA_VERSION, TEXT_SEQ_LEN, EstimatorConfig
 
     samples, batch_size = DATA_DEFAULTS[calibration_kind(calib)]
     est = EstimatorConfig(seed=cfg.seed, max_probes=cfg.probes, min_probes=min(EstimatorConfig.min_probes, cfg.probes),
                           batch_size=batch_size, group_size=cfg.group_size)
-    return {"schema": SCHEMA_VERSION, "estimator": est.to_json(), "samples": samples, "seq_len": TEXT_SEQ_LEN}
+    return {"schema": SCHEMA_VERSION, "estimator": est.to_json(), "samples": samples, "seq_len": TEXT_SEQ_LEN,
+            "device": device.type, "dtype": dtype_name(dtype)}
 
 
-def _analyze(cfg: BuildConfig, settings: dict, calib: Path, st: Path) -> None:
-    from .calibration import load_calibration
-    from .models.loading import load_model, load_tokenizer
-    from .sensitivity import EstimatorConfig, analyze
+def _analyze(cfg: BuildConfig, settings: dict, calib: Path, device, dtype, st: Path) -> None:
+    from .sensitivity import EstimatorConfig, run_analyze
 
     _seed(cfg.seed)
     est = EstimatorConfig.from_json(settings["estimator"])
-    net, info = load_model(cfg.model)
-    data = load_calibration(calib, load_tokenizer(cfg.model), net.config, samples=settings["samples"],
-                            seq_len=settings["seq_len"], batch_size=est.batch_size)
-    write_json(st / "sensitivity.json", analyze(net, info, data, est).to_json())
+    report = run_analyze(cfg.model, calib, cfg=est, samples=settings["samples"], seq_len=settings["seq_len"],
+                         device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    write_json(st / "sensitivity.json", report.to_json())
 
 
 def _plan(sens: Path, avg_bits: float, st: Path) -> None:
@@ -162,19 +162,19 @@ def _plan(sens: Path, avg_bits: float, st: Path) -> None:
     write_json(st / "plan.json", plan.to_json())
 
 
-def _quantize(cfg: BuildConfig, plan: Path, calib: Path, st: Path) -> None:
+def _quantize(cfg: BuildConfig, plan: Path, calib: Path, device, st: Path) -> None:
     from .quantize.pipeline import QuantizeConfig
     from .quantize.stage import run_quantize
 
     _seed(cfg.seed)
-    run_quantize(cfg.model, plan, st / "qdir", calib=calib, cfg=QuantizeConfig(method=cfg.method,
-                                                                                group_size=cfg.group_size))
+    run_quantize(cfg.model, plan, st / "qdir", calib=calib, device=device, trust_remote_code=cfg.trust_remote_code,
+                 cfg=QuantizeConfig(method=cfg.method, group_size=cfg.group_size))
 
 
 def _export(cfg: BuildConfig, qdir: Path, target: Target, st: Path) -> None:
     from mopeq_exporters import export_quantized
 
-    export_quantized(qdir, target, st / "export", cfg.model)
+    export_quantized(qdir, target, st / "export", cfg.model, trust_remote_code=cfg.trust_remote_code)
 
 
 def kernel_for(target: Target, override: Path | None) -> Path | None:
@@ -193,7 +193,8 @@ def kernel_for(target: Target, override: Path | None) -> Path | None:
 # -- the whole build ---------------------------------------------------------------------------------------
 def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> BuildResult:
     from .cli import default_calib
-    from .models.loading import model_info
+    from .devices import resolve_device, resolve_dtype
+    from .models.loading import checkpoint_params, model_info
 
     target = get_target(cfg.target)
     info = model_info(cfg.model)
@@ -209,14 +210,17 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
     avg_bits = cfg.avg_bits if cfg.avg_bits is not None else target.default_avg_bits
     if cfg.plan is not None:  # the plan decides the widths; its realized average sizes the estimate
         avg_bits = float(read_json(cfg.plan, "bit plan").get("avg_bits") or avg_bits)
-    heads = tc["num_attention_heads"]
-    per_token = kv_bytes_per_token(tc["num_hidden_layers"], tc.get("num_key_value_heads") or heads,
-                                   tc.get("head_dim") or tc["hidden_size"] // heads, target.activation_dtype)
+    per_token = kv_bytes_per_token(kv_cache_of_config(tc), target.activation_dtype)
     # fail fast, before hours of GPTQ on a large model: estimated weights at the planned average width
-    require_fit(check_memory(target, estimate_weights(cfg.model, target, avg_bits, cfg.group_size), per_token,
-                             context), "the model at the planned width (estimate)")
-
-    cache = StageCache((cfg.cache or default_cache()) if cfg.use_cache else None, say)
+    weights = estimate_weights(cfg.model, target, avg_bits, cfg.group_size)
+    require_fit(check_memory(target, weights, per_token, context), "the model at the planned width (estimate)")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, checkpoint_params(cfg.model))
+    cache_root = (cfg.cache or default_cache()) if cfg.use_cache else None
+    # the stage outputs (packed experts, graphs) and the bundle: about three times the bundle's weights
+    require_free_space(cache_root or Path(tempfile.gettempdir()), 2 * weights, "the build's stage cache")
+    require_free_space(Path(cfg.out).resolve().parent, weights, "the bundle")
+    cache = StageCache(cache_root, say)
     try:
         base = {"weights": info.weights_sha256, "config": info.config_sha256,
                 "calib": sha256_file(calib) if calib.is_file() else str(calib), "seed": cfg.seed,
@@ -225,19 +229,19 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
             plan_dir, plan_key = cache.get("plan", {**base, "plan_file": sha256_file(cfg.plan)},
                                            lambda st: shutil.copyfile(cfg.plan, st / "plan.json"))
         else:
-            settings = _analysis_settings(cfg, calib)
+            settings = _analysis_settings(cfg, calib, device, dtype)
             sens_dir, sens_key = cache.get("analyze", {**base, **settings},
-                                           lambda st: _analyze(cfg, settings, calib, st))
+                                           lambda st: _analyze(cfg, settings, calib, device, dtype, st))
             plan_dir, plan_key = cache.get("plan", {"analyze": sens_key, "avg_bits": avg_bits},
                                            lambda st: _plan(sens_dir / "sensitivity.json", avg_bits, st))
         plan_path = plan_dir / "plan.json"
-        q_dir, q_key = cache.get("quantize", {**base, "plan": plan_key, "method": cfg.method},
-                                 lambda st: _quantize(cfg, plan_path, calib, st))
+        q_dir, q_key = cache.get("quantize", {**base, "plan": plan_key, "method": cfg.method, "device": device.type},
+                                 lambda st: _quantize(cfg, plan_path, calib, device, st))
         graph_key = {k: getattr(target, k) for k in ("name", "activation_dtype", "opset", "ir_version")}
         e_dir, _ = cache.get("export", {"quantize": q_key, "target": graph_key},
                              lambda st: _export(cfg, q_dir / "qdir", target, st))
         return _package(cfg, target, info, context, per_token, plan_path, q_dir / "qdir", e_dir / "export",
-                        calib, say, progress, cache.hits)
+                        calib, say, progress, cache.hits, device, dtype)
     finally:
         cache.close()
 
@@ -269,7 +273,8 @@ def report_beside(out: Path) -> Path:
     return out.parent / f"{out.name}.validation.json"
 
 
-def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir, calib, say, progress, hits):
+def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir, calib, say, progress, hits,
+             device, dtype):
     out = Path(cfg.out).resolve()
     prompt = None
     if info.is_vlm:
@@ -287,13 +292,14 @@ def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir,
         with staged_dir(folder) as stage:
             say("package", "run")
             parts = write_payload(inputs, stage)
+            per_token = kv_bytes_per_token(parts["model"].kv_cache, target.activation_dtype)  # the real cache
             write_manifest(stage, parts, {"status": "pending"})
             weights = sum(f.stat().st_size for f in stage.glob("*.onnx*"))
             mem = check_memory(target, weights, per_token, context)
             require_fit(mem)
             say("package", "done")
             say("validate", "run")
-            report = _validate(cfg, stage, eval_path, calib, progress)
+            report = _validate(cfg, stage, eval_path, calib, progress, device, dtype)
             summary = _summary(parts, stage, report, mem, hits)
             if not report.passed:
                 path = report_beside(out)
@@ -322,14 +328,15 @@ def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir,
     return BuildResult(out, report, out if cfg.tar else out / "validation" / "report.json", summary)
 
 
-def _validate(cfg: BuildConfig, stage: Path, eval_path: Path, calib: Path, progress) -> GateReport:
+def _validate(cfg: BuildConfig, stage: Path, eval_path: Path, calib: Path, progress, device, dtype) -> GateReport:
     import mopeq_runtime
 
     from .models.loading import load_model, load_tokenizer
 
-    # a Jetson bundle is validated here on the CPU: same graphs and dtype, the kernel or function bodies
+    # a Jetson bundle is validated here on the CPU: same graphs and dtype, the kernel or function bodies;
+    # the float16 reference runs in PyTorch on --device
     bundle = mopeq_runtime.load(stage, allow_foreign_target=True)
-    ref, _ = load_model(cfg.model)
+    ref, _ = load_model(cfg.model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     return run_gate(ref, bundle, load_tokenizer(cfg.model), eval_path, cfg.gate,
                     is_calibration=eval_path.resolve() == calib.resolve(), progress=progress)
 

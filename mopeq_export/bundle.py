@@ -79,16 +79,17 @@ def _text_config(cfg: dict) -> dict:
 
 def model_entry(info: ModelInfo, model_dir: Path, export_json: dict) -> ModelEntry:
     """Decoder dimensions: export.json's `model` section when it has them, else the HF config."""
+    from .memory import kv_cache_of_config
+
     tc = _text_config(json.loads((model_dir / "config.json").read_text()))
     ex = export_json.get("model", {}) if isinstance(export_json.get("model"), dict) else {}
-    heads = tc["num_attention_heads"]
-    dims = {"num_layers": tc["num_hidden_layers"], "kv_heads": tc.get("num_key_value_heads", heads),
-            "head_dim": tc.get("head_dim") or tc["hidden_size"] // heads, "hidden": tc["hidden_size"],
-            "vocab": tc["vocab_size"], "max_position_embeddings": tc["max_position_embeddings"]}
+    dims = {"num_layers": tc["num_hidden_layers"], "hidden": tc["hidden_size"], "vocab": tc["vocab_size"],
+            "max_position_embeddings": tc["max_position_embeddings"]}
     ex = {**ex, "max_position_embeddings": ex.get("max_position_embeddings", ex.get("max_positions"))}
     dims = {k: int(ex[k]) if ex.get(k) is not None else int(v) for k, v in dims.items()}
+    kv = ex.get("kv_cache") or kv_cache_of_config(tc)
     return ModelEntry(info.name, info.architecture, info.model_type, info.is_vlm, info.config_sha256,
-                      info.weights_sha256, **dims)
+                      info.weights_sha256, kv_cache=tuple(tuple(int(x) for x in k) for k in kv), **dims)
 
 
 def _sig(values) -> tuple[TensorSig, ...]:
@@ -104,27 +105,24 @@ def _sig(values) -> tuple[TensorSig, ...]:
     return tuple(out)
 
 
-def _strip_provenance(model) -> None:
-    """Exporter stack traces and doc strings name files of the build machine: drop them from nodes."""
-    graphs = [model.graph] + [f for f in model.functions]
-    for g in graphs:
-        for node in g.node:
-            del node.metadata_props[:]
-            node.doc_string = ""
-    model.graph.doc_string = ""
-    del model.metadata_props[:]
-
-
 def copy_graph(src: Path, dest_dir: Path, name: str) -> GraphEntry:
-    """Re-save one graph with its weights in `<name>.onnx.data` beside it (one file, deterministic order)."""
+    """Copy one exported graph and its `<file>.data` as `<name>.onnx` (+ `.data`) and read its signature.
+
+    The export writes the final form (readable names, no provenance, one data file in a fixed order), so
+    this is a byte copy: a real model's graphs are gigabytes, never loaded here."""
     import onnx
 
-    model = onnx.load(str(src), load_external_data=True)
-    _strip_provenance(model)
     graph_file, data_file = f"{name}.onnx", f"{name}.onnx.data"
-    onnx.save_model(model, str(dest_dir / graph_file), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_file, size_threshold=1024)
-    data = (data_file,) if (dest_dir / data_file).exists() else ()
+    model = onnx.load(str(src), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location" and entry.value != data_file:
+                raise MopeqError(f"{src} keeps its weights in {entry.value}, not {data_file}; re-run the export stage")
+    _copy(src, dest_dir / graph_file)
+    data = ()
+    if (src.parent / data_file).is_file():
+        _copy(src.parent / data_file, dest_dir / data_file)
+        data = (data_file,)
     return GraphEntry(name, graph_file, data, _sig(model.graph.input), _sig(model.graph.output))
 
 

@@ -93,6 +93,11 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def to_device(inputs: dict, device: torch.device | str) -> dict:
+    """Model inputs with every tensor on `device` (calibration batches are built on the CPU)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
 def labelled_predictions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[B, T-1] bool: position t's logits predict token t + 1, which carries a label."""
     return batch["labels"][:, 1:] != IGNORE

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .calibration import collate_vqa, read_vqa, vqa_examples, vqa_format_for
+from .calibration import collate_vqa, read_vqa, to_device, vqa_examples, vqa_format_for
 from .errors import MopeqError
 
 Forward = Callable[[dict], torch.Tensor]  # model inputs -> logits [B, T, V] (float32)
@@ -65,9 +65,12 @@ def text_windows(path: str | Path, tokenizer, seq_len: int = 256, max_windows: i
 
 
 def torch_forward(model) -> Forward:
+    """Logits of a PyTorch model on its own device, returned as float32 on the CPU."""
+    dev = next(model.parameters()).device
+
     def fwd(inputs: dict) -> torch.Tensor:
         with torch.no_grad():
-            return model(**inputs).logits.float()
+            return model(**to_device(inputs, dev)).logits.float().cpu()
     return fwd
 
 
@@ -82,6 +85,7 @@ class _Acc:
     n: int = 0
 
     def add(self, ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        ref_logits, logits, targets = ref_logits.cpu(), logits.cpu(), targets.cpu()
         keep = targets != -100
         lr = torch.log_softmax(ref_logits[keep], -1)
         lq = torch.log_softmax(logits[keep], -1)
@@ -110,10 +114,12 @@ Generate = Callable[[dict, int], list[list[int]]]  # (inputs of same-length prom
 
 
 def torch_generate(model, eos_id: int) -> Generate:
+    dev = next(model.parameters()).device
+
     def gen(inputs: dict, max_new: int) -> list[list[int]]:
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False, eos_token_id=eos_id,
-                                 pad_token_id=eos_id)
+            out = model.generate(**to_device(inputs, dev), max_new_tokens=max_new, do_sample=False,
+                                 eos_token_id=eos_id, pad_token_id=eos_id)
         new = out[:, inputs["input_ids"].shape[1]:].tolist()
         return [seq[: seq.index(eos_id)] if eos_id in seq else seq for seq in new]
     return gen
@@ -162,13 +168,20 @@ def evaluate_vqa(ref: Forward, cand: Forward, ref_gen: Generate, cand_gen: Gener
     return VQAMetrics(n, acc_ref, acc_q, acc_q / max(acc_ref, 1e-12), acc.kl / acc.n, acc.agree / acc.n, per_task)
 
 
-def evaluate_model(model_dir, qdir, data, *, max_windows: int | None = None, max_samples: int | None = None) -> dict:
-    """Load the float16 original and the quantized checkpoint, and compare them on `data`."""
-    from .models.loading import load_model, load_tokenizer
+def evaluate_model(model_dir, qdir, data, *, max_windows: int | None = None, max_samples: int | None = None,
+                   device: str | torch.device = "auto", dtype: str | torch.dtype = "auto") -> dict:
+    """Load the float16 original and the quantized checkpoint on `device`, and compare them on `data`."""
+    from .devices import Meter, resolve_device, resolve_dtype
+    from .models.loading import checkpoint_params, load_model, load_tokenizer
     from .quantize.loader import load_quantized
 
-    ref, info = load_model(model_dir)
-    cand = load_quantized(qdir, model_dir)
+    if not Path(data).exists():
+        raise MopeqError(f"evaluation data not found: {data}")
+    dev = resolve_device(device)
+    compute = resolve_dtype(dtype, checkpoint_params(model_dir))
+    meter = Meter(dev, compute)
+    ref, info = load_model(model_dir, device=dev, dtype=compute)
+    cand = load_quantized(qdir, model_dir, device=dev, dtype=compute)
     tok = load_tokenizer(model_dir)
     if info.is_vlm:
         eos = tok.eos_token_id
@@ -179,4 +192,5 @@ def evaluate_model(model_dir, qdir, data, *, max_windows: int | None = None, max
         m = evaluate_text(torch_forward(ref), torch_forward(cand), text_windows(data, tok, max_windows=max_windows))
         kind = "text"
     return {"schema_version": 1, "model": info.name, "quantized": str(Path(qdir).resolve()),
-            "data": str(Path(data).resolve()), "kind": kind, "metrics": m.to_json()}
+            "data": str(Path(data).resolve()), "kind": kind, "metrics": m.to_json(),
+            "resources": meter.done().to_json()}

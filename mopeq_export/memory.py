@@ -7,8 +7,6 @@ own footprint, which is what the share's headroom (1 - memory_share) is for.
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,8 +32,25 @@ class MemoryCheck:
         return asdict(self)
 
 
-def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: str) -> int:
-    return 2 * num_layers * kv_heads * head_dim * _DTYPE_BYTES[dtype]  # key + value per layer
+def kv_cache_of_config(tc: dict) -> list[list[int]]:
+    """Per-layer [key heads, key dim, value heads, value dim] as transformers caches them, from a text config.
+
+    The export reads the real shapes from the model (exporters/decoder.py); this is the estimate before
+    the export exists. Multi-head latent attention (a kv_lora_rank in the config) caches its compressed
+    latent and the shared RoPE key, one head each."""
+    if tc.get("kv_lora_rank"):
+        shape = [1, int(tc["kv_lora_rank"]), 1, int(tc["qk_rope_head_dim"])]
+    else:
+        heads = tc["num_attention_heads"]
+        kv = tc.get("num_key_value_heads") or heads
+        dim = tc.get("head_dim") or tc["hidden_size"] // heads
+        shape = [kv, dim, kv, dim]
+    return [shape] * int(tc["num_hidden_layers"])
+
+
+def kv_bytes_per_token(kv_cache, dtype: str) -> int:
+    """Bytes one token adds to the cache: every layer's key and value vectors."""
+    return sum(kh * kd + vh * vd for kh, kd, vh, vd in kv_cache) * _DTYPE_BYTES[dtype]
 
 
 def share_bytes(t: Target) -> int:
@@ -64,21 +79,14 @@ def require_fit(m: MemoryCheck, what: str = "the bundle") -> None:
 
 def checkpoint_params(model_dir: Path) -> tuple[int, int]:
     """(routed-expert params, other params) from the safetensors headers, without loading any weight."""
+    from .models.loading import tensor_sizes
+
     experts = other = 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
-        for name, v in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for d in v["shape"]:
-                count *= d
-            if ".experts." in name and "shared" not in name:
-                experts += count
-            else:
-                other += count
+    for name, count in tensor_sizes(model_dir).items():
+        if ".experts." in name and "shared" not in name:
+            experts += count
+        else:
+            other += count
     return experts, other
 
 

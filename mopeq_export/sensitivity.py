@@ -26,8 +26,7 @@ For every routed expert e (its w1 and w2 seen as one parameter block):
   ``routing_weight`` = sum of the router weights it received, ``layer_tokens`` = tokens its layer saw.
 - ``quant_error``: squared Frobenius RTN error at each candidate width (group size recorded).
 - ``weight_norm_trace``: the data-free signal of the MoPEQ authors' code, Tr of the Hessian of
-  ||W_e||_F. Closed form (n-1)/||W_e||; estimated here by the same Hutchinson machinery so that the
-  estimator is checked against the closed form in the tests.
+  ||W_e||_F, computed in its closed form (n-1)/||W_e||.
 
 An expert that received no calibration token has an exactly zero loss Hessian (its weights do not
 enter the loss). Before giving up on it, ``cover_experts`` scans the calibration samples that were not
@@ -37,16 +36,17 @@ chosen for windows that do route to it and adds them; an expert still unreached 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .calibration import CalibrationInfo, CalibrationSet, labelled_predictions, model_inputs
+from .calibration import CalibrationInfo, CalibrationSet, labelled_predictions, model_inputs, to_device
 from .errors import MopeqError
 from .models.adapters import MoELayer, StopForward, find_moe_layers, forward_until_stopped
 from .models.loading import ModelInfo
@@ -74,7 +74,6 @@ class EstimatorConfig:
     cover: bool = True  # add spare calibration samples for experts the chosen ones never reach
     group_size: int = 32
     bits: tuple[int, ...] = (2, 3, 4)
-    norm_probes: int = 4  # the weight-norm Hessian is almost isotropic: few probes suffice
     version: int = 2
 
     def __post_init__(self):
@@ -134,13 +133,14 @@ class SensitivityReport:
     converged: bool  # every expert met rel_tol before max_probes
     seconds: float
     experts: tuple[ExpertSensitivity, ...]
+    resources: dict | None = None  # devices.Resources of the run that made it
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict:
         return {"schema_version": self.schema_version, "kind": "mopeq.sensitivity",
                 "model": self.model.to_json(), "calibration": self.calibration.to_json(),
                 "estimator": self.estimator.to_json(), "probes": self.probes, "converged": self.converged,
-                "seconds": self.seconds, "experts": [e.to_json() for e in self.experts]}
+                "seconds": self.seconds, "resources": self.resources, "experts": [e.to_json() for e in self.experts]}
 
     @classmethod
     def from_json(cls, d: dict, source: str = "sensitivity file") -> "SensitivityReport":
@@ -153,7 +153,7 @@ class SensitivityReport:
             experts = tuple(ExpertSensitivity.from_json(e) for e in d["experts"])
             report = cls(ModelInfo.from_json(d["model"]), CalibrationInfo.from_json(d["calibration"]),
                          EstimatorConfig.from_json(d["estimator"]), int(d["probes"]), bool(d["converged"]),
-                         float(d["seconds"]), experts)
+                         float(d["seconds"]), experts, d.get("resources"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MopeqError(f"{source} is malformed ({type(e).__name__}: {e}); rerun `mopeq-export analyze`") from None
         if not experts:
@@ -162,6 +162,19 @@ class SensitivityReport:
 
 
 # -- per-expert reduction of parameter-shaped tensors ---------------------------------------------
+_CHUNK_ELEMENTS = 1 << 26  # float32 transients of a reduction stay under 256 MB
+
+
+Reduction = Callable[[int, int, torch.Tensor], torch.Tensor]  # (param index, first expert, float32 chunk)
+
+
+def _expert_sums(t: torch.Tensor, fn: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """sum of fn(start, t[start:stop]) per leading index, in float64, a few experts at a time (bounded
+    float32 transients)."""
+    per = max(1, _CHUNK_ELEMENTS // max(t[0].numel(), 1))
+    return torch.cat([fn(i, t[i:i + per].float()).double().flatten(1).sum(1) for i in range(0, t.shape[0], per)])
+
+
 @dataclass(frozen=True)
 class ExpertSlots:
     """Where each routed expert lives among the Hessian parameters, and its flat index."""
@@ -172,12 +185,38 @@ class ExpertSlots:
     count: int
 
     def reduce(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per-expert sums [count] of parameter-shaped tensors (differentiable)."""
-        parts: list[torch.Tensor] = [torch.zeros(self.count, dtype=torch.float64)]
+        """Per-expert sums [count] (float64) of parameter-shaped tensors."""
+        dev = tensors[0].device if tensors else "cpu"
+        out = torch.zeros(self.count, dtype=torch.float64, device=dev)
         for t, slot, fused in zip(tensors, self.slots, self.fused):
-            s = t.double().flatten(1).sum(1) if fused else t.double().sum().reshape(1)
-            parts.append(nn.functional.pad(s, (slot, self.count - slot - s.numel())))
-        return torch.stack(parts).sum(0)
+            if fused:
+                out[slot:slot + t.shape[0]] += _expert_sums(t, lambda _i, x: x)
+            else:
+                out[slot] += t.double().sum()
+        return out
+
+    @contextlib.contextmanager
+    def reducing(self, fn: Reduction) -> Iterator[torch.Tensor]:
+        """Within the block, every gradient a backward pass accumulates into an expert parameter is reduced
+        at once to per-expert sums of fn(param index, first expert, grad chunk), added to the yielded
+        [count] float64 tensor, and freed: no full-size gradient of the model exists, one parameter's at a
+        time (a ModuleList expert's chunk is its whole gradient, first expert 0)."""
+        acc = torch.zeros(self.count, dtype=torch.float64, device=self.params[0].device)
+        handles = []
+        for k, (p, slot, fused) in enumerate(zip(self.params, self.slots, self.fused)):
+            def hook(param, k=k, slot=slot, fused=fused):
+                g = param.grad
+                param.grad = None
+                if fused:
+                    acc[slot:slot + g.shape[0]] += _expert_sums(g, lambda i, x: fn(k, i, x))
+                else:
+                    acc[slot] += fn(k, 0, g.float()).double().sum()
+            handles.append(p.register_post_accumulate_grad_hook(hook))
+        try:
+            yield acc
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def expert_slots(layers: Sequence[MoELayer]) -> ExpertSlots:
@@ -193,18 +232,26 @@ def expert_slots(layers: Sequence[MoELayer]) -> ExpertSlots:
 
 # -- Hutchinson -----------------------------------------------------------------------------------
 def rademacher(like: Iterable[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
-    return [torch.randint(0, 2, p.shape, generator=gen, dtype=p.dtype) * 2 - 1 for p in like]
+    """+-1 tensors shaped like `like`, drawn from a CPU generator (the same probes on every device)."""
+    return [(torch.randint(0, 2, p.shape, generator=gen, dtype=p.dtype) * 2 - 1).to(p.device) for p in like]
 
 
-def hutchinson_probe(loss: torch.Tensor, params: Sequence[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
-    """v * (H v) elementwise for one Rademacher v over all params: exactly one Hessian-vector product."""
+def hutchinson_probe(loss: torch.Tensor, slots: ExpertSlots, gen: torch.Generator) -> torch.Tensor:
+    """Per-expert sums of v * (H v) for one Rademacher v over all expert weights: exactly one
+    Hessian-vector product (the double backward), reduced per parameter as its gradient arrives."""
+    params = slots.params
     v = rademacher(params, gen)
     # allow_unused: a ModuleList expert that got no token is not in the graph (its Hessian block is 0)
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     used = [(g, vi, p) for g, vi, p in zip(grads, v, params) if g is not None and g.requires_grad]
-    hv = dict(zip((id(p) for *_, p in used), torch.autograd.grad(
-        sum((g * vi).sum() for g, vi, _ in used), [p for *_, p in used], allow_unused=True))) if used else {}
-    return [vi * h if (h := hv.get(id(p))) is not None else torch.zeros_like(vi) for vi, p in zip(v, params)]
+    if not used:
+        return torch.zeros(slots.count, dtype=torch.float64, device=params[0].device)
+    dot = sum((g * vi).sum() for g, vi, _ in used)
+    del grads, used[:]
+    mine = lambda k, i, x: v[k][i:i + x.shape[0]].float() * x if slots.fused[k] else v[k].float() * x  # noqa: E731
+    with slots.reducing(mine) as acc:
+        torch.autograd.backward(dot)
+    return acc
 
 
 def softmax_hessian_factor(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -213,17 +260,20 @@ def softmax_hessian_factor(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return sp * u - p * (sp * u).sum(-1, keepdim=True)
 
 
-def gauss_newton_probe(logits: torch.Tensor, params: Sequence[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
-    """g * g elementwise, g = J^T A u / sqrt(N) for one Rademacher u over the N labelled logit rows.
+def gauss_newton_probe(logits: torch.Tensor, slots: ExpertSlots, gen: torch.Generator) -> torch.Tensor:
+    """Per-expert sums of g * g, g = J^T A u / sqrt(N) for one Rademacher u over the N labelled logit rows.
 
     E_u of a block's sum of g * g is Tr(J_e^T H_z J_e), the Gauss-Newton trace of the mean
-    cross-entropy in that block: one vector-Jacobian product for every expert.
+    cross-entropy in that block: one vector-Jacobian product (a backward pass) for every expert, each
+    parameter's gradient squared and summed per expert as soon as it exists (`ExpertSlots.reducing`).
     """
     p = logits.detach().double().softmax(-1)
     u = rademacher([p], gen)[0]
     w = (softmax_hessian_factor(p, u) / math.sqrt(logits.shape[0])).to(logits.dtype)
-    grads = torch.autograd.grad(logits, params, grad_outputs=w, allow_unused=True)
-    return [g * g if g is not None else torch.zeros_like(q) for g, q in zip(grads, params)]
+    del p, u
+    with slots.reducing(lambda _k, _i, x: x * x) as acc:
+        torch.autograd.backward(logits, grad_tensors=w)
+    return acc
 
 
 class StratifiedMean:
@@ -295,11 +345,16 @@ class StratifiedMean:
         return float(rel.max())
 
 
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def labelled_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [N, V] (float32) predicting the N labelled tokens, and those labels [N]."""
-    logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    keep = labelled_predictions(batch)
+    dev = model_device(model)
+    logits = model(**to_device(model_inputs(batch), dev), use_cache=False).logits[:, :-1]
+    labels = batch["labels"][:, 1:].to(dev)
+    keep = labelled_predictions(batch).to(dev)
     if not bool(keep.any()):
         raise MopeqError("a calibration batch has no labelled token; the loss (and its Hessian) would be empty")
     return logits[keep].float(), labels[keep]
@@ -334,9 +389,9 @@ def curvature_probe(model: nn.Module, slots: ExpertSlots, batch: dict, curvature
                     gen: torch.Generator) -> torch.Tensor:
     """One probe's per-expert estimates [experts]: one forward and one backward (double for "hessian")."""
     if curvature == "hessian":
-        return slots.reduce(hutchinson_probe(task_loss(model, batch), slots.params, gen)).detach()
+        return hutchinson_probe(task_loss(model, batch), slots, gen).cpu()
     logits, _ = labelled_logits(model, batch)
-    return slots.reduce(gauss_newton_probe(logits, slots.params, gen)).detach()
+    return gauss_newton_probe(logits, slots, gen).cpu()
 
 
 def hessian_traces(model: nn.Module, slots: ExpertSlots, batches: Sequence[dict], cfg: EstimatorConfig,
@@ -363,16 +418,17 @@ def hessian_traces(model: nn.Module, slots: ExpertSlots, batches: Sequence[dict]
     return stats
 
 
-def weight_norm_traces(slots: ExpertSlots, probes: int, seed: int) -> torch.Tensor:
-    """Hutchinson estimate of Tr Hess ||W_e||_F per expert (closed form (n-1)/||W_e||), no data."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    leaves = [p.detach().float().clone().requires_grad_(True) for p in slots.params]
-    stats = StratifiedMean([1.0], slots.count)
-    for _ in range(probes):
-        # experts are separate blocks, so the Hessian of the sum of norms is block-diagonal
-        loss = slots.reduce([w * w for w in leaves]).sqrt().sum()
-        stats.add(0, slots.reduce(hutchinson_probe(loss, leaves, gen)))
-    return stats.mean
+def weight_norm_traces(layers: Sequence[MoELayer]) -> torch.Tensor:
+    """Tr Hess ||W_e||_F per expert, no data: the closed form (n - 1) / ||W_e||_F (n = the expert's weights).
+
+    The Hessian of a norm is (I - u u^T) / ||W|| with u = W / ||W||; its trace is (n - 1) / ||W||. Computed
+    expert by expert in float64 on the weights' device."""
+    out = []
+    for layer in layers:
+        for e in range(layer.num_experts):
+            sq = layer.get_w1(e).double().pow(2).sum() + layer.get_w2(e).double().pow(2).sum()
+            out.append(((layer.expert_params - 1) / sq.sqrt()).cpu())
+    return torch.stack(out)
 
 
 # -- routing statistics and quantization errors -------------------------------------------------------
@@ -387,7 +443,7 @@ class RoutingStats:
 def _routing_callback(stats: RoutingStats, offset: int, num_experts: int):
     def callback(hidden, top_k_index, top_k_weights):
         keep = stats.mask if stats.mask is not None and stats.mask.numel() == top_k_index.shape[0] else None
-        idx, w = top_k_index.long(), top_k_weights.detach().double()
+        idx, w = top_k_index.long().cpu(), top_k_weights.detach().double().cpu()
         if keep is not None:
             idx, w = idx[keep], w[keep]
         sl = slice(offset, offset + num_experts)
@@ -405,11 +461,12 @@ def routing_stats(model: nn.Module, layers: Sequence[MoELayer], batches: Sequenc
     for layer in layers:
         handles.append(layer.register_routing_hook(_routing_callback(stats, offset, layer.num_experts)))
         offset += layer.num_experts
+    dev = model_device(model)
     try:
         for batch in batches:
             mask = batch.get("attention_mask")
             stats.mask = mask.flatten().bool() if mask is not None else None
-            model(**model_inputs(batch), use_cache=False)
+            model(**to_device(model_inputs(batch), dev), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -448,7 +505,7 @@ def cover_experts(model: nn.Module, layers: Sequence[MoELayer], calib: Calibrati
         def callback(hidden, top_k_index, top_k_weights):
             rows = torch.arange(top_k_index.shape[0]) // state["seq"]
             keep = state["keep"]
-            idx = top_k_index.long() + int(offsets[li])
+            idx = top_k_index.long().cpu() + int(offsets[li])
             if keep.numel() == idx.shape[0]:
                 idx, rows = idx[keep], rows[keep]
             for e in missing - found.keys():
@@ -467,7 +524,7 @@ def cover_experts(model: nn.Module, layers: Sequence[MoELayer], calib: Calibrati
                 break
             state.update(ids=ids, seq=batch["input_ids"].shape[1], keep=loss_reaching_positions(batch).flatten(),
                          deepest=max(int(np.searchsorted(offsets, e, side="right")) - 1 for e in left))
-            forward_until_stopped(model, model_inputs(batch))
+            forward_until_stopped(model, to_device(model_inputs(batch), model_device(model)))
     finally:
         for h in handles:
             h.remove()
@@ -480,18 +537,15 @@ def cover_experts(model: nn.Module, layers: Sequence[MoELayer], calib: Calibrati
                                   stats.layer_tokens + more.layer_tokens)
 
 
-def _row_errors(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    return ((rtn(w, bits, group_size).dequantize() - w) ** 2).sum(1, dtype=torch.float64)
-
-
 def quant_errors(layer: MoELayer, bits: Sequence[int], group_size: int) -> list[dict[int, float]]:
-    """Per expert {bits: ||W - Q_b(W)||^2}; rows quantize independently, so a layer's experts go in one call."""
-    e = layer.num_experts
-    w1 = torch.cat([layer.get_w1(i) for i in range(e)])
-    w2 = torch.cat([layer.get_w2(i) for i in range(e)])
-    per_bits = {b: _row_errors(w1, b, group_size).view(e, -1).sum(1) + _row_errors(w2, b, group_size).view(e, -1).sum(1)
-                for b in bits}
-    return [{b: float(per_bits[b][i]) for b in bits} for i in range(e)]
+    """Per expert {bits: ||W - Q_b(W)||^2} (RTN with the clipping search), one expert at a time on the
+    weights' device: the transients are one expert's float32 copies, whatever the layer's size."""
+    out = []
+    for e in range(layer.num_experts):
+        w1, w2 = layer.get_w1(e), layer.get_w2(e)
+        err = lambda w, b: float(((rtn(w, b, group_size).dequantize() - w) ** 2).sum(dtype=torch.float64))  # noqa: E731
+        out.append({b: err(w1, b) + err(w2, b) for b in bits})
+    return out
 
 
 # -- the stage ------------------------------------------------------------------------------------
@@ -521,7 +575,7 @@ def analyze(model: nn.Module, info: ModelInfo, calib: CalibrationSet, cfg: Estim
     if cfg.cover:
         calib, stats = cover_experts(model, layers, calib, stats)
     traces = hessian_traces(model, slots, calib.batches, cfg, stats.tokens > 0, on_probe)
-    norm_traces = weight_norm_traces(slots, cfg.norm_probes, cfg.seed)
+    norm_traces = weight_norm_traces(layers)
     errors = [err for layer in layers for err in quant_errors(layer, cfg.bits, cfg.group_size)]
     experts = _records(layers, stats, traces, norm_traces, errors)
     converged = traces.worst_rel(stats.tokens > 0) < cfg.rel_tol
@@ -532,3 +586,40 @@ def load_report(path) -> SensitivityReport:
     from .fsutil import read_json
 
     return SensitivityReport.from_json(read_json(path, "sensitivity file"), str(path))
+
+
+def run_analyze(model_dir, calib, *, cfg: EstimatorConfig, samples: int, seq_len: int,
+                device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                trust_remote_code: bool = False, on_probe: ProbeCallback | None = None,
+                say: Callable[[str], None] = lambda s: None) -> SensitivityReport:
+    """The stage from a checkpoint folder: settings checked, memory estimated against the device, the model
+    loaded there in the compute dtype, calibration read, every statistic computed (with what it cost)."""
+    from pathlib import Path
+
+    from .calibration import check_sizes, load_calibration
+    from .devices import Meter, dtype_name, gib, resolve_device, resolve_dtype
+    from .models.loading import check_weights, load_model, load_tokenizer, model_info
+    from .models.onload import skeleton
+    from .scale import ModelShape, analyze_bytes, check_fits
+
+    check_sizes(samples, seq_len, cfg.batch_size)
+    if not Path(calib).exists():
+        raise MopeqError(f"calibration data not found: {calib}")
+    info = model_info(model_dir)
+    check_weights(model_dir)
+    dev = resolve_device(device)
+    bare = skeleton(model_dir, trust_remote_code=trust_remote_code)
+    shape = ModelShape.of(bare)
+    data = load_calibration(calib, load_tokenizer(model_dir, trust_remote_code), bare.config, samples=samples,
+                            seq_len=seq_len, batch_size=cfg.batch_size)
+    compute = resolve_dtype(dtype, shape.params)
+    tokens = max(int(b["input_ids"].numel()) for b in data.batches)
+    need = analyze_bytes(shape, compute, tokens, cfg.curvature)
+    check_fits(need, dev, "the analysis", "use --device cuda, a smaller --batch-size or --seq-len, "
+               "or --dtype bfloat16")
+    say(f"analyze: {shape.params / 1e9:.2f}B parameters on {dev} in {dtype_name(compute)}, about {gib(need)} "
+        "at peak (estimate)")
+    meter = Meter(dev, compute)
+    net, info = load_model(model_dir, device=dev, dtype=compute, trust_remote_code=trust_remote_code)
+    report = analyze(net, info, data, cfg, on_probe)
+    return replace(report, resources=meter.done().to_json())

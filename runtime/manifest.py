@@ -14,7 +14,8 @@ from typing import Any
 
 from .errors import BundleError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-layer KV-cache shapes (model.kv_cache) instead of kv_heads/head_dim
+READABLE_SCHEMAS = (1, 2)
 KIND = "mopeq.bundle"
 MANIFEST = "manifest.json"
 
@@ -69,8 +70,7 @@ class ModelEntry:
     config_sha256: str
     weights_sha256: str
     num_layers: int
-    kv_heads: int
-    head_dim: int
+    kv_cache: tuple  # per layer [key heads, key dim, value heads, value dim] (past_key_values.{i}.key / .value)
     hidden: int
     vocab: int
     max_position_embeddings: int
@@ -130,16 +130,22 @@ class Manifest:
     def from_json(cls, d: Any, source: str = MANIFEST) -> "Manifest":
         if not isinstance(d, dict) or d.get("kind") != KIND:
             raise BundleError(f"{source} is not a MoPEQ bundle manifest (kind != {KIND})")
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise BundleError(f"{source} has schema version {d.get('schema_version')!r}; this runtime reads version "
-                              f"{SCHEMA_VERSION}: rebuild the bundle with a matching toolchain or update the runtime")
+        if d.get("schema_version") not in READABLE_SCHEMAS:
+            raise BundleError(f"{source} has schema version {d.get('schema_version')!r}; this runtime reads versions "
+                              f"{', '.join(map(str, READABLE_SCHEMAS))}: rebuild the bundle with a matching toolchain "
+                              "or update the runtime")
         try:
+            model = dict(d["model"])
+            if d["schema_version"] == 1:  # one grouped-query shape for every layer
+                model["kv_cache"] = [[model["kv_heads"], model["head_dim"]] * 2] * model["num_layers"]
+            model["kv_cache"] = tuple(tuple(int(x) for x in k) for k in model["kv_cache"])
             return cls(
-                target=_rec(TargetEntry, d["target"]), model=_rec(ModelEntry, d["model"]),
+                target=_rec(TargetEntry, d["target"]), model=_rec(ModelEntry, model),
                 toolchain=dict(d["toolchain"]), plan=dict(d["plan"]), quantization=dict(d["quantization"]),
                 graphs=tuple(_graph(g) for g in d["graphs"]), tokenizer=_rec(TokenizerEntry, d["tokenizer"]),
                 kernel=_rec(KernelEntry, d["kernel"]), validation=dict(d["validation"]),
-                files=tuple(_rec(FileEntry, f) for f in d["files"]), prompt=d.get("prompt"))
+                files=tuple(_rec(FileEntry, f) for f in d["files"]), prompt=d.get("prompt"),
+                schema_version=d["schema_version"])
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{source} is malformed ({type(e).__name__}: {e}); rebuild the bundle") from None
 

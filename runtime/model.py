@@ -1,7 +1,8 @@
 """A loaded bundle: ONNX Runtime sessions on the docs/EXPORT.md contract, `forward` with a KV cache, `generate`.
 
 Decoder feeds (EXPORT.md): input_ids | inputs_embeds, attention_mask [B, past+T], position_ids [B, T],
-past_key_values.{i}.key/value [B, kv_heads, past, head_dim]; outputs logits (float32) and present.{i}.*.
+past_key_values.{i}.key/value [B, heads, past, dim] (per-layer shapes in the manifest's model.kv_cache);
+outputs logits (float32) and present.{i}.*.
 A VLM embeds tokens with embed.onnx and splices vision.onnx features at the image-token positions.
 """
 
@@ -70,7 +71,8 @@ class BundleModel:
         self._dec_in = [s.name for s in manifest.graph("decoder").inputs]
         self._dec_out = [s.name for s in manifest.graph("decoder").outputs]
         self._past_in = [n for n in self._dec_in if n.startswith("past_key_values.")]
-        self._kv_shape = (m.kv_heads, m.head_dim)
+        # (heads, dim) of every past input, in input order: key, value of layer 0, then layer 1, ...
+        self._past_shapes = [hd for kh, kd, vh, vd in m.kv_cache for hd in ((kh, kd), (vh, vd))]
 
     @property
     def uses_kernel(self) -> bool:
@@ -101,8 +103,7 @@ class BundleModel:
                 raise InputError("this bundle's model is text-only; it takes no image")
             feeds["input_ids"] = ids
         if past is None:
-            empty = np.zeros((b, self._kv_shape[0], 0, self._kv_shape[1]), self.act_dtype)
-            feeds.update({n: empty for n in self._past_in})
+            feeds.update({n: np.zeros((b, h, 0, d), self.act_dtype) for n, (h, d) in zip(self._past_in, self._past_shapes)})
         else:
             feeds.update(zip(self._past_in, past.tensors))
         out = self._dec.run(self._dec_out, feeds)

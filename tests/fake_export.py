@@ -96,7 +96,7 @@ def make_fake(root: Path, max_positions: int = 64) -> tuple[Path, Path]:
     (model_dir / "config.json").write_text(json.dumps(cfg))
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     onnx.save_model(decoder_graph(vocab), str(export_dir / "decoder.onnx"), save_as_external_data=True,
-                    location="decoder.onnx.data", size_threshold=0)
+                    location="decoder.onnx.data", size_threshold=1024)
     (export_dir / "export.json").write_text(json.dumps({"export_layout_version": 1, "target": "cpu",
                                                         "quantized": str(root.resolve() / "qdir")}))
     return model_dir, export_dir

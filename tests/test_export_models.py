@@ -9,11 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mopeq_export.models.adapters import find_moe_layers
-from mopeq_export.models.loading import load_model, model_info
 from mopeq_export.quantize.loader import load_quantized
-from mopeq_export.quantize.pipeline import QuantizeConfig
-from mopeq_export.quantize.stage import run_quantize
 from mopeq_exporters import export_quantized
 from mopeq_exporters.ort_check import Exported
 
@@ -24,18 +20,6 @@ try:
     KERNEL = [True, False]
 except native.KernelLibraryMissing:
     KERNEL = [False]
-
-
-def quantize_random_plan(model_dir: Path, out: Path, seed: int = 0) -> Path:
-    """RTN with a random 2/3/4-bit plan: every width occurs, like a MoPEQ plan."""
-    model, info = load_model(model_dir)
-    rng = np.random.default_rng(seed)
-    names = [n for layer in find_moe_layers(model) for n in layer.expert_names]
-    plan = {"experts": {n: int(rng.choice([2, 3, 4])) for n in names}, "method": "random", "avg_bits": 0,
-            "model": {"weights_sha256": info.weights_sha256}}
-    (out.parent / "plan.json").write_text(json.dumps(plan))
-    run_quantize(model_dir, out.parent / "plan.json", out, calib=None, cfg=QuantizeConfig(method="rtn", group_size=32))
-    return out
 
 
 def rel(a, b):
@@ -59,7 +43,7 @@ def check_decoder(ex: Exported, embeds: np.ndarray | None, ids: np.ndarray, ref:
 
 @pytest.fixture(scope="module")
 def tiny_text(tmp_path_factory):
-    from tiny_checkpoint import save_tiny_qwen2_moe
+    from tiny_checkpoint import quantize_random_plan, save_tiny_qwen2_moe
 
     root = tmp_path_factory.mktemp("tiny_text")
     src = save_tiny_qwen2_moe(root / "model")
@@ -134,6 +118,7 @@ def test_tiny_text_float16_target_runs_on_cpu(tiny_text, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory):
+    from tiny_checkpoint import quantize_random_plan
     from tiny_models import llava_olmoe
 
     root = tmp_path_factory.mktemp("tiny_vlm")

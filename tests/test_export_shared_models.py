@@ -16,7 +16,8 @@ from mopeq_export.models.loading import load_tokenizer
 from mopeq_export.quantize.loader import load_quantized
 from mopeq_exporters import export_quantized
 from mopeq_exporters.ort_check import Exported
-from test_export_models import KERNEL, check_decoder, quantize_random_plan
+from test_export_models import KERNEL, check_decoder
+from tiny_checkpoint import quantize_random_plan
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 pytestmark = [pytest.mark.slow,

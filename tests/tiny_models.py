@@ -61,6 +61,18 @@ def deepseek_v3():
     return _causal(cfg)
 
 
+def deepseek_v2():
+    """DeepSeek-V2 (the language model family of DeepSeek-VL2): MLA attention caching a compressed latent,
+    a dense first layer, two shared experts."""
+    from transformers import DeepseekV2Config
+
+    cfg = DeepseekV2Config(**{**_COMMON, "num_key_value_heads": 4}, intermediate_size=64, moe_intermediate_size=I,
+                           n_routed_experts=E, num_experts_per_tok=K, n_shared_experts=2, first_k_dense_replace=1,
+                           n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+                           qk_nope_head_dim=8, v_head_dim=8, topk_method="greedy")
+    return _causal(cfg)
+
+
 def llava_olmoe():
     """The layout of ../shared/models/vlm-moe: CLIP vision tower + OLMoE language model."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, OlmoeConfig
@@ -83,6 +95,7 @@ def qwen3_vl_moe():
                                                                                "mrope_section": [2, 1, 1]}),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=H,
                            patch_size=8, spatial_merge_size=2, temporal_patch_size=1, deepstack_visual_indexes=[0]),
+        image_token_id=V - 1, video_token_id=V - 2, vision_start_token_id=V - 3, vision_end_token_id=V - 4,
     )
     torch.manual_seed(0)
     cfg._attn_implementation = "eager"
@@ -152,6 +165,6 @@ def dense_llama():
 
 ALL_MOE = {
     "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe,
-    "deepseek_v3": deepseek_v3, "llava_olmoe": llava_olmoe, "qwen3_vl_moe": qwen3_vl_moe,
+    "deepseek_v2": deepseek_v2, "deepseek_v3": deepseek_v3, "llava_olmoe": llava_olmoe, "qwen3_vl_moe": qwen3_vl_moe,
     "modulelist": modulelist_moe,
 }

@@ -11,8 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..cli import app, console, default_calib
-from ..fsutil import staged_dir, write_json
-from ..sensitivity import DATA_DEFAULTS, TEXT_SEQ_LEN, EstimatorConfig, SensitivityReport, analyze as run_analysis
+from ..fsutil import require_free_space, staged_dir, write_json
+from ..sensitivity import DATA_DEFAULTS, TEXT_SEQ_LEN, EstimatorConfig, SensitivityReport, run_analyze
 
 DEFAULTS = EstimatorConfig()
 
@@ -35,11 +35,15 @@ def analyze(
     rel_tol: float = typer.Option(DEFAULTS.rel_tol, help="stop when every expert's relative stderr is below this"),
     cover: bool = typer.Option(DEFAULTS.cover, help="add unused calibration samples that reach experts the chosen "
                                                    "samples never routed to"),
+    device: str = typer.Option("auto", "--device", help="auto (a CUDA GPU when visible), cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="compute dtype: auto (float32 up to 1B parameters, else "
+                                                      "bfloat16), float32 or bfloat16"),
     trust_remote_code: bool = typer.Option(False, help="run the checkpoint's own Python code (only if you trust it)"),
 ) -> None:
     """Estimate every routed expert's Hessian trace (Hutchinson) and routing statistics."""
-    from ..calibration import calibration_kind, check_sizes, load_calibration
-    from ..models.loading import load_model, load_tokenizer, model_info
+    from ..calibration import calibration_kind, check_sizes
+    from ..devices import resolve_device
+    from ..models.loading import model_info
 
     calib = calib or default_calib(model_info(model).is_vlm)  # settings are checked before the model loads
     default_samples, default_batch = DATA_DEFAULTS[calibration_kind(calib)]
@@ -48,11 +52,10 @@ def analyze(
     check_sizes(samples, seq_len, batch_size)
     cfg = EstimatorConfig(seed=seed, curvature=curvature, max_probes=probes,
                           min_probes=min(DEFAULTS.min_probes, probes), rel_tol=rel_tol, batch_size=batch_size, cover=cover)
-    net, info = load_model(model, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    data = load_calibration(calib, tokenizer, net.config, samples=samples, seq_len=seq_len, batch_size=cfg.batch_size)
+    resolve_device(device)
+    require_free_space(Path(out).resolve().parent, 1 << 20, "the sensitivity file")
     with staged_dir(out) as stage:
-        report = _run(net, info, data, cfg)
+        report = _run(model, calib, cfg, samples, seq_len, device, dtype, trust_remote_code)
         write_json(stage / "sensitivity.json", report.to_json())
         heatmap(report, stage / "sensitivity.png")
     console.print(summary_table(report))
@@ -60,16 +63,19 @@ def analyze(
     console.print(f"{len(report.experts)} experts, {report.probes} {cfg.curvature} probes "
                   f"({'converged' if report.converged else 'probe cap reached'}), "
                   + (f"{added} sample(s) added to reach unrouted experts, " if added else "")
-                  + f"{report.seconds:.1f} s -> {out}/sensitivity.json")
+                  + f"{report.seconds:.1f} s, peak {report.resources['peak_rss_bytes'] / 2**30:.2f} GiB host"
+                  + (f", {report.resources['peak_gpu_bytes'] / 2**30:.2f} GiB GPU" if report.resources['peak_gpu_bytes']
+                     else "") + f" -> {out}/sensitivity.json")
 
 
-def _run(net, info, data, cfg: EstimatorConfig) -> SensitivityReport:
+def _run(model, calib, cfg: EstimatorConfig, samples, seq_len, device, dtype, trust_remote_code) -> SensitivityReport:
     columns = (TextColumn("Hutchinson probes"), BarColumn(), MofNCompleteColumn(),
                TextColumn("worst rel. stderr {task.fields[worst]}"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("probes", total=cfg.max_probes, worst="-")
-        return run_analysis(net, info, data, cfg,
-                            on_probe=lambda i, w: progress.update(task, completed=i, worst=f"{w:.3f}"))
+        return run_analyze(model, calib, cfg=cfg, samples=samples, seq_len=seq_len, device=device, dtype=dtype,
+                           trust_remote_code=trust_remote_code, say=console.print,
+                           on_probe=lambda i, w: progress.update(task, completed=i, worst=f"{w:.3f}"))
 
 
 def _by_layer(report: SensitivityReport) -> dict[int, list]:

@@ -33,6 +33,11 @@ def build(
     eval_samples: int = typer.Option(0, "--eval-samples", help="gate: VQA samples (0 = all)"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="stage cache (default: ~/.cache/mopeq-export)"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute every stage"),
+    device: str = typer.Option("auto", "--device", help="analyze, quantize and the gate's reference: auto (a CUDA "
+                                                        "GPU when visible), cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="analysis/reference compute dtype: auto (float32 up to 1B "
+                                                      "parameters, else bfloat16), float32 or bfloat16"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the checkpoint's own code"),
 ) -> None:
     """analyze -> plan -> quantize -> export -> package -> validate, with a cache of the stages."""
     from ..build import BuildConfig, GateFailed, build as run_build
@@ -45,7 +50,8 @@ def build(
     get_target(target)
     cfg = BuildConfig(model=model, target=target, out=out, avg_bits=avg_bits, plan=plan, calib=calib,
                       eval=eval_data, seed=seed, tar=tar, cache=cache, use_cache=not no_cache, context=context,
-                      gate=GateConfig(max_ppl_ratio, min_vqa_retention, eval_windows or None, eval_samples or None))
+                      gate=GateConfig(max_ppl_ratio, min_vqa_retention, eval_windows or None, eval_samples or None),
+                      device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     cols = (SpinnerColumn(), TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"), TimeElapsedColumn())
     with Progress(*cols, console=console) as bar:

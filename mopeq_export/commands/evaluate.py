@@ -19,11 +19,15 @@ def evaluate(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="text: evaluate only the first N windows"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="VQA: evaluate only the first N samples"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the JSON report here"),
+    device: str = typer.Option("auto", "--device", help="auto (a CUDA GPU when visible), cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 up to 1B parameters, else bfloat16), "
+                                                      "float32 or bfloat16"),
 ) -> None:
     """Perplexity / KL / top-1 agreement (text) or VQA exact match + answer KL (vision-language)."""
     from ..evaluate import evaluate_model
 
-    report = evaluate_model(model, quantized, data, max_windows=max_windows, max_samples=max_samples)
+    report = evaluate_model(model, quantized, data, max_windows=max_windows, max_samples=max_samples,
+                            device=device, dtype=dtype)
     print_report(report)
     if out is not None:
         from ..fsutil import staged_file, write_json

@@ -32,9 +32,13 @@ def quantize(
                                                  help="also quantize shared experts uniformly to 4 or 8 bits"),
     dense_attention: bool = typer.Option(False, "--dense-attention", help="with --quantize-dense: attention too"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    device: str = typer.Option("auto", "--device", help="auto (a CUDA GPU when visible), cpu, cuda or cuda:N"),
+    dtype: str = typer.Option("float32", "--dtype", help="compute dtype of the layer being quantized: float32 "
+                                                          "(one layer is resident, so it costs little) or bfloat16"),
 ) -> None:
     """Quantize routed experts (GPTQ per expert on its own routed tokens, or RTN) into the packed format."""
     from ..cli import default_calib
+    from ..devices import resolve_dtype
     from ..models.loading import model_info
 
     if calib is None and method == "gptq":
@@ -45,7 +49,8 @@ def quantize(
         task = bar.add_task(f"quantizing experts ({method})", total=None)
         res = run_quantize(model, plan, out, calib=calib, cfg=cfg, samples=samples, seq_len=seq_len,
                            dense_bits=quantize_dense, dense_attention=dense_attention,
-                           trust_remote_code=trust_remote_code, progress=lambda: bar.advance(task))
+                           trust_remote_code=trust_remote_code, progress=lambda: bar.advance(task),
+                           device=device, dtype=resolve_dtype(dtype, 0))
     print_quantize_summary(res.record, res.seconds)
 
 

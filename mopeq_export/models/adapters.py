@@ -128,28 +128,39 @@ def forward_until_stopped(model: nn.Module, inputs: dict[str, torch.Tensor]) -> 
         pass
 
 
-def _register_gate_hook(layer: MoELayer, callback: RoutingCallback):
-    """ModuleList blocks route inside their forward; observe the gate's input and output instead."""
+def _gate_top_k(layer: MoELayer) -> tuple[nn.Module, int | None, bool]:
     gate = getattr(layer.block, "gate", None)
     if gate is None:
         raise MopeqError(f"{layer.block_path}: ModuleList MoE block has no `gate` router module")
     top_k = next((getattr(src, a) for src in (layer.block, gate) for a in ("top_k", "num_experts_per_tok")
                   if isinstance(getattr(src, a, None), int)), None)
     norm = bool(getattr(layer.block, "norm_topk_prob", getattr(gate, "norm_topk_prob", False)))
+    return gate, top_k, norm
+
+
+def routing_from_gate(layer: MoELayer, output, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top_k_index [T, k], top_k_weights [T, k]) from what a ModuleList block's gate returned."""
+    _, top_k, norm = _gate_top_k(layer)
+    if isinstance(output, (tuple, list)):  # DeepSeek-style gate: (topk_idx, topk_weight, ...)
+        idx = next(t for t in output if torch.is_tensor(t) and not t.is_floating_point())
+        w = next(t for t in output if torch.is_tensor(t) and t.is_floating_point() and t.shape == idx.shape)
+    else:  # linear gate producing logits: softmax then top-k, as the block does
+        if top_k is None:
+            raise MopeqError(f"{layer.block_path}: cannot tell the router's top-k (no top_k attribute)")
+        probs = torch.softmax(output.reshape(-1, layer.num_experts).float(), dim=-1)
+        w, idx = torch.topk(probs, top_k, dim=-1)
+        if norm:
+            w = w / w.sum(-1, keepdim=True)
+    return idx.reshape(tokens, -1), w.reshape(tokens, -1)
+
+
+def _register_gate_hook(layer: MoELayer, callback: RoutingCallback):
+    """ModuleList blocks route inside their forward; observe the gate's input and output instead."""
+    gate, _, _ = _gate_top_k(layer)
 
     def hook(_mod, args, output):
         hidden = args[0].reshape(-1, layer.hidden_size)
-        if isinstance(output, (tuple, list)):  # DeepSeek-style gate: (topk_idx, topk_weight, ...)
-            idx = next(t for t in output if torch.is_tensor(t) and not t.is_floating_point())
-            w = next(t for t in output if torch.is_tensor(t) and t.is_floating_point() and t.shape == idx.shape)
-        else:  # linear gate producing logits: softmax then top-k, as the block does
-            if top_k is None:
-                raise MopeqError(f"{layer.block_path}: cannot tell the router's top-k (no top_k attribute)")
-            probs = torch.softmax(output.reshape(-1, layer.num_experts).float(), dim=-1)
-            w, idx = torch.topk(probs, top_k, dim=-1)
-            if norm:
-                w = w / w.sum(-1, keepdim=True)
-        callback(hidden, idx.reshape(hidden.shape[0], -1), w.reshape(hidden.shape[0], -1))
+        callback(hidden, *routing_from_gate(layer, output, hidden.shape[0]))
 
     return gate.register_forward_hook(hook)
 
@@ -216,6 +227,24 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
             "and no ModuleList of gate/up/down MLPs beside a router); mopeq-export only handles MoE models"
         )
     return layers
+
+
+def decoder_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers that holds the MoE blocks (its path and the list itself).
+
+    Dense decoder layers in the same list (DeepSeek's first layers) belong to it too; vision towers do not."""
+    block = find_moe_layers(model)[0].block_path.split(".")
+    for cut in range(len(block) - 1, 0, -1):
+        parent = ".".join(block[:cut - 1])
+        mod = model.get_submodule(parent) if parent else model
+        if isinstance(mod, nn.ModuleList) and block[cut - 1].isdigit():
+            return parent, mod
+    raise MopeqError(f"{type(model).__name__}: the MoE blocks are not inside a list of decoder layers")
+
+
+def decoder_layer_paths(model: nn.Module) -> list[str]:
+    path, stack = decoder_stack(model)
+    return [f"{path}.{i}" for i in range(len(stack))]
 
 
 def expert_index(layers: list[MoELayer]) -> dict[str, tuple[MoELayer, int]]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import MopeqError
-from ..fsutil import sha256_file
+from ..fsutil import cached_sha256, default_cache, sha256_file
 
 SCHEMA_VERSION = 1
 
@@ -78,27 +79,67 @@ def model_info(model_dir: str | Path) -> ModelInfo:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise MopeqError(f"model folder not found: {model_dir}")
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise MopeqError(f"{model_dir} has no config.json; point --model at a Hugging Face checkpoint folder")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MopeqError(f"cannot read {cfg_path}: {e}") from None
+    cfg = read_config_json(model_dir)
     files = weight_files(model_dir)
+    key = (str(model_dir.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                           for f in [model_dir / "config.json", *files]))
+    if key in _INFO_MEMO:
+        return _INFO_MEMO[key]
+    table = default_cache() / "file-hashes.json"
     h = hashlib.sha256()
     for f in files:
-        h.update(f.name.encode() + b"\0" + sha256_file(f).encode() + b"\n")
+        h.update(f.name.encode() + b"\0" + cached_sha256(f, table).encode() + b"\n")
     arch = (cfg.get("architectures") or ["unknown"])[0]
-    return ModelInfo(
+    info = ModelInfo(
         path=str(model_dir.resolve()),
         name=model_dir.resolve().name,
         architecture=arch,
         model_type=cfg.get("model_type", "unknown"),
         is_vlm="vision_config" in cfg,
-        config_sha256=sha256_file(cfg_path),
+        config_sha256=sha256_file(model_dir / "config.json"),
         weights_sha256=h.hexdigest(),
     )
+    _INFO_MEMO[key] = info
+    return info
+
+
+_INFO_MEMO: dict[tuple, ModelInfo] = {}
+
+
+def read_config_json(model_dir: Path) -> dict:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise MopeqError(f"{model_dir} has no config.json; point --model at a Hugging Face checkpoint folder")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MopeqError(f"cannot read {cfg_path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise MopeqError(f"{cfg_path} is not a JSON object; point --model at a Hugging Face checkpoint folder")
+    return cfg
+
+
+def tensor_sizes(model_dir: str | Path) -> dict[str, int]:
+    """Element count of every checkpoint tensor, from the safetensors headers alone (no weight is read)."""
+    sizes = {}
+    for f in weight_files(Path(model_dir)):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, v in header.items():
+            if name != "__metadata__":
+                sizes[name] = math.prod(v["shape"])
+    return sizes
+
+
+def checkpoint_params(model_dir: str | Path) -> int:
+    return sum(tensor_sizes(model_dir).values())
+
+
+def check_weights(model_dir: str | Path) -> None:
+    """Every shard's header and length, before any stage spends time on the model."""
+    for f in weight_files(Path(model_dir)):
+        _check_safetensors(f)
 
 
 def load_model(
@@ -106,36 +147,29 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
     attn_implementation: str = "eager",
 ) -> tuple[torch.nn.Module, ModelInfo]:
-    """Load a checkpoint for analysis/quantization (float32 compute on CPU by default).
+    """The whole checkpoint on `device` in `dtype` (see mopeq_export/devices.py for the choice).
 
-    Eager attention is the default because `analyze --curvature hessian` needs double backward,
-    which the CPU SDPA kernel does not provide.
+    Built as a skeleton and filled one decoder layer at a time (`onload.py`), so the transient memory of
+    transformers' expert conversions is one layer's, not the model's. Eager attention is the default because
+    `analyze --curvature hessian` needs double backward, which the CPU SDPA kernel does not provide.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from .adapters import decoder_layer_paths
+    from .onload import WeightSource, load_full, skeleton
 
     info = model_info(model_dir)
-    for f in weight_files(Path(model_dir)):
-        _check_safetensors(f)
+    check_weights(model_dir)
+    model = skeleton(model_dir, dtype=dtype, attn_implementation=attn_implementation,
+                     trust_remote_code=trust_remote_code)
+    source = WeightSource(model_dir, model)
     try:
-        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        if "trust_remote_code" in str(e):
-            raise MopeqError(f"{model_dir} needs its own code; rerun with --trust-remote-code if you trust it") from None
-        raise MopeqError(f"cannot read the config in {model_dir}: {e}") from None
-    auto = AutoModelForImageTextToText if info.is_vlm else AutoModelForCausalLM
-    try:
-        model = auto.from_pretrained(
-            model_dir,
-            config=config,
-            dtype=dtype,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        load_full(model_dir, model, source, torch.device(device), chunks=[p + "." for p in decoder_layer_paths(model)])
+    except (OSError, RuntimeError) as e:
         raise MopeqError(f"cannot load the model in {model_dir}: {str(e).splitlines()[0]}") from None
-    model.eval()
+    finally:
+        source.close()
     return model, info
 
 

@@ -76,15 +76,13 @@ def dense_tensors(path: str, q: QuantizedMatrix, bias: torch.Tensor | None) -> d
     return d
 
 
-def size_report(layers: list[LayerRecord], tensors: dict[str, np.ndarray], model: torch.nn.Module,
-                expert_params: set[str], dense_bytes: int, dense_params: int) -> dict:
+def size_report(layers: list[LayerRecord], tensors: dict[str, np.ndarray], total_params: int, expert_params: int,
+                dense_bytes: int, dense_params: int) -> dict:
     """Honest sizes: nominal vs effective bits per routed-expert weight, and whole-model bytes vs float16."""
     weights = sum(3 * l.num_experts * l.hidden_size * l.intermediate_size for l in layers)
     nominal = sum(b * 3 * l.hidden_size * l.intermediate_size for l in layers for b in l.expert_bits)
     expert_bytes = int(sum(t.nbytes for t in tensors.values()))
-    total_params = sum(p.numel() for p in model.parameters())
-    fp16_rest = 2 * (total_params - sum(p.numel() for n, p in model.named_parameters() if n in expert_params)
-                     - dense_params)
+    fp16_rest = 2 * (total_params - expert_params - dense_params)
     return {
         "expert_weights": int(weights),
         "nominal_bits": nominal / weights,

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from ..errors import MopeqError
-from ..models.adapters import MoELayer, find_moe_layers
-from ..models.loading import load_model, model_info
+from ..models.adapters import MoELayer, decoder_layer_paths, find_moe_layers
+from ..models.loading import check_weights, model_info
+from ..models.onload import WeightSource, load_full, skeleton
 from .checkpoint import QuantizedCheckpoint, read_checkpoint
 from .packing import num_blocks, slot_table
 from .reference import PackedLayer, PackedLinear
@@ -25,8 +26,17 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
-def _install_modulelist(layer: MoELayer, tensors: dict[str, np.ndarray], bits: list[int], g: int) -> None:
-    """ModuleList experts keep their MLP modules; each projection becomes a PackedLinear slice."""
+PACKED_ATTR = "mopeq_packed"  # a ModuleList block's whole packed layer (the export computes the block from it)
+
+
+def _install_modulelist(layer: MoELayer, tensors: dict[str, np.ndarray], bits: list[int], g: int,
+                        activation: str) -> None:
+    """ModuleList experts keep their MLP modules (the block's own forward runs them); each projection becomes
+    a PackedLinear view of the layer's packed tensors, which the block also holds whole as `mopeq_packed`."""
+    packed = PackedLayer({n: _t(v) for n, v in tensors.items()}, list(bits), g, activation)
+    packed.__dict__["moe_layer"] = layer  # plain attribute (not a submodule): the block it computes
+    layer.block.add_module(PACKED_ATTR, packed)
+    tensors = {n: t.numpy() for n, t in packed.tensors().items()}  # the views below share these buffers
     slots, h, i = slot_table(bits), layer.hidden_size, layer.intermediate_size
     for e, (b, s) in enumerate(zip(bits, slots)):
         m = layer.experts[e]
@@ -51,7 +61,7 @@ def install_packed(model: nn.Module, ckpt: QuantizedCheckpoint) -> nn.Module:
                                  rec.activation)
             _set_module(model, rec.experts_path, packed)
         else:
-            _install_modulelist(layer, tensors, list(rec.expert_bits), ckpt.group_size)
+            _install_modulelist(layer, tensors, list(rec.expert_bits), ckpt.group_size, rec.activation)
     for d in ckpt.dense:
         t = ckpt.dense_tensors
         bias = _t(t[f"{d.path}.bias"]) if d.has_bias else None
@@ -64,10 +74,13 @@ def install_packed(model: nn.Module, ckpt: QuantizedCheckpoint) -> nn.Module:
 
 
 def load_quantized(qdir: str | Path, model_dir: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-                   attn_implementation: str = "eager") -> nn.Module:
+                   attn_implementation: str = "eager", device: torch.device | str = "cpu",
+                   trust_remote_code: bool = False) -> nn.Module:
     """A transformers model whose experts compute from QDIR's packed weights (reference dequantization).
 
-    `model_dir` defaults to the source checkpoint recorded in QDIR; its weights must hash the same.
+    `model_dir` defaults to the source checkpoint recorded in QDIR; its weights must hash the same. The
+    model is built as a skeleton, the packed layers go in, and only the weights that are not routed experts
+    (nor packed dense layers) are read from the checkpoint: no float copy of the experts ever exists.
     """
     ckpt = read_checkpoint(qdir)
     src = Path(model_dir or ckpt.model.path)
@@ -75,5 +88,14 @@ def load_quantized(qdir: str | Path, model_dir: str | Path | None = None, *, dty
     if info.weights_sha256 != ckpt.model.weights_sha256:
         raise MopeqError(f"{src} is not the checkpoint {qdir} was quantized from (weights hash differs); "
                          "pass the original with --model")
-    model, _ = load_model(src, dtype=dtype, attn_implementation=attn_implementation)
-    return install_packed(model, ckpt)
+    check_weights(src)
+    model = skeleton(src, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    source = WeightSource(src, model)  # key mapping made while the experts are still the checkpoint's modules
+    chunks = [p + "." for p in decoder_layer_paths(model)]
+    install_packed(model, ckpt)
+    wanted = {n for n, p in model.named_parameters() if p.device.type == "meta"}
+    try:
+        load_full(src, model, source, torch.device(device), chunks=chunks, select=wanted.__contains__)
+    finally:
+        source.close()
+    return model

@@ -1,21 +1,28 @@
-"""Stage "quantize": every routed expert at its planned width, layer by layer in model order.
+"""Stage "quantize": every routed expert at its planned width, decoder layer by decoder layer.
 
-GPTQ needs each expert's own inputs. For each MoE layer the calibration set is run up to that layer
-(later layers are skipped), with the earlier layers already quantized, so the inputs include the error
-those layers introduce. Expert e's ``w1`` is quantized with the Gram matrix of the tokens routed to e;
-its ``w2`` with the Gram matrix of the intermediate activations computed through the *quantized* ``w1``.
+GPTQ needs each expert's own inputs. The calibration batches go through the decoder layers one at a
+time (`models/sequential.py`), each layer after its experts are quantized, so a layer's inputs carry the
+error the layers before it introduce. Expert e's ``w1`` is quantized with the Gram matrix of the tokens
+routed to e; its ``w2`` with the Gram matrix of the intermediate activations computed through the
+*quantized* ``w1``. All GPTQ experts of a layer run as one batched GPTQ (`gptq_batched`), in chunks that
+fit `work_bytes`.
+
+With a `WeightSource` only one decoder layer holds weights at a time (sequential onloading): the stage's
+memory is one layer in float32 plus the calibration activations, not the model (docs/SCALE.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
-from ..calibration import CalibrationSet, model_inputs
+from ..calibration import CalibrationSet
 from ..errors import MopeqError
-from ..models.adapters import MoELayer, StopForward, forward_until_stopped
-from .gptq import GPTQConfig, Gram, gptq
+from ..models.adapters import MoELayer, StopForward
+from ..models.sequential import SequentialRunner
+from .gptq import GPTQConfig, Gram, gptq_batched
 from .primitives import QuantizedMatrix, check_width, rtn
 
 
@@ -51,81 +58,159 @@ class ExpertResult:
                                            "w1_rel_error", "w2_rel_error", "out_rel_error")}
         return d
 
-
-def capture_layer_inputs(model, layer: MoELayer, calib: CalibrationSet):
-    """Hidden states [N, H] entering the layer's experts, their top-k indices and weights [N, k] (no padding)."""
-    hidden, indices, weights, state = [], [], [], {}
-
-    def hook(x, idx, w):
-        keep = state["mask"].reshape(-1).bool() if state["mask"] is not None else slice(None)
-        hidden.append(x.detach().reshape(-1, x.shape[-1])[keep].float())
-        indices.append(idx.detach().reshape(x.shape[0], -1)[keep])
-        weights.append(w.detach().reshape(x.shape[0], -1)[keep].float())
-        raise StopForward  # nothing after the observed layer needs computing
-
-    handle = layer.register_routing_hook(hook)
-    try:
-        with torch.no_grad():
-            for batch in calib.batches:
-                state["mask"] = batch.get("attention_mask")
-                forward_until_stopped(model, model_inputs(batch))
-    finally:
-        handle.remove()
-    return torch.cat(hidden), torch.cat(indices), torch.cat(weights)
+    def cpu(self) -> "ExpertResult":
+        """The packed matrices on the CPU (where they are written from); the device copies can go."""
+        mv = lambda q: QuantizedMatrix(q.bits, q.group_size, q.codes.cpu(), q.scales.cpu(), q.zeros.cpu())  # noqa: E731
+        self.w1, self.w2 = mv(self.w1), mv(self.w2)
+        return self
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def quantize_expert(layer: MoELayer, e: int, bits: int, x: torch.Tensor, r: torch.Tensor,
-                    cfg: QuantizeConfig) -> ExpertResult:
-    """Quantize expert e given the tokens routed to it (x: [n, H], possibly empty) and their routing weights r [n]."""
-    w1, w2 = layer.get_w1(e), layer.get_w2(e)
-    use_gptq = cfg.method == "gptq" and x.shape[0] >= cfg.gptq.min_tokens
-    if use_gptq:
-        rw = r[:, None] if cfg.routing_weighted else 1.0
-        g1 = Gram(w1.shape[1])
-        g1.add(x * rw)
-        q1 = gptq(w1, g1, bits, cfg.group_size, cfg.gptq)
-        a = x @ q1.dequantize().t()
-        i = layer.intermediate_size
-        hmid = layer.act(a[:, :i]) * a[:, i:]
-        g2 = Gram(w2.shape[1])
-        g2.add(hmid * rw)
-        q2 = gptq(w2, g2, bits, cfg.group_size, cfg.gptq)
-    else:
-        q1, q2 = rtn(w1, bits, cfg.group_size), rtn(w2, bits, cfg.group_size)
-    out_err = _rel(x @ q1.dequantize().t(), x @ w1.t()) if x.shape[0] else None
-    return ExpertResult(layer.expert_name(e), layer.layer, e, bits, "gptq" if use_gptq else "rtn", int(x.shape[0]),
-                        q1, q2, _rel(q1.dequantize(), w1), _rel(q2.dequantize(), w2), out_err)
+@dataclass
+class Routed:
+    """The tokens of the calibration set that entered one MoE layer (padding dropped)."""
+
+    x: torch.Tensor  # [N, H] float32
+    idx: torch.Tensor  # [N, k]
+    w: torch.Tensor  # [N, k] float32
+
+    def of(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's inputs [n, H] and the routing weights they were sent with [n]."""
+        hit = self.idx == e
+        routed = hit.any(-1)
+        return self.x[routed], (self.w * hit).sum(-1)[routed]
+
+    @classmethod
+    def empty(cls, hidden: int, device) -> "Routed":
+        return cls(torch.zeros(0, hidden, device=device), torch.zeros(0, 1, dtype=torch.long, device=device),
+                   torch.zeros(0, 1, device=device))
 
 
-def quantize_layers(model, layers: list[MoELayer], bits: dict[str, int], calib: CalibrationSet | None,
-                    cfg: QuantizeConfig, progress=None) -> list[list[ExpertResult]]:
-    """Quantize every routed expert; the model's expert weights are replaced by their dequantized values
-    as each layer completes (so later layers calibrate on quantized earlier layers)."""
+def capture_routed(runner: SequentialRunner, i: int, decoder_layer, layer: MoELayer) -> Routed:
+    """Run decoder layer i up to its experts on every batch and keep what they receive."""
+    hidden, indices, weights, state = [], [], [], {}
+
+    def hook(x, idx, w):
+        mask = state["mask"]
+        keep = mask.reshape(-1).bool().to(x.device) if mask is not None else slice(None)
+        hidden.append(x.detach().reshape(-1, x.shape[-1])[keep].float())
+        indices.append(idx.detach().reshape(x.shape[0], -1)[keep])
+        weights.append(w.detach().reshape(x.shape[0], -1)[keep].float())
+        raise StopForward  # nothing after the experts' input is needed
+
+    handle = layer.register_routing_hook(hook)
+    try:
+        runner.run(i, decoder_layer, stop_ok=True,
+                   on_batch=lambda b: state.update(mask=runner.batches[b].get("attention_mask")))
+    finally:
+        handle.remove()
+    return Routed(torch.cat(hidden), torch.cat(indices), torch.cat(weights))
+
+
+def _chunks(items: list[int], per_item_bytes: int, work_bytes: int) -> list[list[int]]:
+    n = max(1, work_bytes // max(per_item_bytes, 1))
+    return [items[j:j + n] for j in range(0, len(items), n)]
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    g = Gram(x.shape[1], x.device)
+    g.add(x)
+    return (g.xtx / max(g.n, 1)).float()
+
+
+def _gptq_many(mats: list[torch.Tensor], grams: list[torch.Tensor], bits: list[int], cfg: QuantizeConfig) -> list[QuantizedMatrix]:
+    codes, scales, zeros = gptq_batched(torch.stack(mats), torch.stack(grams), torch.tensor(bits), cfg.group_size,
+                                        cfg.gptq)
+    return [QuantizedMatrix(b, cfg.group_size, c, s, z) for b, c, s, z in zip(bits, codes, scales, zeros)]
+
+
+def quantize_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: QuantizeConfig,
+                   work_bytes: int = 1 << 30, progress: Callable[[], None] | None = None) -> list[ExpertResult]:
+    """Every expert of one MoE layer: batched GPTQ for those with at least `min_tokens` routed tokens, RTN
+    (with the clipping search) for the others and for `--method rtn`."""
+    per = [routed.of(e) for e in range(layer.num_experts)]
+    use_gptq = [cfg.method == "gptq" and x.shape[0] >= cfg.gptq.min_tokens for x, _ in per]
+    q1: dict[int, QuantizedMatrix] = {}
+    q2: dict[int, QuantizedMatrix] = {}
+    h, i2 = layer.hidden_size, 2 * layer.intermediate_size
+    # per expert: float32 weights, Gram, inverse factor and working copies (about 6 matrices of the larger side)
+    per_bytes = 4 * 6 * max(i2 * h + h * h, h * layer.intermediate_size + layer.intermediate_size ** 2)
+    gptq_experts = [e for e in range(layer.num_experts) if use_gptq[e]]
+    for chunk in _chunks(gptq_experts, per_bytes, work_bytes):
+        weights = lambda e: per[e][1][:, None] if cfg.routing_weighted else 1.0  # noqa: E731
+        first = _gptq_many([layer.get_w1(e) for e in chunk], [_gram(per[e][0] * weights(e)) for e in chunk],
+                           [bits[e] for e in chunk], cfg)
+        grams2 = []
+        for e, q in zip(chunk, first):
+            q1[e] = q
+            a = per[e][0] @ q.dequantize().t()
+            grams2.append(_gram(layer.act(a[:, :layer.intermediate_size]) * a[:, layer.intermediate_size:] * weights(e)))
+        for e, q in zip(chunk, _gptq_many([layer.get_w2(e) for e in chunk], grams2, [bits[e] for e in chunk], cfg)):
+            q2[e] = q
+    results = []
+    for e in range(layer.num_experts):
+        w1, w2 = layer.get_w1(e), layer.get_w2(e)
+        if e not in q1:
+            q1[e], q2[e] = rtn(w1, bits[e], cfg.group_size), rtn(w2, bits[e], cfg.group_size)
+        x = per[e][0]
+        out_err = _rel(x @ q1[e].dequantize().t(), x @ w1.t()) if x.shape[0] else None
+        results.append(ExpertResult(layer.expert_name(e), layer.layer, e, bits[e], "gptq" if use_gptq[e] else "rtn",
+                                    int(x.shape[0]), q1[e], q2[e], _rel(q1[e].dequantize(), w1),
+                                    _rel(q2[e].dequantize(), w2), out_err))
+        if progress is not None:
+            progress()
+    return results
+
+
+def check_config(bits: dict[str, int], calib: CalibrationSet | None, cfg: QuantizeConfig) -> None:
     if cfg.method not in ("gptq", "rtn"):
         raise MopeqError(f"unknown quantization method '{cfg.method}'; use gptq or rtn")
     for b in set(bits.values()):
         check_width(b, cfg.group_size)
     if cfg.method == "gptq" and calib is None:
         raise MopeqError("GPTQ needs calibration data (--calib), or use --method rtn")
-    results = []
+
+
+LayerDone = Callable[[int, torch.nn.Module], None]  # (decoder layer index, the loaded layer) after its turn
+
+
+def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: dict[str, int], cfg: QuantizeConfig,
+                        progress=None, work_bytes: int = 1 << 30,
+                        after_layer: LayerDone | None = None) -> list[list[ExpertResult]]:
+    """Walk the decoder layers: capture what each MoE layer's experts receive, quantize them, write their
+    dequantized weights back, and run the layer to produce the next one's inputs. `after_layer` sees each
+    layer while its weights are loaded (dense-layer quantization, for one)."""
+    by_index = {}
     for layer in layers:
-        if cfg.method == "gptq":
-            x, idx, w = capture_layer_inputs(model, layer, calib)
-        else:
-            x, idx, w = torch.zeros(0, layer.hidden_size), torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1)
-        done = []
-        for e in range(layer.num_experts):
-            hit = idx == e
-            routed = hit.any(-1)
-            r = (w * hit).sum(-1)[routed]
-            done.append(quantize_expert(layer, e, bits[layer.expert_name(e)], x[routed], r, cfg))
-            if progress is not None:
-                progress()
-        for r in done:  # after the whole layer: its experts saw the same (unquantized-layer) inputs
-            layer.set_weights(r.expert, r.w1.dequantize(), r.w2.dequantize())
-        results.append(done)
+        prefix = layer.block_path[len(runner.stack_path) + 1:].split(".")[0]
+        by_index[int(prefix)] = layer
+    results: list[list[ExpertResult]] = []
+    for i in range(len(runner.stack)):
+        with runner.loaded(i) as decoder_layer:
+            moe = by_index.get(i)
+            if moe is not None:
+                routed = (capture_routed(runner, i, decoder_layer, moe) if cfg.method == "gptq"
+                          else Routed.empty(moe.hidden_size, runner.device))
+                done = quantize_layer(moe, routed, [bits[n] for n in moe.expert_names], cfg, work_bytes, progress)
+                for r in done:  # after the whole layer: its experts saw the same (unquantized-layer) inputs
+                    moe.set_weights(r.expert, r.w1.dequantize(), r.w2.dequantize())
+                results.append([r.cpu() for r in done])
+                del routed
+            if cfg.method == "gptq" and i + 1 < len(runner.stack):
+                runner.run(i, decoder_layer)
+            if after_layer is not None:
+                after_layer(i, decoder_layer)
     return results
+
+
+def quantize_layers(model, layers: list[MoELayer], bits: dict[str, int], calib: CalibrationSet | None,
+                    cfg: QuantizeConfig, progress=None) -> list[list[ExpertResult]]:
+    """Quantize every routed expert of a model already in memory (its expert weights are replaced by their
+    dequantized values as each layer completes, so later layers calibrate on quantized earlier layers)."""
+    check_config(bits, calib, cfg)
+    device = next(model.parameters()).device
+    runner = SequentialRunner(model, calib.batches if cfg.method == "gptq" else [], device)
+    return quantize_sequential(runner, layers, bits, cfg, progress)

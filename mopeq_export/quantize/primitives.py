@@ -40,7 +40,7 @@ class QuantizedMatrix:
 
 def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
     """[..., G] -> [..., K]: each group's value repeated over its columns (last group partial)."""
-    return t[..., torch.arange(k) // group_size]
+    return t[..., torch.arange(k, device=t.device) // group_size]
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -51,48 +51,74 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
 
 
 def _pad_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [rows, K] -> values [rows, G, g] and a mask of real (non-padding) entries."""
-    rows, k = w.shape
+    """w [..., rows, K] -> values [..., rows, G, g] and a mask of real (non-padding) entries."""
+    k = w.shape[-1]
     g = num_groups(k, group_size)
     pad = g * group_size - k
-    vals = torch.nn.functional.pad(w, (0, pad)).view(rows, g, group_size)
-    mask = torch.nn.functional.pad(torch.ones_like(w, dtype=torch.bool), (0, pad)).view(rows, g, group_size)
+    vals = torch.nn.functional.pad(w, (0, pad)).view(*w.shape[:-1], g, group_size)
+    mask = torch.nn.functional.pad(torch.ones_like(w, dtype=torch.bool), (0, pad)).view(*w.shape[:-1], g, group_size)
     return vals, mask
 
 
-def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    qmax = 2 ** bits - 1
+def qmax_of(bits, ndim: int, device=None) -> float | torch.Tensor:
+    """2^b - 1: a number for one width, or a float tensor [E, 1, ...] (ndim dims) for per-expert widths."""
+    if isinstance(bits, torch.Tensor):
+        q = (2 ** bits.to(torch.int64) - 1).to(torch.float32, copy=False)
+        return q.to(device).view(-1, *([1] * (ndim - 1)))
+    return float(2 ** bits - 1)
+
+
+def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, qmax) -> tuple[torch.Tensor, torch.Tensor]:
     flat = (hi - lo) < _MIN_SCALE * qmax
     # a constant group keeps zero inside its range so it is represented exactly by q or z
     lo = torch.where(flat, torch.minimum(lo, torch.zeros_like(lo)), lo)
     hi = torch.where(flat, torch.maximum(hi, torch.zeros_like(hi)), hi)
     scale = ((hi - lo) / qmax).clamp_min(_MIN_SCALE).half().float()  # the stored (float16) scale
-    zero = torch.round(-lo / scale).clamp(0, qmax)
+    zero = torch.minimum(torch.round(-lo / scale).clamp_min(0), torch.as_tensor(qmax, dtype=lo.dtype, device=lo.device))
     return scale, zero
 
 
-def _fake_quant(vals: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    q = torch.clamp(torch.round(vals / scale[..., None]) + zero[..., None], 0, 2 ** bits - 1)
-    return (q - zero[..., None]) * scale[..., None]
+def _candidate_error(vals: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax, weight: torch.Tensor | None,
+                     work: torch.Tensor) -> torch.Tensor:
+    """Per group: sum of weight * ((clamp(round(v / s) + z, 0, qmax) - z) * s - v)^2, computed in `work`
+    (a buffer shaped like vals) step by step in place: this search is the hot loop of RTN at real size."""
+    s, z = scale[..., None], zero[..., None]
+    torch.div(vals, s, out=work)
+    work.round_().add_(z)
+    if isinstance(qmax, torch.Tensor):
+        torch.minimum(work.clamp_min_(0), qmax[..., None], out=work)
+    else:
+        work.clamp_(0, qmax)
+    work.sub_(z).mul_(s).sub_(vals).square_()
+    if weight is not None:
+        work.mul_(weight)
+    return work.sum(-1)
 
 
-def choose_params(w: torch.Tensor, bits: int, group_size: int, col_weight: torch.Tensor | None = None,
+def choose_params(w: torch.Tensor, bits, group_size: int, col_weight: torch.Tensor | None = None,
                   clip_grid=CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float16-representable, as float32) and zero per (row, group), with a clipping search.
 
-    Each candidate shrinks the group's [min, max] range by a factor; the one with the smallest squared
-    error (weighted per column by `col_weight`, e.g. the input's second moment) wins. At 2 bits the
-    clipping matters: the min/max range wastes levels on rare outliers.
+    w is [rows, K], or [E, rows, K] with `bits` one width per expert (a tensor [E]). Each candidate shrinks
+    the group's [min, max] range by a factor; the one with the smallest squared error (weighted per column
+    by `col_weight`, e.g. the input's second moment) wins. At 2 bits the clipping matters: the min/max range
+    wastes levels on rare outliers.
     """
     vals, mask = _pad_groups(w.float(), group_size)
+    qmax = qmax_of(bits, vals.dim() - 1, w.device)  # broadcasts over [..., rows, G]
+    padded = w.shape[-1] % group_size != 0
     big = torch.finfo(torch.float32).max
-    lo = torch.where(mask, vals, torch.full_like(vals, big)).amin(-1)
-    hi = torch.where(mask, vals, torch.full_like(vals, -big)).amax(-1)
-    cw = mask.float() if col_weight is None else _pad_groups(col_weight.expand_as(w).float(), group_size)[0]
+    lo = (torch.where(mask, vals, torch.full_like(vals, big)) if padded else vals).amin(-1)
+    hi = (torch.where(mask, vals, torch.full_like(vals, -big)) if padded else vals).amax(-1)
+    if col_weight is not None:
+        cw = _pad_groups(col_weight.expand_as(w).float(), group_size)[0]
+    else:
+        cw = mask.float() if padded else None  # padding carries no error
+    work = torch.empty_like(vals)
     best_s, best_z, best_err = None, None, None
     for f in clip_grid:
-        s, z = _params_from_range(lo * f, hi * f, bits)
-        err = ((_fake_quant(vals, s, z, bits) - vals) ** 2 * cw).sum(-1)
+        s, z = _params_from_range(lo * f, hi * f, qmax)
+        err = _candidate_error(vals, s, z, qmax, cw, work)
         if best_err is None:
             best_s, best_z, best_err = s, z, err
         else:
@@ -101,11 +127,12 @@ def choose_params(w: torch.Tensor, bits: int, group_size: int, col_weight: torch
     return best_s, best_z
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits, group_size: int) -> torch.Tensor:
     k = w.shape[-1]
     s = expand_groups(scale, k, group_size)
     z = expand_groups(zero, k, group_size)
-    return torch.clamp(torch.round(w.float() / s) + z, 0, 2 ** bits - 1)
+    q = torch.round(w.float() / s) + z
+    return torch.minimum(q.clamp_min(0), torch.as_tensor(qmax_of(bits, w.dim(), w.device), dtype=q.dtype, device=q.device))
 
 
 def rtn(w: torch.Tensor, bits: int, group_size: int, col_weight: torch.Tensor | None = None) -> QuantizedMatrix:

@@ -17,7 +17,7 @@ from .primitives import dequantize as dequantize_codes
 def _fields(words: torch.Tensor, width: int) -> torch.Tensor:
     """[..., W] uint32 -> [..., W * 32/width] fields of `width` bits, low bits first."""
     per = 32 // width
-    shifts = torch.arange(per, dtype=torch.int64) * width
+    shifts = torch.arange(per, dtype=torch.int64, device=words.device) * width
     w = words.to(torch.int64).unsqueeze(-1)
     return ((w >> shifts) & ((1 << width) - 1)).flatten(-2)
 
@@ -52,7 +52,7 @@ def moe_experts_torch(hidden: torch.Tensor, indices: torch.Tensor, weights: torc
     i = tensors["w1.scales"].shape[1] // 2
     slots = slot_table(expert_bits)
     x = hidden.float()
-    out = torch.zeros(hidden.shape[0], h, dtype=torch.float32)
+    out = torch.zeros(hidden.shape[0], h, dtype=torch.float32, device=hidden.device)
     for e in torch.unique(indices).tolist():
         b, s = expert_bits[e], int(slots[e])
         w1 = dequantize(tensors[f"w1.q{b}"][s], tensors["w1.scales"][e], tensors["w1.zeros"][e], b, h, group_size)

@@ -1,4 +1,10 @@
-"""`mopeq-export quantize`: plan + model (+ calibration) -> QDIR, all or nothing."""
+"""`mopeq-export quantize`: plan + model (+ calibration) -> QDIR, all or nothing, one decoder layer in memory.
+
+Everything that can be checked without the model is checked first (plan, calibration, widths, the output
+folder's disk), then the model is built as a skeleton and walked layer by layer (`pipeline.py`): the peak
+memory is about one decoder layer in float32 plus the calibration activations and the packed result
+(docs/SCALE.md), whatever the model's size.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,17 @@ from pathlib import Path
 import torch
 
 from ..calibration import load_calibration
+from ..devices import Meter, resolve_device
 from ..errors import MopeqError
-from ..fsutil import staged_dir
+from ..fsutil import require_free_space, staged_dir
 from ..models.adapters import find_moe_layers
-from ..models.loading import load_model, load_tokenizer
+from ..models.loading import check_weights, load_tokenizer, model_info
+from ..models.onload import WeightSource, skeleton
+from ..models.sequential import SequentialRunner
 from .checkpoint import (SCHEMA_VERSION, DenseRecord, dense_tensors, layer_record, layer_tensors, size_report,
                          to_json_layers, write_checkpoint)
 from .packing import LAYOUT_VERSION
-from .pipeline import QuantizeConfig, quantize_layers
+from .pipeline import QuantizeConfig, check_config, quantize_sequential
 from .plan_io import PlanBits, read_plan_bits
 from .primitives import check_width, rtn
 
@@ -52,41 +61,79 @@ def _quantize_dense(model, paths: list[str], bits: int, group_size: int):
     for p in paths:
         lin = model.get_submodule(p)
         q = rtn(lin.weight.detach().float(), bits, group_size)
-        tensors.update(dense_tensors(p, q, lin.bias))
+        bias = None if lin.bias is None else lin.bias.detach().cpu()
+        cpu = type(q)(q.bits, q.group_size, q.codes.cpu(), q.scales.cpu(), q.zeros.cpu())
+        tensors.update(dense_tensors(p, cpu, bias))
         records.append(DenseRecord(p, bits, lin.in_features, lin.out_features, lin.bias is not None))
         with torch.no_grad():
             lin.weight.copy_(q.dequantize())
     return records, tensors
 
 
+def expected_bytes(plan: PlanBits, layers, group_size: int, dense_params: int = 0, dense_bits: int = 8) -> int:
+    """Bytes QDIR will hold: each expert's codes at its width plus float16 scales and uint8 zeros per group."""
+    per_expert = {l.expert_name(e): l.expert_params for l in layers for e in range(l.num_experts)}
+    total = sum(per_expert[n] * (plan.bits[n] + 24 / group_size) / 8 for n in per_expert if n in plan.bits)
+    return int(total + dense_params * (dense_bits + 24 / group_size) / 8)
+
+
 def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, *, calib: str | Path | None,
                  cfg: QuantizeConfig, samples: int = 32, seq_len: int = 256, dense_bits: int | None = None,
-                 dense_attention: bool = False, trust_remote_code: bool = False, progress=None) -> QuantizeResult:
+                 dense_attention: bool = False, trust_remote_code: bool = False, progress=None,
+                 device: str | torch.device = "auto", dtype: torch.dtype = torch.float32,
+                 work_bytes: int | None = None) -> QuantizeResult:
     t0 = time.time()
-    model, info = load_model(model_dir, trust_remote_code=trust_remote_code)
+    # -- checks that need no model ---------------------------------------------------------------------
     plan: PlanBits = read_plan_bits(plan_path)
+    info = model_info(model_dir)
     plan.check_model(info)
-    layers = find_moe_layers(model)
-    plan.check_experts([n for l in layers for n in l.expert_names])
+    check_config(plan.bits, calib if cfg.method == "gptq" else None, cfg)
     if dense_bits is not None:
         check_width(dense_bits, cfg.group_size)
         if dense_bits not in (4, 8):
             raise MopeqError("--quantize-dense takes 4 or 8 bits")
+    if cfg.method == "gptq" and not Path(calib).exists():
+        raise MopeqError(f"calibration data not found: {calib}")
+    dev = resolve_device(device)
+    check_weights(model_dir)
+    meter = Meter(dev, dtype)
+
+    model = skeleton(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    layers = find_moe_layers(model)
+    plan.check_experts([n for l in layers for n in l.expert_names])
+    dense_paths = _dense_targets(model, layers, dense_attention) if dense_bits is not None else []
+    dense_params = sum(model.get_submodule(p).weight.numel() for p in dense_paths)
+    require_free_space(Path(out).resolve().parent, expected_bytes(plan, layers, cfg.group_size, dense_params,
+                                                                 dense_bits or 8), "the quantized checkpoint")
     calib_set = None
     if cfg.method == "gptq":
-        if calib is None:
-            raise MopeqError("GPTQ needs calibration data: pass --calib, or use --method rtn")
-        calib_set = load_calibration(calib, load_tokenizer(model_dir), model.config, samples=samples, seq_len=seq_len)
+        calib_set = load_calibration(calib, load_tokenizer(model_dir, trust_remote_code), model.config,
+                                     samples=samples, seq_len=seq_len)
     expert_params = {n for n, p in model.named_parameters() if any(p is q for l in layers for q, _ in l.hessian_params())}
-    results = quantize_layers(model, layers, plan.bits, calib_set, cfg, progress)
+    total_params = sum(p.numel() for p in model.parameters())
+    expert_count = sum(p.numel() for n, p in model.named_parameters() if n in expert_params)
+
+    dense_recs, dense = [], {}
+
+    def after_layer(i, decoder_layer):
+        prefix = f"{runner.stack_path}.{i}."
+        mine = [p for p in dense_paths if p.startswith(prefix)]
+        if mine:
+            recs, tensors = _quantize_dense(model, mine, dense_bits, cfg.group_size)
+            dense_recs.extend(recs)
+            dense.update(tensors)
+
+    source = WeightSource(model_dir, model)
+    try:
+        runner = SequentialRunner(model, calib_set.batches if calib_set else [], dev, source)
+        results = quantize_sequential(runner, layers, plan.bits, cfg, progress,
+                                      work_bytes or default_work_bytes(dev), after_layer)
+    finally:
+        source.close()
     tensors = {f"{l.experts_path}.{n}": t for l, rs in zip(layers, results) for n, t in layer_tensors(rs).items()}
-    dense_recs, dense = ([], {})
-    if dense_bits is not None:
-        dense_recs, dense = _quantize_dense(model, _dense_targets(model, layers, dense_attention), dense_bits,
-                                            cfg.group_size)
     lrecs = [layer_record(l, rs) for l, rs in zip(layers, results)]
-    dense_params = sum(d.in_features * d.out_features for d in dense_recs)
-    sizes = size_report(lrecs, tensors, model, expert_params, sum(t.nbytes for t in dense.values()), dense_params)
+    dense_count = sum(d.in_features * d.out_features for d in dense_recs)
+    sizes = size_report(lrecs, tensors, total_params, expert_count, sum(t.nbytes for t in dense.values()), dense_count)
     record = {
         "schema_version": SCHEMA_VERSION,
         "layout_version": LAYOUT_VERSION,
@@ -102,7 +149,15 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
         "experts": [r.summary() for rs in results for r in rs],
         "rtn_fallbacks": [r.name for rs in results for r in rs if r.method != cfg.method],
         "sizes": sizes,
+        "resources": meter.done().to_json(),
     }
     with staged_dir(out) as stage:
         write_checkpoint(stage, record, tensors, dense)
     return QuantizeResult(Path(out), record, time.time() - t0)
+
+
+def default_work_bytes(device: torch.device) -> int:
+    """Working memory for one batched GPTQ chunk: a quarter of the free GPU memory, 512 MiB on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] // 4)
+    return 512 << 20

@@ -1,0 +1,119 @@
+"""Where a stage computes, in which precision, and what it cost (docs/DECISIONS.md "Devices and precision").
+
+- ``--device auto|cpu|cuda|cuda:N``: auto is the first CUDA GPU when one is visible, else the CPU.
+- ``--dtype auto|float32|bfloat16``: the dtype the model's forward (and the analysis backward) runs in.
+  auto is float32 for models up to ``FLOAT32_MAX_PARAMS`` parameters (every reference and test model, so
+  their numbers do not move) and bfloat16 above: a float32 copy of a real checkpoint costs twice its bytes.
+  16-bit compute is always bfloat16 (float16 checkpoints included): its exponent range is float32's, so
+  gradients of the analysis cannot underflow the way they can in float16.
+- Whatever the compute dtype, what decides a result accumulates in float32 or float64: GPTQ's Hessians and
+  Cholesky factors and its weights (float32), probe sums and routing statistics (float64), quantization
+  errors (float64 sums of float32 differences).
+
+`Resources` records wall time, the process's peak resident memory and the device's peak allocation, so every
+stage record says what it cost.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import MopeqError
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FLOAT32_MAX_PARAMS = 1_000_000_000
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """A torch device from the CLI spelling; a CUDA device that is not there is an error, not a fallback."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index = 0
+        if spec != "cuda":
+            try:
+                index = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise MopeqError(f"--device {spec!r}: expected {DEVICE_CHOICES}") from None
+        if not torch.cuda.is_available():
+            raise MopeqError(f"--device {spec}: no CUDA GPU is visible to PyTorch (torch {torch.__version__}); "
+                             "use --device cpu, or install a CUDA build of torch")
+        if index >= torch.cuda.device_count():
+            raise MopeqError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    raise MopeqError(f"--device {spec!r}: expected {DEVICE_CHOICES}")
+
+
+def resolve_dtype(spec: str | torch.dtype | None, params: int) -> torch.dtype:
+    """The compute dtype for a model of `params` parameters (see the module docstring)."""
+    if isinstance(spec, torch.dtype):
+        return spec
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.float32 if params <= FLOAT32_MAX_PARAMS else torch.bfloat16
+    if spec not in DTYPES:
+        raise MopeqError(f"--dtype {spec!r}: expected auto, {' or '.join(DTYPES)}")
+    return DTYPES[spec]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a new allocation can still get: free GPU memory, or the host's available memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set since it started (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a stage cost: wall seconds, peak host RSS of the process so far, peak device allocation."""
+
+    device: str
+    dtype: str
+    seconds: float
+    peak_rss_bytes: int
+    peak_gpu_bytes: int | None  # None on the CPU
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Meter:
+    """Start when a stage starts, `done()` when it ends: a `Resources` record (GPU peak reset at start)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.start = time.perf_counter()
+
+    def done(self) -> Resources:
+        gpu = int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+        return Resources(str(self.device), dtype_name(self.dtype), round(time.perf_counter() - self.start, 3),
+                         peak_rss_bytes(), gpu)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"

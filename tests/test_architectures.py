@@ -1,0 +1,141 @@
+"""Every supported architecture, saved as a tiny float16 checkpoint, through the paths that real sizes take:
+module-by-module loading (== from_pretrained), the sequential layer runner (== the model's own forward),
+and export (ONNX Runtime == PyTorch, prefill + decode with the cache)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models as tm
+from tiny_checkpoint import quantize_random_plan, save_tiny
+
+ARCHS = sorted(tm.ALL_MOE)
+VLMS = {"llava_olmoe", "qwen3_vl_moe"}
+REMOTE = {"modulelist"}
+EXPORTABLE = sorted(set(ARCHS) - {"qwen3_vl_moe"})  # Qwen3-VL: the vision export handles LLaVA-style models only
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("archs")
+    made = {}
+
+    def get(name):
+        if name not in made:
+            made[name] = save_tiny(name, root / name)
+        return made[name]
+    return get
+
+
+def _auto(name):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if name in VLMS else AutoModelForCausalLM
+
+
+def _inputs(name, model_config, batch=2, seq=10, seed=0):
+    """Model inputs for one calibration-like batch (with an image for the VLMs)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (batch, seq), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if name == "llava_olmoe":
+        ids[:, :model_config.image_seq_length] = model_config.image_token_index
+        out["pixel_values"] = torch.randn(batch, 3, 16, 16, generator=g)
+    if name == "qwen3_vl_moe":  # 16 patches of 8x8 merged 2x2: 4 image tokens per image
+        c = model_config
+        ids[:, 1], ids[:, 6] = c.vision_start_token_id, c.vision_end_token_id
+        ids[:, 2:6] = c.image_token_id
+        out.update(pixel_values=torch.randn(16 * batch, 3 * 8 * 8, generator=g),
+                   image_grid_thw=torch.tensor([[1, 4, 4]] * batch), mm_token_type_ids=(ids == c.image_token_id).long())
+    return out
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_loading_module_by_module_equals_from_pretrained(checkpoints, name):
+    from mopeq_export.models.loading import load_model
+
+    folder = checkpoints(name)
+    model, _ = load_model(folder, trust_remote_code=name in REMOTE)
+    ref = _auto(name).from_pretrained(folder, dtype=torch.float32, trust_remote_code=name in REMOTE)
+    got, want = model.state_dict(), ref.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    for (n, b), (_, rb) in zip(model.named_buffers(), ref.named_buffers()):
+        assert torch.equal(b, rb), n
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_sequential_runner_gives_every_layer_the_models_own_inputs(checkpoints, name):
+    """Skeleton + one layer's weights at a time, hidden states carried from layer to layer: each decoder
+    layer gets exactly what it gets inside the resident model's forward (Qwen3-VL's deepstack features,
+    added between layers, included)."""
+    from mopeq_export.models.adapters import decoder_stack
+    from mopeq_export.models.loading import load_model
+    from mopeq_export.models.onload import WeightSource, on_meta, skeleton
+    from mopeq_export.models.sequential import SequentialRunner
+
+    folder = checkpoints(name)
+    remote = name in REMOTE
+    ref, _ = load_model(folder, trust_remote_code=remote)
+    batches = [_inputs(name, ref.config, seed=s) for s in range(2)]
+    _, stack = decoder_stack(ref)
+    seen = [[] for _ in stack]
+    hooks = [layer.register_forward_pre_hook(
+        lambda m, args, kw, i=i: seen[i].append((args[0] if args else kw["hidden_states"]).clone()), with_kwargs=True)
+        for i, layer in enumerate(stack)]
+    with torch.no_grad():
+        for b in batches:
+            ref(**b, use_cache=False)
+    for h in hooks:
+        h.remove()
+
+    model = skeleton(folder, trust_remote_code=remote)
+    runner = SequentialRunner(model, batches, torch.device("cpu"), WeightSource(folder, model))
+    for i in range(len(stack)):
+        for b in range(len(batches)):
+            torch.testing.assert_close(runner.hidden[b], seen[i][b], rtol=1e-5, atol=1e-5)
+        with runner.loaded(i) as layer:
+            runner.run(i, layer)
+        assert on_meta(layer), "a layer's weights are freed after its turn"
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_every_architecture_exports_and_matches_pytorch(checkpoints, name, tmp_path):
+    from mopeq_export.quantize.loader import load_quantized
+    from mopeq_exporters import export_quantized
+    from mopeq_exporters.ort_check import Exported
+    from test_export_models import KERNEL, check_decoder
+
+    folder = checkpoints(name)
+    remote = name in REMOTE
+    qdir = quantize_random_plan(folder, tmp_path / "q", remote)
+    record = export_quantized(qdir, "cpu", tmp_path / "onnx", trust_remote_code=remote)
+    model = load_quantized(qdir, trust_remote_code=remote)
+    inputs = _inputs(name, model.config, batch=2, seq=9)
+    with torch.no_grad():
+        ref = model(**inputs).logits.numpy()
+    ids = inputs["input_ids"].numpy()
+    for kernel in KERNEL:
+        ex = Exported(tmp_path / "onnx", kernel=kernel)
+        embeds = ex.embed(ids, inputs["pixel_values"].numpy()) if name in VLMS else None
+        check_decoder(ex, embeds, ids, ref, split=6, tol=1e-4)
+    kv = record["model"]["kv_cache"]
+    if name.startswith("deepseek"):  # multi-head latent attention caches the latent (16) and the RoPE key (8)
+        assert kv == [[1, 16, 1, 8]] * 2
+    else:
+        assert all(k == kv[0] for k in kv) and kv[0][0] == kv[0][2]
+
+
+def test_qwen3_vl_export_is_refused_clearly(checkpoints, tmp_path):
+    from mopeq_export.errors import MopeqError
+    from mopeq_exporters import export_quantized
+
+    qdir = quantize_random_plan(checkpoints("qwen3_vl_moe"), tmp_path / "q")
+    with pytest.raises(MopeqError, match="LLaVA-style"):
+        export_quantized(qdir, "cpu", tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
