@@ -98,12 +98,23 @@ def export_quantized(qdir: str | Path, target: str | Target, out: str | Path, mo
     dtype (`load_quantized`): no float copy of the experts is ever made."""
     from mopeq_export.quantize.loader import load_quantized
 
+    from mopeq_export.devices import Meter
+    from mopeq_export.models.onload import skeleton
+    from mopeq_export.quantize.checkpoint import read_checkpoint
+    from mopeq_export.scale import ModelShape, check_fits, export_bytes
+
     target = get_target(target) if isinstance(target, str) else target
     dtype = DTYPES[target.activation_dtype]
-    qrecord = read_json(Path(qdir) / "quantized.json", "quantized checkpoint record")
+    ckpt = read_checkpoint(qdir)  # verified (hashes) before anything is loaded
+    qrecord = ckpt.record
     is_vlm = bool(qrecord["model"].get("is_vlm"))
+    shape = ModelShape.of(skeleton(model_dir or ckpt.model.path, trust_remote_code=trust_remote_code))
+    need = export_bytes(shape, torch.empty((), dtype=dtype).element_size(), qrecord["sizes"]["effective_bits"])
+    check_fits(need, torch.device("cpu"), "the export", "export on a machine with more memory")
+    meter = Meter(torch.device("cpu"), dtype, estimate_bytes=need)
     say("loading")
-    model = load_quantized(qdir, model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_quantized(ckpt, model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    del ckpt  # its arrays now live in the model's packed buffers
     if is_vlm:
         vlm.check_supported(model)
     dense = dequantize_dense(model, dtype)
@@ -112,6 +123,7 @@ def export_quantized(qdir: str | Path, target: str | Target, out: str | Path, mo
         record["quantized"] = {"path": str(Path(qdir).resolve()), "model": qrecord["model"],
                                "method": qrecord.get("method"), "group_size": qrecord.get("group_size"),
                                "moe_layers": n_layers, "dense_dequantized": dense}
+        record["resources"] = meter.done().to_json()
         write_json(stage / "export.json", record)
     return record
 

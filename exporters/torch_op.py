@@ -54,8 +54,9 @@ def _(hidden, indices, weights, *packed_and_attrs):
 
 
 def _forward_via_op(layer: PackedLayer, hidden, indices, weights):
-    return torch.ops.mopeq.moe_experts(hidden, indices, weights, *layer.tensors().values(), layer.expert_bits,
-                                       layer.group_size, layer.activation, LAYOUT_VERSION)
+    # the op takes weights in the activation type (OPS.md); some routers (DeepSeek-V2's) compute in float32
+    return torch.ops.mopeq.moe_experts(hidden, indices.long(), weights.to(hidden.dtype), *layer.tensors().values(),
+                                       layer.expert_bits, layer.group_size, layer.activation, LAYOUT_VERSION)
 
 
 def _block_via_op(layer, hidden_states):
@@ -64,7 +65,7 @@ def _block_via_op(layer, hidden_states):
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])
     idx, w = routing_from_gate(layer, layer.block.gate(x), x.shape[0])
-    y = _forward_via_op(packed, x, idx.long(), w.to(x.dtype))
+    y = _forward_via_op(packed, x, idx, w)
     if layer.shared_expert_path:
         shared = getattr(block, layer.shared_expert_path.rsplit(".", 1)[1])(x)
         if isinstance(getattr(block, "shared_expert_gate", None), nn.Module):

@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from .bundle import BundleInputs, toolchain_version, write_manifest, write_payload, write_tar
+from .devices import Meter
 from .errors import MopeqError
 from .fsutil import default_cache, read_json, require_free_space, sha256_file, staged_dir, staged_file, write_json
 from .memory import MemoryCheck, check_memory, estimate_weights, kv_bytes_per_token, kv_cache_of_config, require_fit
@@ -263,9 +266,11 @@ def _stable_plan(plan_path: Path) -> dict:
     if isinstance(sens, dict) and sens.get("path") and Path(sens["path"]).is_file():
         d = read_json(sens["path"], "sensitivity file")
         d.pop("seconds", None)
+        d.pop("resources", None)
         digest = hashlib.sha256(json.dumps(scrub(d), sort_keys=True).encode()).hexdigest()
         plan["sensitivity"] = {"path": Path(sens["path"]).name, "content_sha256": digest,
-                               "note": "sha256 of the JSON without `seconds`, paths reduced to names, sorted keys"}
+                               "note": "sha256 of the JSON without `seconds` and `resources`, paths reduced to "
+                                       "names, sorted keys"}
     return plan
 
 
@@ -291,6 +296,7 @@ def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir,
     try:
         with staged_dir(folder) as stage:
             say("package", "run")
+            package_meter = Meter(torch.device("cpu"), torch.float32)
             parts = write_payload(inputs, stage)
             per_token = kv_bytes_per_token(parts["model"].kv_cache, target.activation_dtype)  # the real cache
             write_manifest(stage, parts, {"status": "pending"})
@@ -298,9 +304,12 @@ def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir,
             mem = check_memory(target, weights, per_token, context)
             require_fit(mem)
             say("package", "done")
+            stages = {"package": package_meter.done().to_json()}
             say("validate", "run")
+            validate_meter = Meter(device, dtype)
             report = _validate(cfg, stage, eval_path, calib, progress, device, dtype)
-            summary = _summary(parts, stage, report, mem, hits)
+            stages["validate"] = validate_meter.done().to_json()
+            summary = _summary(parts, stage, report, mem, hits, stage_resources(plan_path, qdir, export_dir, stages))
             if not report.passed:
                 path = report_beside(out)
                 with staged_file(path) as tmp:
@@ -333,9 +342,12 @@ def _validate(cfg: BuildConfig, stage: Path, eval_path: Path, calib: Path, progr
 
     from .models.loading import load_model, load_tokenizer
 
-    # a Jetson bundle is validated here on the CPU: same graphs and dtype, the kernel or function bodies;
-    # the float16 reference runs in PyTorch on --device
-    bundle = mopeq_runtime.load(stage, allow_foreign_target=True)
+    # a Jetson bundle is validated here on the CPU: the same graphs and dtype, with this host's build of the
+    # same kernel when there is one (the function bodies dequantize every expert on every call: at real size
+    # far too slow), else the function bodies; the float16 reference runs in PyTorch on --device
+    host_lib = kernel_for(get_target("cpu"), None)
+    foreign = kernel_for(get_target(cfg.target), cfg.kernel_library) is None
+    bundle = mopeq_runtime.load(stage, allow_foreign_target=True, kernel_library=host_lib if foreign else None)
     ref, _ = load_model(cfg.model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     return run_gate(ref, bundle, load_tokenizer(cfg.model), eval_path, cfg.gate,
                     is_calibration=eval_path.resolve() == calib.resolve(), progress=progress)
@@ -348,10 +360,27 @@ def _validation_entry(report: GateReport, mem: MemoryCheck) -> dict:
             "report": "validation/report.json", "plots": ["validation/fidelity.png"]}
 
 
-def _summary(parts: dict, stage: Path, report: GateReport, mem: MemoryCheck, hits: list[str]) -> dict:
+def stage_resources(plan_path: Path, qdir: Path, export_dir: Path, more: dict) -> dict:
+    """What each stage cost (devices.Resources), from the records the stages wrote (a cached stage's are
+    those of the run that made it) and the package and validate meters of this build."""
+    out = {}
+    plan = read_json(plan_path, "bit plan")
+    sens = (plan.get("sensitivity") or {}).get("path")
+    for stage, path in (("analyze", Path(sens) if sens else None), ("quantize", qdir / "quantized.json"),
+                        ("export", export_dir / "export.json")):
+        if path is not None and path.is_file():
+            res = read_json(path, f"{stage} record").get("resources")
+            if res:
+                out[stage] = res
+    return {**out, **more}
+
+
+def _summary(parts: dict, stage: Path, report: GateReport, mem: MemoryCheck, hits: list[str],
+             resources: dict) -> dict:
     bits = Counter(parts["plan"]["experts"].values())
     sizes = {p.name: p.stat().st_size for p in sorted(stage.rglob("*")) if p.is_file()}
     return {"bits_histogram": {str(b): n for b, n in sorted(bits.items())}, "avg_bits": parts["plan"].get("avg_bits"),
             "file_sizes": sizes, "bundle_bytes": sum(sizes.values()), "weights_bytes": mem.weights_bytes,
             "memory": mem.to_json(), "metrics": report.metrics, "passed": report.passed, "cached_stages": hits,
-            "target": parts["target"].name, "activation_dtype": parts["target"].activation_dtype}
+            "target": parts["target"].name, "activation_dtype": parts["target"].activation_dtype,
+            "stages": resources}

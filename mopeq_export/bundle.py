@@ -185,7 +185,7 @@ def write_payload(inputs: BundleInputs, stage: Path) -> dict:
     if not graphs or graphs[0].name != "decoder":
         raise MopeqError(f"{inputs.export_dir} holds no decoder.onnx; re-run the export stage")
     toolchain = {"name": "mopeq-export", "version": toolchain_version(),
-                 "export": scrub({k: v for k, v in export_json.items() if k != "graphs"})}
+                 "export": scrub({k: v for k, v in export_json.items() if k not in ("graphs", "resources")})}
     return {"target": target_entry(inputs.target, inputs.context_length),
             "model": model_entry(inputs.model, inputs.model_dir, export_json), "toolchain": toolchain,
             "plan": scrub(inputs.plan), "quantization": scrub(inputs.quantization), "graphs": tuple(graphs),

@@ -31,6 +31,9 @@ def default_calib(is_vlm: bool) -> Path:
 
 
 def main() -> None:
+    from .devices import bound_host_memory
+
+    bound_host_memory()  # before any tensor work: the tool's host memory stays what its stages state
     try:
         app()
     except MopeqError as e:

@@ -70,14 +70,14 @@ def analyze_bytes(s: ModelShape, dtype: torch.dtype, batch_tokens: int, curvatur
 
 
 def quantize_bytes(s: ModelShape, samples_tokens: int, avg_bits: float, work_bytes: int) -> int:
-    """one decoder layer in float32 (and its checkpoint copy while converting) + the calibration hidden
-    states of every batch (float32, twice while a layer runs) + one MoE layer's routed inputs + the GPTQ
-    working set + the packed experts kept until written (P_e at the average width plus group parameters)."""
-    layer = s.largest_layer_params * (4 + 2)
+    """one decoder layer in float32 (and one parameter's checkpoint copies while converting) + the
+    calibration hidden states of every batch (float32, twice while a layer runs) + one MoE layer's routed
+    inputs + the GPTQ working set + one layer's codes (uint8, then packed) until its file is written."""
+    layer = s.largest_layer_params * 4 + 2 * s.experts * 2 * s.intermediate * s.hidden * 2
     hidden = 2 * samples_tokens * s.hidden * 4
     routed = samples_tokens * (s.hidden * 4 + s.top_k * 12)
-    packed = s.expert_params * (avg_bits + 0.75) / 8
-    return int(layer + hidden + routed + work_bytes + packed)
+    codes = s.experts * 3 * s.hidden * s.intermediate * (1 + (avg_bits + 0.75) / 8)
+    return int(layer + hidden + routed + work_bytes + codes)
 
 
 def export_bytes(s: ModelShape, activation_bytes: int, avg_bits: float) -> int:

@@ -162,7 +162,7 @@ class SensitivityReport:
 
 
 # -- per-expert reduction of parameter-shaped tensors ---------------------------------------------
-_CHUNK_ELEMENTS = 1 << 26  # float32 transients of a reduction stay under 256 MB
+_CHUNK_ELEMENTS = 1 << 22  # a reduction's float32/float64 transients stay under about 64 MB
 
 
 Reduction = Callable[[int, int, torch.Tensor], torch.Tensor]  # (param index, first expert, float32 chunk)
@@ -201,7 +201,10 @@ class ExpertSlots:
         at once to per-expert sums of fn(param index, first expert, grad chunk), added to the yielded
         [count] float64 tensor, and freed: no full-size gradient of the model exists, one parameter's at a
         time (a ModuleList expert's chunk is its whole gradient, first expert 0)."""
+        from .devices import trim_host_heap
+
         acc = torch.zeros(self.count, dtype=torch.float64, device=self.params[0].device)
+        on_cpu = acc.device.type == "cpu"
         handles = []
         for k, (p, slot, fused) in enumerate(zip(self.params, self.slots, self.fused)):
             def hook(param, k=k, slot=slot, fused=fused):
@@ -209,6 +212,9 @@ class ExpertSlots:
                 param.grad = None
                 if fused:
                     acc[slot:slot + g.shape[0]] += _expert_sums(g, lambda i, x: fn(k, i, x))
+                    del g
+                    if on_cpu:
+                        trim_host_heap()  # a fused parameter's gradient was a layer's worth of memory
                 else:
                     acc[slot] += fn(k, 0, g.float()).double().sum()
             handles.append(p.register_post_accumulate_grad_hook(hook))
@@ -394,22 +400,52 @@ def curvature_probe(model: nn.Module, slots: ExpertSlots, batch: dict, curvature
     return gauss_newton_probe(logits, slots, gen).cpu()
 
 
+@contextlib.contextmanager
+def recomputed(model: nn.Module, on: bool = True) -> Iterator[None]:
+    """Within the block each decoder layer keeps only its input for the backward and recomputes the rest
+    (torch.utils.checkpoint, non-reentrant: parameter-gradient hooks still fire). The saved activations of
+    a probe shrink from all layers' to one layer's; the price is one more forward per probe. The numbers
+    are the same: the recomputation repeats the forward exactly."""
+    if not on:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    from .models.adapters import decoder_stack
+
+    _, stack = decoder_stack(model)
+    for layer in stack:
+        inner = layer.forward
+        layer.forward = lambda *a, inner=inner, **k: checkpoint(inner, *a, use_reentrant=False, **k)
+    try:
+        yield
+    finally:
+        for layer in stack:
+            del layer.forward
+
+
 def hessian_traces(model: nn.Module, slots: ExpertSlots, batches: Sequence[dict], cfg: EstimatorConfig,
-                   active: torch.Tensor, on_probe: ProbeCallback | None = None) -> StratifiedMean:
+                   active: torch.Tensor, on_probe: ProbeCallback | None = None,
+                   recompute: bool = False) -> StratifiedMean:
     """Hutchinson over probes, batch i % len(batches) for probe i, until rel_tol or max_probes.
 
     Batches are weighted by their labelled tokens (``StratifiedMean``), so unequal batches (a short
     last one, coverage samples, VQA answers of different lengths) still give the whole set's trace.
     The run stops early only once every batch has been probed, at least min_probes were done, and
-    every active expert's relative standard error is under rel_tol.
+    every active expert's relative standard error is under rel_tol. `recompute` (Gauss-Newton only: the
+    exact Hessian's double backward keeps its graph) trades a forward per probe for the activations.
     """
+    from .devices import trim_host_heap
+
     gen = torch.Generator().manual_seed(cfg.seed)
     labelled = [int(labelled_predictions(b).sum()) for b in batches]
     stats = StratifiedMean(labelled, slots.count)
-    with _ExpertGrad(model, slots.params):
+    with _ExpertGrad(model, slots.params), recomputed(model, recompute and cfg.curvature == "gauss-newton"):
         for i in range(cfg.max_probes):
             b = i % len(batches)
             stats.add(b, curvature_probe(model, slots, batches[b], cfg.curvature, gen))
+            if model_device(model).type == "cpu":
+                trim_host_heap()
             worst = stats.worst_rel(active)
             if on_probe:
                 on_probe(i + 1, worst)
@@ -461,12 +497,16 @@ def routing_stats(model: nn.Module, layers: Sequence[MoELayer], batches: Sequenc
     for layer in layers:
         handles.append(layer.register_routing_hook(_routing_callback(stats, offset, layer.num_experts)))
         offset += layer.num_experts
+    from .devices import trim_host_heap
+
     dev = model_device(model)
     try:
         for batch in batches:
             mask = batch.get("attention_mask")
             stats.mask = mask.flatten().bool() if mask is not None else None
             model(**to_device(model_inputs(batch), dev), use_cache=False)
+            if dev.type == "cpu":
+                trim_host_heap()
     finally:
         for h in handles:
             h.remove()
@@ -537,14 +577,27 @@ def cover_experts(model: nn.Module, layers: Sequence[MoELayer], calib: Calibrati
                                   stats.layer_tokens + more.layer_tokens)
 
 
-def quant_errors(layer: MoELayer, bits: Sequence[int], group_size: int) -> list[dict[int, float]]:
-    """Per expert {bits: ||W - Q_b(W)||^2} (RTN with the clipping search), one expert at a time on the
-    weights' device: the transients are one expert's float32 copies, whatever the layer's size."""
+def _squared_errors(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """[E] float64 sums of (Q_b(W_e) - W_e)^2 for w [E, rows, K] (one expert: summed as one matrix)."""
+    if w.shape[0] == 1:
+        return ((rtn(w[0], bits, group_size).dequantize() - w[0]) ** 2).sum(dtype=torch.float64).reshape(1)
+    return ((rtn(w, bits, group_size).dequantize() - w) ** 2).flatten(1).sum(1, dtype=torch.float64)
+
+
+def quant_errors(layer: MoELayer, bits: Sequence[int], group_size: int, batch: int | None = None) -> list[dict[int, float]]:
+    """Per expert {bits: ||W - Q_b(W)||^2} (RTN with the clipping search) on the weights' device: one expert
+    at a time on the CPU (its float32 copies are the transients), experts batched in chunks of about 1 GiB
+    on a GPU (the search is thousands of small kernels per call). `batch` overrides the chunk."""
+    dev = layer.get_w1(0).device
+    per = batch or (1 if dev.type == "cpu" else
+                    max(1, (1 << 30) // (8 * 3 * layer.hidden_size * layer.intermediate_size * 4)))
     out = []
-    for e in range(layer.num_experts):
-        w1, w2 = layer.get_w1(e), layer.get_w2(e)
-        err = lambda w, b: float(((rtn(w, b, group_size).dequantize() - w) ** 2).sum(dtype=torch.float64))  # noqa: E731
-        out.append({b: err(w1, b) + err(w2, b) for b in bits})
+    for start in range(0, layer.num_experts, per):
+        idx = range(start, min(start + per, layer.num_experts))
+        w1 = torch.stack([layer.get_w1(e) for e in idx])
+        w2 = torch.stack([layer.get_w2(e) for e in idx])
+        sums = {b: (_squared_errors(w1, b, group_size) + _squared_errors(w2, b, group_size)).tolist() for b in bits}
+        out += [{b: sums[b][j] for b in bits} for j in range(len(idx))]
     return out
 
 
@@ -566,15 +619,22 @@ def _records(layers, stats: RoutingStats, traces: StratifiedMean, norm_traces, e
 
 
 def analyze(model: nn.Module, info: ModelInfo, calib: CalibrationSet, cfg: EstimatorConfig,
-            on_probe: ProbeCallback | None = None) -> SensitivityReport:
-    """Every per-expert statistic of the module docstring, for every routed expert of the model."""
+            on_probe: ProbeCallback | None = None, recompute: bool | None = None) -> SensitivityReport:
+    """Every per-expert statistic of the module docstring, for every routed expert of the model.
+
+    `recompute` None: on for a real-size model (over 1e9 parameters) on the CPU, where host memory is the
+    budget (`recomputed`); off otherwise (small models, and GPUs, where the time matters more)."""
+    from .devices import FLOAT32_MAX_PARAMS
+
     start = time.perf_counter()
+    if recompute is None:
+        recompute = model_device(model).type == "cpu" and sum(p.numel() for p in model.parameters()) > FLOAT32_MAX_PARAMS
     layers = find_moe_layers(model)
     slots = expert_slots(layers)
     stats = routing_stats(model, layers, calib.batches)
     if cfg.cover:
         calib, stats = cover_experts(model, layers, calib, stats)
-    traces = hessian_traces(model, slots, calib.batches, cfg, stats.tokens > 0, on_probe)
+    traces = hessian_traces(model, slots, calib.batches, cfg, stats.tokens > 0, on_probe, recompute)
     norm_traces = weight_norm_traces(layers)
     errors = [err for layer in layers for err in quant_errors(layer, cfg.bits, cfg.group_size)]
     experts = _records(layers, stats, traces, norm_traces, errors)
@@ -619,7 +679,7 @@ def run_analyze(model_dir, calib, *, cfg: EstimatorConfig, samples: int, seq_len
                "or --dtype bfloat16")
     say(f"analyze: {shape.params / 1e9:.2f}B parameters on {dev} in {dtype_name(compute)}, about {gib(need)} "
         "at peak (estimate)")
-    meter = Meter(dev, compute)
+    meter = Meter(dev, compute, estimate_bytes=need)
     net, info = load_model(model_dir, device=dev, dtype=compute, trust_remote_code=trust_remote_code)
     report = analyze(net, info, data, cfg, on_probe)
     return replace(report, resources=meter.done().to_json())

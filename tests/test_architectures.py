@@ -104,8 +104,11 @@ def test_sequential_runner_gives_every_layer_the_models_own_inputs(checkpoints, 
         assert on_meta(layer), "a layer's weights are freed after its turn"
 
 
+@pytest.mark.parametrize("target", ["cpu", "jetson"])
 @pytest.mark.parametrize("name", EXPORTABLE)
-def test_every_architecture_exports_and_matches_pytorch(checkpoints, name, tmp_path):
+def test_every_architecture_exports_and_matches_pytorch(checkpoints, name, target, tmp_path):
+    """float32 graphs to 1e-4 of PyTorch; float16 graphs (Jetson) to 2e-2: routers that compute in float32
+    (DeepSeek-V2's) meet the op's activation-typed inputs there."""
     from mopeq_export.quantize.loader import load_quantized
     from mopeq_exporters import export_quantized
     from mopeq_exporters.ort_check import Exported
@@ -114,7 +117,7 @@ def test_every_architecture_exports_and_matches_pytorch(checkpoints, name, tmp_p
     folder = checkpoints(name)
     remote = name in REMOTE
     qdir = quantize_random_plan(folder, tmp_path / "q", remote)
-    record = export_quantized(qdir, "cpu", tmp_path / "onnx", trust_remote_code=remote)
+    record = export_quantized(qdir, target, tmp_path / "onnx", trust_remote_code=remote)
     model = load_quantized(qdir, trust_remote_code=remote)
     inputs = _inputs(name, model.config, batch=2, seq=9)
     with torch.no_grad():
@@ -123,7 +126,7 @@ def test_every_architecture_exports_and_matches_pytorch(checkpoints, name, tmp_p
     for kernel in KERNEL:
         ex = Exported(tmp_path / "onnx", kernel=kernel)
         embeds = ex.embed(ids, inputs["pixel_values"].numpy()) if name in VLMS else None
-        check_decoder(ex, embeds, ids, ref, split=6, tol=1e-4)
+        check_decoder(ex, embeds, ids, ref, split=6, tol=1e-4 if target == "cpu" else 2e-2)
     kv = record["model"]["kv_cache"]
     if name.startswith("deepseek"):  # multi-head latent attention caches the latent (16) and the RoPE key (8)
         assert kv == [[1, 16, 1, 8]] * 2

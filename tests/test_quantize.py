@@ -190,9 +190,10 @@ def test_load_quantized_runs_and_tampering_is_refused(text_qdir, tmp_path):
     assert torch.isfinite(logits).all()
     bad = tmp_path / "bad"
     shutil.copytree(text_qdir, bad)
-    data = bytearray((bad / "experts.safetensors").read_bytes())
+    layer = next((bad / "experts").iterdir())
+    data = bytearray(layer.read_bytes())
     data[-1] ^= 0xFF
-    (bad / "experts.safetensors").write_bytes(bytes(data))
+    layer.write_bytes(bytes(data))
     with pytest.raises(MopeqError, match="does not match its recorded size/hash"):
         load_quantized(bad)
 

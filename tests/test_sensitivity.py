@@ -248,6 +248,25 @@ def test_probe_gradients_are_reduced_and_freed_one_parameter_at_a_time(build, cu
     assert bool((stats.mean != 0).any())
 
 
+@pytest.mark.parametrize("build", [tm.qwen2_moe, tm.modulelist_moe])
+def test_recomputing_layer_activations_changes_no_number(build):
+    """The CPU memory saver (activation recomputation) repeats the forward exactly: the same traces."""
+    model = build()
+    slots = expert_slots(find_moe_layers(model))
+    cfg = EstimatorConfig(max_probes=3, min_probes=3, rel_tol=1e-9)
+    batches = [text_batch(seed=s) for s in range(2)]
+    from mopeq_export.models.adapters import decoder_stack
+
+    calls = []
+    decoder_stack(model)[1][0].self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    plain = hessian_traces(model, slots, batches, cfg, torch.ones(slots.count, dtype=torch.bool))
+    once = len(calls)
+    again = hessian_traces(model, slots, batches, cfg, torch.ones(slots.count, dtype=torch.bool), recompute=True)
+    assert once == 3 and len(calls) - once == 2 * 3  # recomputed: each probe runs the layer twice
+    assert bool((plain.mean > 0).any())
+    torch.testing.assert_close(again.mean, plain.mean, rtol=1e-12, atol=0)
+
+
 def test_probes_stop_early_when_tolerance_met():
     model = tm.olmoe()
     report = analyze(model, INFO, calib([text_batch()]), EstimatorConfig(max_probes=50, min_probes=3, rel_tol=1e6))
@@ -447,6 +466,17 @@ def test_every_architecture_is_analyzable(name):
         assert e.quant_error[2] > e.quant_error[3] > e.quant_error[4] > 0
         assert e.params == 3 * tm.H * tm.I
     assert not any(p.requires_grad is False for p in model.parameters())  # gradients restored afterwards
+
+
+def test_quant_errors_batched_over_experts_equal_one_by_one():
+    """The GPU path batches experts through the clipping search: the same errors as one at a time."""
+    layer = find_moe_layers(tm.qwen2_moe())[0]
+    one = sens.quant_errors(layer, (2, 3, 4), 32, batch=1)
+    many = sens.quant_errors(layer, (2, 3, 4), 32, batch=3)
+    assert len(one) == len(many) == layer.num_experts
+    for a, b in zip(one, many):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-12) for k in a)
+        assert a[2] > a[3] > a[4] > 0
 
 
 def test_report_round_trips_json():

@@ -38,6 +38,8 @@ def build(
     dtype: str = typer.Option("auto", "--dtype", help="analysis/reference compute dtype: auto (float32 up to 1B "
                                                       "parameters, else bfloat16), float32 or bfloat16"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the checkpoint's own code"),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="also write the build summary (sizes, "
+                                           "metrics, each stage's time and peak memory) as JSON here"),
 ) -> None:
     """analyze -> plan -> quantize -> export -> package -> validate, with a cache of the stages."""
     from ..build import BuildConfig, GateFailed, build as run_build
@@ -74,9 +76,19 @@ def build(
         except GateFailed as e:
             bar.stop()
             console.print(summary_table(e.result.summary))
+            _write_summary(summary, e.result.summary)
             raise
     console.print(summary_table(result.summary))
+    _write_summary(summary, result.summary)
     console.print(f"[green]gate passed[/]; bundle -> {result.out}")
+
+
+def _write_summary(path: Path | None, summary: dict) -> None:
+    if path is not None:
+        from ..fsutil import staged_file, write_json
+
+        with staged_file(path) as tmp:
+            write_json(tmp, summary)
 
 
 def summary_table(s: dict) -> Table:
@@ -101,5 +113,8 @@ def summary_table(s: dict) -> Table:
                   f"{met['accuracy_ref']:.4f} -> {met['accuracy']:.4f} ({met['accuracy_retention']:.2%})")
         t.add_row("answer KL / agreement", f"{met['answer_kl']:.4f} / {met['answer_top1_agreement']:.4f}")
     t.add_row("cached stages", ", ".join(s["cached_stages"]) or "-")
+    for stage, r in s.get("stages", {}).items():
+        gpu = f", GPU {r['peak_gpu_bytes'] / 2**30:.2f} GiB" if r.get("peak_gpu_bytes") else ""
+        t.add_row(f"  {stage}", f"{r['seconds']:.0f} s, peak {r['peak_rss_bytes'] / 2**30:.2f} GiB host{gpu}")
     t.add_row("gate", "[green]PASS[/]" if s["passed"] else "[red]FAIL[/]")
     return t

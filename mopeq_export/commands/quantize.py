@@ -50,7 +50,7 @@ def quantize(
         res = run_quantize(model, plan, out, calib=calib, cfg=cfg, samples=samples, seq_len=seq_len,
                            dense_bits=quantize_dense, dense_attention=dense_attention,
                            trust_remote_code=trust_remote_code, progress=lambda: bar.advance(task),
-                           device=device, dtype=resolve_dtype(dtype, 0))
+                           device=device, dtype=resolve_dtype(dtype, 0), say=console.print)
     print_quantize_summary(res.record, res.seconds)
 
 
@@ -65,6 +65,10 @@ def print_quantize_summary(rec: dict, seconds: float) -> None:
         t.add_row(layer["experts_path"], *counts, f"{sum(e['w1_rel_error'] for e in ex) / len(ex):.4f}",
                   f"{sum(e['w2_rel_error'] for e in ex) / len(ex):.4f}")
     console.print(t)
+    r = rec.get("resources") or {}
+    if r:
+        gpu = f", {r['peak_gpu_bytes'] / 2**30:.2f} GiB GPU" if r.get("peak_gpu_bytes") else ""
+        console.print(f"on {r['device']} in {r['dtype']}: peak {r['peak_rss_bytes'] / 2**30:.2f} GiB host{gpu}")
     console.print(
         f"routed experts: nominal {s['nominal_bits']:.3f} bits, effective {s['effective_bits']:.3f} bits/weight, "
         f"{s['expert_bytes'] / 1e6:.2f} MB (float16 {s['expert_bytes_float16'] / 1e6:.2f} MB); whole model "

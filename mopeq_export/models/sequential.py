@@ -28,6 +28,7 @@ from torch import nn
 
 from ..calibration import model_inputs
 from .adapters import StopForward, decoder_stack, forward_until_stopped
+from ..devices import trim_host_heap
 from .onload import WeightSource, move_buffers, on_meta, unload
 
 
@@ -143,7 +144,7 @@ class SequentialRunner:
             yield layer
             return
         prefix = f"{self.stack_path}.{i}."
-        self.source.load(self.model, lambda n: n.startswith(prefix), self.device)
+        load_in_parts(self.source, self.model, layer, prefix, self.device)
         move_buffers(layer, self.device)
         missing = on_meta(layer)
         if missing:
@@ -152,6 +153,8 @@ class SequentialRunner:
             yield layer
         finally:
             unload(layer)
+            if self.device.type == "cpu":
+                trim_host_heap()
 
     def run(self, i: int, layer: nn.Module, *, stop_ok: bool = False,
             on_batch: Callable[[int], None] | None = None) -> list[torch.Tensor] | None:
@@ -175,6 +178,19 @@ class SequentialRunner:
             return None
         self.hidden = outs
         return outs
+
+
+_BIG = 1 << 24  # parameters above 16M elements (fused experts) are loaded one at a time
+
+
+def load_in_parts(source: WeightSource, model: nn.Module, module: nn.Module, prefix: str, device) -> None:
+    """A module's parameters, its big ones (a layer's fused experts) each in its own conversion: the
+    transient copies transformers makes while merging experts are one parameter's, not the layer's."""
+    big = [prefix + n for n, p in module.named_parameters() if p.numel() > _BIG]
+    for name in big:
+        source.load(model, lambda n, name=name: n == name, device)
+    rest = set(big)
+    source.load(model, lambda n: n.startswith(prefix) and n not in rest, device)
 
 
 def _path_of(model: nn.Module, module: nn.Module) -> str:

@@ -3,7 +3,9 @@
     QDIR/
       quantized.json       QuantizedRecord: source model identity, plan, method, group size,
                            calibration provenance, per-expert bits/errors, sizes, file hashes
-      experts.safetensors  per MoE layer, the tensors of docs/FORMAT.md §4, named
+      experts/<experts path>.safetensors
+                           one file per MoE layer, written as the layer is done (the stage never holds
+                           more than one layer's codes): the tensors of docs/FORMAT.md §4, named
                            "<experts path>.w1.q2", ..., "<experts path>.w2.zeros"
       dense.safetensors    (only with --quantize-dense) packed shared-expert/attention matrices,
                            named "<linear path>.words|scales|zeros[|bias]"
@@ -28,10 +30,14 @@ from .packing import LAYER_TENSOR_NAMES, LAYOUT_VERSION, pack_codes, split_by_wi
 from .pipeline import ExpertResult
 from .primitives import QuantizedMatrix
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one experts file per MoE layer
 RECORD = "quantized.json"
-EXPERTS_FILE = "experts.safetensors"
+EXPERTS_DIR = "experts"
 DENSE_FILE = "dense.safetensors"
+
+
+def layer_file(experts_path: str) -> str:
+    return f"{EXPERTS_DIR}/{experts_path}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -76,12 +82,12 @@ def dense_tensors(path: str, q: QuantizedMatrix, bias: torch.Tensor | None) -> d
     return d
 
 
-def size_report(layers: list[LayerRecord], tensors: dict[str, np.ndarray], total_params: int, expert_params: int,
+def size_report(layers: list[LayerRecord], expert_bytes: int, total_params: int, expert_params: int,
                 dense_bytes: int, dense_params: int) -> dict:
     """Honest sizes: nominal vs effective bits per routed-expert weight, and whole-model bytes vs float16."""
     weights = sum(3 * l.num_experts * l.hidden_size * l.intermediate_size for l in layers)
     nominal = sum(b * 3 * l.hidden_size * l.intermediate_size for l in layers for b in l.expert_bits)
-    expert_bytes = int(sum(t.nbytes for t in tensors.values()))
+    expert_bytes = int(expert_bytes)
     fp16_rest = 2 * (total_params - expert_params - dense_params)
     return {
         "expert_weights": int(weights),
@@ -94,15 +100,30 @@ def size_report(layers: list[LayerRecord], tensors: dict[str, np.ndarray], total
     }
 
 
-def write_checkpoint(out: Path, record: dict, tensors: dict[str, np.ndarray], dense: dict[str, np.ndarray]) -> None:
-    """Write into `out` (a staging folder): tensors first, then the record holding their hashes."""
-    save_file(tensors, str(out / EXPERTS_FILE), metadata={"layout_version": str(LAYOUT_VERSION)})
-    files = {EXPERTS_FILE: out / EXPERTS_FILE}
+def write_layer(out: Path, experts_path: str, tensors: dict[str, np.ndarray]) -> None:
+    """One MoE layer's packed tensors (names relative to the layer) into `out` (a staging folder)."""
+    (out / EXPERTS_DIR).mkdir(exist_ok=True)
+    save_file({f"{experts_path}.{n}": t for n, t in tensors.items()}, str(out / layer_file(experts_path)),
+              metadata={"layout_version": str(LAYOUT_VERSION)})
+
+
+def write_record(out: Path, record: dict, dense: dict[str, np.ndarray]) -> None:
+    """After every layer file: the dense file, then the record holding every file's size and hash."""
+    names = [layer_file(l["experts_path"]) for l in record["layers"]]
     if dense:
         save_file(dense, str(out / DENSE_FILE), metadata={"layout_version": str(LAYOUT_VERSION)})
-        files[DENSE_FILE] = out / DENSE_FILE
-    record = dict(record, files={n: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for n, p in files.items()})
-    write_json(out / RECORD, record)
+        names.append(DENSE_FILE)
+    files = {n: {"sha256": sha256_file(out / n), "bytes": (out / n).stat().st_size} for n in names}
+    write_json(out / RECORD, dict(record, files=files))
+
+
+def write_checkpoint(out: Path, record: dict, tensors: dict[str, np.ndarray], dense: dict[str, np.ndarray]) -> None:
+    """The whole QDIR from tensors named "<experts path>.<tensor>" (all layers at once; the stage writes
+    layer by layer with `write_layer`, then `write_record`)."""
+    for l in record["layers"]:
+        path = l["experts_path"]
+        write_layer(out, path, {n: tensors[f"{path}.{n}"] for n in LAYER_TENSOR_NAMES})
+    write_record(out, record, dense)
 
 
 @dataclass
@@ -130,25 +151,30 @@ def read_checkpoint(qdir: str | Path) -> QuantizedCheckpoint:
         raise MopeqError(f"quantized checkpoint folder not found: {qdir}")
     rec = read_json(qdir / RECORD, "quantized checkpoint record")
     if rec.get("schema_version") != SCHEMA_VERSION:
-        raise MopeqError(f"{qdir / RECORD}: schema version {rec.get('schema_version')} is not {SCHEMA_VERSION}; "
-                         "re-run mopeq-export quantize with this toolchain")
+        raise MopeqError(f"{qdir / RECORD}: schema version {rec.get('schema_version')} is not {SCHEMA_VERSION} "
+                         "(a checkpoint of another toolchain version); re-run mopeq-export quantize")
     if rec.get("layout_version") != LAYOUT_VERSION:
         raise MopeqError(f"{qdir}: packed layout version {rec.get('layout_version')} is unknown (this reader: {LAYOUT_VERSION})")
     for name, meta in rec.get("files", {}).items():
         p = qdir / name
+        if not p.resolve().is_relative_to(qdir.resolve()):
+            raise MopeqError(f"{qdir / RECORD} lists a file outside the checkpoint ({name}); it was tampered with")
         if not p.is_file():
             raise MopeqError(f"{qdir} is missing {name}; the checkpoint is incomplete, re-run quantize")
         if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
             raise MopeqError(f"{p} does not match its recorded size/hash; the checkpoint was modified, re-run quantize")
-    if EXPERTS_FILE not in rec.get("files", {}):
-        raise MopeqError(f"{qdir / RECORD} lists no {EXPERTS_FILE}")
     layers = [LayerRecord(**{**l, "expert_bits": tuple(l["expert_bits"])}) for l in rec["layers"]]
     dense = [DenseRecord(**d) for d in rec.get("dense", [])]
-    tensors = load_file(str(qdir / EXPERTS_FILE))
+    tensors = {}
     for l in layers:
-        missing = [n for n in LAYER_TENSOR_NAMES if f"{l.experts_path}.{n}" not in tensors]
+        name = layer_file(l.experts_path)
+        if name not in rec.get("files", {}):
+            raise MopeqError(f"{qdir / RECORD} lists no {name}; the checkpoint is incomplete, re-run quantize")
+        layer = load_file(str(qdir / name))
+        missing = [n for n in LAYER_TENSOR_NAMES if f"{l.experts_path}.{n}" not in layer]
         if missing:
-            raise MopeqError(f"{qdir / EXPERTS_FILE} lacks {l.experts_path}.{missing[0]}; re-run quantize")
+            raise MopeqError(f"{qdir / name} lacks {l.experts_path}.{missing[0]}; re-run quantize")
+        tensors.update(layer)
     dt = load_file(str(qdir / DENSE_FILE)) if dense else {}
     return QuantizedCheckpoint(qdir, rec, ModelInfo.from_json(rec["model"]), layers, dense, tensors, dt)
 

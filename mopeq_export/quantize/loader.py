@@ -73,16 +73,17 @@ def install_packed(model: nn.Module, ckpt: QuantizedCheckpoint) -> nn.Module:
     return model
 
 
-def load_quantized(qdir: str | Path, model_dir: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-                   attn_implementation: str = "eager", device: torch.device | str = "cpu",
-                   trust_remote_code: bool = False) -> nn.Module:
+def load_quantized(qdir: str | Path | QuantizedCheckpoint, model_dir: str | Path | None = None, *,
+                   dtype: torch.dtype = torch.float32, attn_implementation: str = "eager",
+                   device: torch.device | str = "cpu", trust_remote_code: bool = False) -> nn.Module:
     """A transformers model whose experts compute from QDIR's packed weights (reference dequantization).
 
     `model_dir` defaults to the source checkpoint recorded in QDIR; its weights must hash the same. The
     model is built as a skeleton, the packed layers go in, and only the weights that are not routed experts
     (nor packed dense layers) are read from the checkpoint: no float copy of the experts ever exists.
     """
-    ckpt = read_checkpoint(qdir)
+    ckpt = qdir if isinstance(qdir, QuantizedCheckpoint) else read_checkpoint(qdir)
+    qdir = ckpt.path
     src = Path(model_dir or ckpt.model.path)
     info = model_info(src)
     if info.weights_sha256 != ckpt.model.weights_sha256:

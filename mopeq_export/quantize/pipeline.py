@@ -65,6 +65,10 @@ class ExpertResult:
         return self
 
 
+def results_summary(results: list[ExpertResult]) -> list[dict]:
+    return [r.summary() for r in results]
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
@@ -130,39 +134,44 @@ def _gptq_many(mats: list[torch.Tensor], grams: list[torch.Tensor], bits: list[i
 def quantize_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: QuantizeConfig,
                    work_bytes: int = 1 << 30, progress: Callable[[], None] | None = None) -> list[ExpertResult]:
     """Every expert of one MoE layer: batched GPTQ for those with at least `min_tokens` routed tokens, RTN
-    (with the clipping search) for the others and for `--method rtn`."""
-    per = [routed.of(e) for e in range(layer.num_experts)]
-    use_gptq = [cfg.method == "gptq" and x.shape[0] >= cfg.gptq.min_tokens for x, _ in per]
-    q1: dict[int, QuantizedMatrix] = {}
-    q2: dict[int, QuantizedMatrix] = {}
+    (with the clipping search) for the others and for `--method rtn`. An expert's routed inputs are taken
+    out of the layer's only while its chunk is worked on (with top-k routing they are k times the layer's)."""
+    counts = torch.bincount(routed.idx.flatten(), minlength=layer.num_experts)[:layer.num_experts].tolist()
+    use_gptq = [cfg.method == "gptq" and counts[e] >= cfg.gptq.min_tokens for e in range(layer.num_experts)]
     h, i2 = layer.hidden_size, 2 * layer.intermediate_size
-    # per expert: float32 weights, Gram, inverse factor and working copies (about 6 matrices of the larger side)
-    per_bytes = 4 * 6 * max(i2 * h + h * h, h * layer.intermediate_size + layer.intermediate_size ** 2)
-    gptq_experts = [e for e in range(layer.num_experts) if use_gptq[e]]
-    for chunk in _chunks(gptq_experts, per_bytes, work_bytes):
-        weights = lambda e: per[e][1][:, None] if cfg.routing_weighted else 1.0  # noqa: E731
-        first = _gptq_many([layer.get_w1(e) for e in chunk], [_gram(per[e][0] * weights(e)) for e in chunk],
-                           [bits[e] for e in chunk], cfg)
-        grams2 = []
-        for e, q in zip(chunk, first):
-            q1[e] = q
-            a = per[e][0] @ q.dequantize().t()
-            grams2.append(_gram(layer.act(a[:, :layer.intermediate_size]) * a[:, layer.intermediate_size:] * weights(e)))
-        for e, q in zip(chunk, _gptq_many([layer.get_w2(e) for e in chunk], grams2, [bits[e] for e in chunk], cfg)):
-            q2[e] = q
-    results = []
-    for e in range(layer.num_experts):
+    # per expert in one batched GPTQ: float32 weights, Gram, their permuted copies, the Cholesky factors and
+    # working copies: about 14 matrices of the larger of w1 (2I x H) and its Gram (H x H), measured
+    per_bytes = 4 * 14 * max(i2 * h, h * h)
+    weighted = lambda x, r: x * r[:, None] if cfg.routing_weighted else x  # noqa: E731
+    results: dict[int, ExpertResult] = {}
+
+    def finish(e, x, q1, q2, method):
         w1, w2 = layer.get_w1(e), layer.get_w2(e)
-        if e not in q1:
-            q1[e], q2[e] = rtn(w1, bits[e], cfg.group_size), rtn(w2, bits[e], cfg.group_size)
-        x = per[e][0]
-        out_err = _rel(x @ q1[e].dequantize().t(), x @ w1.t()) if x.shape[0] else None
-        results.append(ExpertResult(layer.expert_name(e), layer.layer, e, bits[e], "gptq" if use_gptq[e] else "rtn",
-                                    int(x.shape[0]), q1[e], q2[e], _rel(q1[e].dequantize(), w1),
-                                    _rel(q2[e].dequantize(), w2), out_err))
+        out_err = _rel(x @ q1.dequantize().t(), x @ w1.t()) if x.shape[0] else None
+        results[e] = ExpertResult(layer.expert_name(e), layer.layer, e, bits[e], method, int(x.shape[0]), q1, q2,
+                                  _rel(q1.dequantize(), w1), _rel(q2.dequantize(), w2), out_err)
         if progress is not None:
             progress()
-    return results
+
+    for chunk in _chunks([e for e in range(layer.num_experts) if use_gptq[e]], per_bytes, work_bytes):
+        inputs = [routed.of(e) for e in chunk]
+        first = _gptq_many([layer.get_w1(e) for e in chunk], [_gram(weighted(x, r)) for x, r in inputs],
+                           [bits[e] for e in chunk], cfg)
+        grams2 = []
+        for (x, r), q in zip(inputs, first):
+            a = x @ q.dequantize().t()
+            mid = layer.act(a[:, :layer.intermediate_size]) * a[:, layer.intermediate_size:]
+            grams2.append(_gram(weighted(mid, r)))
+        second = _gptq_many([layer.get_w2(e) for e in chunk], grams2, [bits[e] for e in chunk], cfg)
+        for e, (x, _), q1, q2 in zip(chunk, inputs, first, second):
+            finish(e, x, q1, q2, "gptq")
+        del inputs, grams2
+    for e in range(layer.num_experts):
+        if e not in results:
+            x = routed.of(e)[0]
+            finish(e, x, rtn(layer.get_w1(e), bits[e], cfg.group_size), rtn(layer.get_w2(e), bits[e], cfg.group_size),
+                   "rtn")
+    return [results[e] for e in range(layer.num_experts)]
 
 
 def check_config(bits: dict[str, int], calib: CalibrationSet | None, cfg: QuantizeConfig) -> None:
@@ -175,14 +184,16 @@ def check_config(bits: dict[str, int], calib: CalibrationSet | None, cfg: Quanti
 
 
 LayerDone = Callable[[int, torch.nn.Module], None]  # (decoder layer index, the loaded layer) after its turn
+ExpertsDone = Callable[[MoELayer, list[ExpertResult]], None]
 
 
 def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: dict[str, int], cfg: QuantizeConfig,
-                        progress=None, work_bytes: int = 1 << 30,
-                        after_layer: LayerDone | None = None) -> list[list[ExpertResult]]:
+                        progress=None, work_bytes: int = 1 << 30, after_layer: LayerDone | None = None,
+                        on_experts: ExpertsDone | None = None) -> list[list[ExpertResult]]:
     """Walk the decoder layers: capture what each MoE layer's experts receive, quantize them, write their
     dequantized weights back, and run the layer to produce the next one's inputs. `after_layer` sees each
-    layer while its weights are loaded (dense-layer quantization, for one)."""
+    layer while its weights are loaded (dense-layer quantization, for one). With `on_experts` each layer's
+    results go there as soon as they exist (the stage packs and writes them) and are not kept."""
     by_index = {}
     for layer in layers:
         prefix = layer.block_path[len(runner.stack_path) + 1:].split(".")[0]
@@ -197,8 +208,12 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
                 done = quantize_layer(moe, routed, [bits[n] for n in moe.expert_names], cfg, work_bytes, progress)
                 for r in done:  # after the whole layer: its experts saw the same (unquantized-layer) inputs
                     moe.set_weights(r.expert, r.w1.dequantize(), r.w2.dequantize())
-                results.append([r.cpu() for r in done])
-                del routed
+                done = [r.cpu() for r in done]
+                if on_experts is not None:
+                    on_experts(moe, done)
+                else:
+                    results.append(done)
+                del routed, done
             if cfg.method == "gptq" and i + 1 < len(runner.stack):
                 runner.run(i, decoder_layer)
             if after_layer is not None:

@@ -15,17 +15,18 @@ from pathlib import Path
 import torch
 
 from ..calibration import load_calibration
-from ..devices import Meter, resolve_device
+from ..devices import Meter, gib, resolve_device
 from ..errors import MopeqError
 from ..fsutil import require_free_space, staged_dir
 from ..models.adapters import find_moe_layers
 from ..models.loading import check_weights, load_tokenizer, model_info
 from ..models.onload import WeightSource, skeleton
 from ..models.sequential import SequentialRunner
+from ..scale import ModelShape, check_fits, quantize_bytes
 from .checkpoint import (SCHEMA_VERSION, DenseRecord, dense_tensors, layer_record, layer_tensors, size_report,
-                         to_json_layers, write_checkpoint)
+                         to_json_layers, write_layer, write_record)
 from .packing import LAYOUT_VERSION
-from .pipeline import QuantizeConfig, check_config, quantize_sequential
+from .pipeline import QuantizeConfig, check_config, quantize_sequential, results_summary
 from .plan_io import PlanBits, read_plan_bits
 from .primitives import check_width, rtn
 
@@ -81,7 +82,7 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
                  cfg: QuantizeConfig, samples: int = 32, seq_len: int = 256, dense_bits: int | None = None,
                  dense_attention: bool = False, trust_remote_code: bool = False, progress=None,
                  device: str | torch.device = "auto", dtype: torch.dtype = torch.float32,
-                 work_bytes: int | None = None) -> QuantizeResult:
+                 work_bytes: int | None = None, say=lambda s: None) -> QuantizeResult:
     t0 = time.time()
     # -- checks that need no model ---------------------------------------------------------------------
     plan: PlanBits = read_plan_bits(plan_path)
@@ -96,8 +97,6 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
         raise MopeqError(f"calibration data not found: {calib}")
     dev = resolve_device(device)
     check_weights(model_dir)
-    meter = Meter(dev, dtype)
-
     model = skeleton(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     layers = find_moe_layers(model)
     plan.check_experts([n for l in layers for n in l.expert_names])
@@ -109,11 +108,19 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
     if cfg.method == "gptq":
         calib_set = load_calibration(calib, load_tokenizer(model_dir, trust_remote_code), model.config,
                                      samples=samples, seq_len=seq_len)
+    work_bytes = work_bytes or default_work_bytes(dev)
+    tokens = calib_set.num_tokens if calib_set else 0
+    avg = sum(plan.bits.values()) / len(plan.bits)
+    need = quantize_bytes(ModelShape.of(model), tokens, avg, work_bytes)
+    check_fits(need, dev, "quantize", "use --device cuda or fewer --samples")
+    say(f"quantize: one decoder layer at a time on {dev}, about {gib(need)} at peak (estimate)")
+    meter = Meter(dev, dtype, estimate_bytes=need)
     expert_params = {n for n, p in model.named_parameters() if any(p is q for l in layers for q, _ in l.hessian_params())}
     total_params = sum(p.numel() for p in model.parameters())
     expert_count = sum(p.numel() for n, p in model.named_parameters() if n in expert_params)
 
     dense_recs, dense = [], {}
+    lrecs, summaries, expert_bytes = [], [], [0]
 
     def after_layer(i, decoder_layer):
         prefix = f"{runner.stack_path}.{i}."
@@ -123,41 +130,47 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
             dense_recs.extend(recs)
             dense.update(tensors)
 
+    def on_experts(layer, results):  # packed and written at once: one layer's codes in memory at a time
+        tensors = layer_tensors(results)
+        write_layer(stage, layer.experts_path, tensors)
+        expert_bytes[0] += sum(t.nbytes for t in tensors.values())
+        lrecs.append(layer_record(layer, results))
+        summaries.extend(results_summary(results))
+
     source = WeightSource(model_dir, model)
     try:
-        runner = SequentialRunner(model, calib_set.batches if calib_set else [], dev, source)
-        results = quantize_sequential(runner, layers, plan.bits, cfg, progress,
-                                      work_bytes or default_work_bytes(dev), after_layer)
+        with staged_dir(out) as stage:
+            runner = SequentialRunner(model, calib_set.batches if calib_set else [], dev, source)
+            quantize_sequential(runner, layers, plan.bits, cfg, progress, work_bytes, after_layer, on_experts)
+            dense_count = sum(d.in_features * d.out_features for d in dense_recs)
+            sizes = size_report(lrecs, expert_bytes[0], total_params, expert_count,
+                                sum(t.nbytes for t in dense.values()), dense_count)
+            record = {
+                "schema_version": SCHEMA_VERSION,
+                "layout_version": LAYOUT_VERSION,
+                "model": info.to_json(),
+                "plan": {"path": str(Path(plan_path).resolve()), "sha256": plan.sha256, "method": plan.method,
+                         "avg_bits": plan.avg_bits},
+                "method": cfg.method,
+                "group_size": cfg.group_size,
+                "config": cfg.to_json(),
+                "calibration": calib_set.info.to_json() if calib_set else None,
+                "layers": to_json_layers(lrecs),
+                "dense": [vars(d) for d in dense_recs],
+                "experts": summaries,
+                "rtn_fallbacks": [e["name"] for e in summaries if e["method"] != cfg.method],
+                "sizes": sizes,
+                "resources": meter.done().to_json(),
+            }
+            write_record(stage, record, dense)
     finally:
         source.close()
-    tensors = {f"{l.experts_path}.{n}": t for l, rs in zip(layers, results) for n, t in layer_tensors(rs).items()}
-    lrecs = [layer_record(l, rs) for l, rs in zip(layers, results)]
-    dense_count = sum(d.in_features * d.out_features for d in dense_recs)
-    sizes = size_report(lrecs, tensors, total_params, expert_count, sum(t.nbytes for t in dense.values()), dense_count)
-    record = {
-        "schema_version": SCHEMA_VERSION,
-        "layout_version": LAYOUT_VERSION,
-        "model": info.to_json(),
-        "plan": {"path": str(Path(plan_path).resolve()), "sha256": plan.sha256, "method": plan.method,
-                 "avg_bits": plan.avg_bits},
-        "method": cfg.method,
-        "group_size": cfg.group_size,
-        "config": cfg.to_json(),
-        "calibration": calib_set.info.to_json() if calib_set else None,
-        "layers": to_json_layers(lrecs),
-        "dense": [vars(d) for d in dense_recs],
-        "experts": [r.summary() for rs in results for r in rs],
-        "rtn_fallbacks": [r.name for rs in results for r in rs if r.method != cfg.method],
-        "sizes": sizes,
-        "resources": meter.done().to_json(),
-    }
-    with staged_dir(out) as stage:
-        write_checkpoint(stage, record, tensors, dense)
     return QuantizeResult(Path(out), record, time.time() - t0)
 
 
 def default_work_bytes(device: torch.device) -> int:
-    """Working memory for one batched GPTQ chunk: a quarter of the free GPU memory, 512 MiB on the CPU."""
+    """Working memory for one batched GPTQ chunk: a quarter of the free GPU memory, 256 MiB on the CPU (where
+    batching saves little: the CPU is busy either way, and host memory is the budget)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0] // 4)
-    return 512 << 20
+    return 256 << 20
