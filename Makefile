@@ -6,7 +6,7 @@ BUILD   := build
 # ORT C/C++ API headers for the kernel library; override with ORT_INCLUDE_DIR=/path/to/include/onnxruntime
 ORT_INCLUDE_DIR ?= $(abspath $(BUILD)/ort-headers/usr/include/onnxruntime)
 
-.PHONY: setup test test-fast kernels kernels-cuda cuda-check clean
+.PHONY: setup test test-fast test-asan kernels kernels-asan kernels-cuda cuda-check clean
 
 setup: $(VENV)/.installed kernels
 
@@ -25,6 +25,23 @@ kernels: $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h
 	cmake -S runtime/csrc -B $(BUILD)/kernels -DCMAKE_BUILD_TYPE=Release -DORT_INCLUDE_DIR=$(ORT_INCLUDE_DIR) >/dev/null
 	cmake --build $(BUILD)/kernels -j 2
 	cmake --install $(BUILD)/kernels --prefix runtime >/dev/null
+
+# The kernel library under AddressSanitizer + UndefinedBehaviorSanitizer (any report aborts the process)
+ASAN_LIB := $(abspath $(BUILD)/asan/libmopeq_ops.so)
+kernels-asan: $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h
+	cmake -S runtime/csrc -B $(BUILD)/kernels-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DORT_INCLUDE_DIR=$(ORT_INCLUDE_DIR) \
+	  -DCMAKE_CXX_FLAGS="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" \
+	  -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" >/dev/null
+	cmake --build $(BUILD)/kernels-asan -j 2
+	mkdir -p $(BUILD)/asan && cp $(BUILD)/kernels-asan/libmopeq_ops.so $(ASAN_LIB)
+
+# the kernel tests and the kernel fuzz test against the sanitized library (python itself is not
+# instrumented: the ASan runtime is preloaded, leak checking off for the interpreter's own allocations)
+test-asan: kernels-asan
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	MOPEQ_KERNEL_LIBRARY=$(ASAN_LIB) $(VPY) -m pytest -q -p no:cacheprovider tests/test_kernel_cpu.py \
+	  tests/test_kernel_fuzz.py
 
 # GPU/Jetson: the same library with the CUDA kernel and its CUDA-EP registration (needs nvcc; off in setup)
 kernels-cuda: $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h

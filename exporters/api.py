@@ -13,7 +13,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from mopeq_export.fsutil import read_json, staged_dir, write_json
+from mopeq_export.fsutil import check_out, read_json, staged_dir, write_json
 from mopeq_export.quantize.packing import LAYOUT_VERSION
 from mopeq_export.quantize.reference import PackedLinear
 from mopeq_export.targets import Target, get_target
@@ -91,7 +91,7 @@ def _export_all(model: nn.Module, is_vlm: bool, target: Target, stage: Path, tra
 
 
 def export_quantized(qdir: str | Path, target: str | Target, out: str | Path, model_dir: str | Path | None = None,
-                     say: Progress = lambda s: None, trust_remote_code: bool = False) -> dict:
+                     say: Progress = lambda s: None, trust_remote_code: bool = False, force: bool = False) -> dict:
     """QDIR (from `quantize`) -> ODIR with the custom-op graph(s) for `target`.
 
     The model is the skeleton with the packed experts and only its other weights loaded, in the target's
@@ -105,6 +105,8 @@ def export_quantized(qdir: str | Path, target: str | Target, out: str | Path, mo
 
     target = get_target(target) if isinstance(target, str) else target
     dtype = DTYPES[target.activation_dtype]
+    inputs = (qdir, model_dir)
+    check_out(out, "export", force=force, inputs=inputs)
     ckpt = read_checkpoint(qdir)  # verified (hashes) before anything is loaded
     qrecord = ckpt.record
     is_vlm = bool(qrecord["model"].get("is_vlm"))
@@ -118,7 +120,7 @@ def export_quantized(qdir: str | Path, target: str | Target, out: str | Path, mo
     if is_vlm:
         vlm.check_supported(model)
     dense = dequantize_dense(model, dtype)
-    with staged_dir(out) as stage, torch_op.exporting(model) as n_layers:
+    with staged_dir(out, "export", force=force, inputs=inputs) as stage, torch_op.exporting(model) as n_layers:
         record = _export_all(model, is_vlm, target, stage, onnx_op.TRANSLATIONS, say)
         record["quantized"] = {"path": str(Path(qdir).resolve()), "model": qrecord["model"],
                                "method": qrecord.get("method"), "group_size": qrecord.get("group_size"),
@@ -141,7 +143,7 @@ def export_float_reference(model_dir: str | Path, out: str | Path, target: str |
     model, info = load_model(model_dir, dtype=DTYPES[target.activation_dtype])
     if getattr(model, "_can_set_experts_implementation", lambda: False)():
         model.set_experts_implementation("batched_mm")
-    with staged_dir(out) as stage:
+    with staged_dir(out, "export", inputs=(model_dir,)) as stage:
         record = _export_all(model, info.is_vlm, target, stage, None, say)
         record["float_reference"] = {"model": info.to_json()}
         write_json(stage / "export.json", record)

@@ -23,9 +23,11 @@ from typing import Callable
 import torch
 
 from .bundle import BundleInputs, toolchain_version, write_manifest, write_payload, write_tar
+from .signing import load_private_key, sign_bundle
 from .devices import Meter
 from .errors import MopeqError
-from .fsutil import default_cache, read_json, require_free_space, sha256_file, staged_dir, staged_file, write_json
+from .fsutil import (OUTPUT_MARKER, check_out, clean_stale, default_cache, read_json, require_free_space, sha256_file,
+                     staged_dir, staged_file, write_json)
 from .memory import MemoryCheck, check_memory, estimate_weights, kv_bytes_per_token, kv_cache_of_config, require_fit
 from .targets import Target, get_target
 from .validate import GateConfig, GateReport, plot_report, run_gate
@@ -56,6 +58,8 @@ class BuildConfig:
     device: str = "auto"  # analyze, quantize and the gate's float16 reference: auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # the analysis' (and reference's) compute dtype (devices.py)
     trust_remote_code: bool = False
+    force: bool = False  # replace a previous bundle (or tar file) at `out`; never anything else
+    sign_key: Path | None = None  # ed25519 private key (PEM): write manifest.sig (docs/BUNDLE.md)
 
 
 @dataclass(frozen=True)
@@ -103,20 +107,50 @@ class StageCache:
         key = {**key, "code": code_digest(stage)}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
         dest = self.root / f"{stage}-{digest[:20]}"
-        if (dest / ".complete").is_file():
-            self.say(stage, "cached")
-            self.hits.append(stage)
-            return dest, digest
+        if dest.is_dir():
+            problem = _entry_problem(dest, digest)
+            if problem is None:
+                self.say(stage, "cached")
+                self.hits.append(stage)
+                return dest, digest
+            self.say(stage, f"cache entry damaged ({problem}): rebuilding")
         self.say(stage, "run")
-        with staged_dir(dest) as st:
+        with staged_dir(dest, "cache", force=True) as st:
             make(st)
-            (st / ".complete").write_text(digest + "\n")
+            write_json(st / ".complete", {"key": digest, "files": _entry_files(st)})
         self.say(stage, "done")
         return dest, digest
 
     def close(self) -> None:
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _entry_files(root: Path) -> dict:
+    """{relative path: [size, sha256]} of a cache entry's files (its bookkeeping files excluded)."""
+    skip = {".complete", OUTPUT_MARKER}
+    return {p.relative_to(root).as_posix(): [p.stat().st_size, sha256_file(p)]
+            for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() not in skip}
+
+
+def _entry_problem(dest: Path, digest: str) -> str | None:
+    """None when a cache entry is complete and every file matches the hash recorded when it was made."""
+    try:
+        done = json.loads((dest / ".complete").read_text(encoding="utf-8"))
+        recorded = done["files"] if done.get("key") == digest else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return "incomplete"
+    skip = {".complete", OUTPUT_MARKER}
+    present = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()} - skip
+    if present != set(recorded):
+        return "files added or removed"
+    for rel, (size, sha) in recorded.items():
+        p = dest / rel
+        if p.stat().st_size != size or sha256_file(p) != sha:
+            return f"{rel} altered"
+    return None
 
 
 def default_eval(is_vlm: bool) -> Path | None:
@@ -204,8 +238,8 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
     tc = json.loads((Path(cfg.model) / "config.json").read_text())
     tc = tc.get("text_config", tc)
     max_pos = int(tc["max_position_embeddings"])
-    context = cfg.context or max_pos
-    if context > max_pos or context < 1:
+    context = max_pos if cfg.context is None else cfg.context
+    if not isinstance(context, int) or context > max_pos or context < 1:
         raise MopeqError(f"--context {context} is outside 1..{max_pos} (the model's max_position_embeddings)")
     calib = Path(cfg.calib or default_calib(info.is_vlm))
     if not calib.exists():
@@ -220,6 +254,15 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, checkpoint_params(cfg.model))
     cache_root = (cfg.cache or default_cache()) if cfg.use_cache else None
+    inputs = (cfg.model, calib, cfg.eval, cfg.plan)
+    check_out(cfg.out, "bundle", force=cfg.force, inputs=(*inputs, cache_root), file=cfg.tar)
+    if cfg.sign_key is not None:
+        load_private_key(cfg.sign_key)  # a missing or wrong key fails now, not after the build
+    if cache_root is not None:
+        for given in inputs:
+            if given is not None and (Path(given).resolve() == Path(cache_root).resolve()
+                                      or Path(cache_root).resolve() in Path(given).resolve().parents):
+                raise MopeqError(f"--cache {cache_root} overlaps the input {given}; give another cache folder")
     # the stage outputs (packed experts, graphs) and the bundle: about three times the bundle's weights
     require_free_space(cache_root or Path(tempfile.gettempdir()), 2 * weights, "the build's stage cache")
     require_free_space(Path(cfg.out).resolve().parent, weights, "the bundle")
@@ -288,16 +331,24 @@ def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir,
         from .calibration import vqa_format_for
 
         prompt = vqa_format_for(AutoConfig.from_pretrained(cfg.model)).to_json()
-    inputs = BundleInputs(export_dir, Path(cfg.model), info, target, context, _stable_plan(plan_path),
+    inputs_rec = BundleInputs(export_dir, Path(cfg.model), info, target, context, _stable_plan(plan_path),
                           _quantization_record(qdir, cfg.seed), kernel_for(target, cfg.kernel_library),
                           REPO / "runtime" / "csrc", prompt)
     eval_path = Path(cfg.eval or default_eval(info.is_vlm) or calib)
-    folder = out.with_name(out.name + ".dir") if cfg.tar else out
+    inputs = (cfg.model, calib, cfg.eval, cfg.plan)
+    tar_tmp = None
+    if cfg.tar:  # the folder is assembled in a private staging folder beside the archive, then packed
+        out = check_out(out, "bundle", force=cfg.force, inputs=inputs, file=True)
+        clean_stale(out)
+        tar_tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+        folder = tar_tmp / "bundle"
+    else:
+        folder = out
     try:
-        with staged_dir(folder) as stage:
+        with staged_dir(folder, "bundle", force=cfg.force, inputs=inputs) as stage:
             say("package", "run")
             package_meter = Meter(torch.device("cpu"), torch.float32)
-            parts = write_payload(inputs, stage)
+            parts = write_payload(inputs_rec, stage)
             per_token = kv_bytes_per_token(parts["model"].kv_cache, target.activation_dtype)  # the real cache
             write_manifest(stage, parts, {"status": "pending"})
             weights = sum(f.stat().st_size for f in stage.glob("*.onnx*"))
@@ -322,18 +373,20 @@ def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir,
             write_json(stage / "validation" / "report.json", report.to_json())
             plot_report(report, stage / "validation" / "fidelity.png")
             write_manifest(stage, parts, _validation_entry(report, mem))
+            if cfg.sign_key is not None:
+                sign_bundle(stage, cfg.sign_key)
         report_beside(out).unlink(missing_ok=True)  # a stale failure report would contradict the bundle
         if cfg.tar:
-            try:
-                with staged_file(out) as tmp:
-                    write_tar(folder, tmp)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
+            with staged_file(out) as tmp:
+                write_tar(folder, tmp)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise MopeqError(f"disk full while writing the bundle ({e.strerror}); free space in {out.parent} "
                              "and re-run: no bundle was written") from None
         raise
+    finally:
+        if tar_tmp is not None:
+            shutil.rmtree(tar_tmp, ignore_errors=True)
     return BuildResult(out, report, out if cfg.tar else out / "validation" / "report.json", summary)
 
 
@@ -347,7 +400,8 @@ def _validate(cfg: BuildConfig, stage: Path, eval_path: Path, calib: Path, progr
     # far too slow), else the function bodies; the float16 reference runs in PyTorch on --device
     host_lib = kernel_for(get_target("cpu"), None)
     foreign = kernel_for(get_target(cfg.target), cfg.kernel_library) is None
-    bundle = mopeq_runtime.load(stage, allow_foreign_target=True, kernel_library=host_lib if foreign else None)
+    bundle = mopeq_runtime.load(stage, allow_foreign_target=True, kernel_library=host_lib if foreign else None,
+                                allow_unvalidated=True)  # validating it is what this does
     ref, _ = load_model(cfg.model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     return run_gate(ref, bundle, load_tokenizer(cfg.model), eval_path, cfg.gate,
                     is_calibration=eval_path.resolve() == calib.resolve(), progress=progress)

@@ -5,6 +5,8 @@ Every command turns a MopeqError into a one-line `error: ...` and exit code 2.
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
 from pathlib import Path
 
@@ -30,18 +32,47 @@ def default_calib(is_vlm: bool) -> Path:
     return REPO_CALIB / ("vqa_calib.npz" if is_vlm else "text_calib.txt")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C so every staged output is removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+_OS_ADVICE = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
+              errno.EROFS: "the file system is read-only: choose a writable --out / --cache",
+              errno.EACCES: "no permission: choose a folder you can write (or read)",
+              errno.EPERM: "no permission: choose a folder you can write (or read)",
+              errno.ENOENT: "check the path", errno.ELOOP: "a symbolic link loops: check the path",
+              errno.ENOTDIR: "a part of the path is a file, not a folder"}
+
+
+def os_error_message(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    advice = _OS_ADVICE.get(e.errno, "check the paths and the disk")
+    return f"{e.strerror or e}{where}: {advice}; nothing was written"
+
+
 def main() -> None:
     from .devices import bound_host_memory
 
     bound_host_memory()  # before any tensor work: the tool's host memory stays what its stages state
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except MopeqError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as e:
+        console.print(f"[bold red]error:[/] {os_error_message(e)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: nothing was written")
         sys.exit(130)
+    except Terminated:
+        console.print("[bold red]terminated[/]: nothing was written")
+        sys.exit(143)
 
 
 # Each command lives in mopeq_export/commands/<name>.py and registers itself on `app`.

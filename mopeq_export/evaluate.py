@@ -55,7 +55,11 @@ def text_windows(path: str | Path, tokenizer, seq_len: int = 256, max_windows: i
     p = Path(path)
     if not p.is_file():
         raise MopeqError(f"evaluation data not found: {p}")
-    ids = tokenizer(p.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise MopeqError(f"evaluation data {p} is not UTF-8 text; a text model is evaluated on a .txt file") from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     n = len(ids) // seq_len
     if n < 1:
         raise MopeqError(f"evaluation data {p} has fewer than {seq_len} tokens")
@@ -175,8 +179,17 @@ def evaluate_model(model_dir, qdir, data, *, max_windows: int | None = None, max
     from .models.loading import checkpoint_params, load_model, load_tokenizer
     from .quantize.loader import load_quantized
 
+    from .calibration import calibration_kind
+    from .models.loading import model_info
+
     if not Path(data).exists():
         raise MopeqError(f"evaluation data not found: {data}")
+    is_vlm = model_info(model_dir).is_vlm
+    kind = calibration_kind(data)
+    if is_vlm != (kind == "vqa"):
+        raise MopeqError(f"{data} is {'VQA (image-text)' if kind == 'vqa' else 'text'} data but the model is a "
+                         f"{'vision-language' if is_vlm else 'text'} model; give "
+                         f"{'a VQA .npz or folder' if is_vlm else 'a .txt file'}")
     dev = resolve_device(device)
     compute = resolve_dtype(dtype, checkpoint_params(model_dir))
     meter = Meter(dev, compute)

@@ -63,44 +63,148 @@ def require_free_space(folder: str | os.PathLike, need: int, what: str, margin: 
                          "free some space or write elsewhere")
 
 
-@contextlib.contextmanager
-def staged_dir(dest: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it replaces `dest` atomically, on error it is removed."""
-    dest = Path(dest).resolve()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() and not overwrite:
-        raise MopeqError(f"{dest} already exists; remove it or choose another --out")
-    if dest.exists() and not dest.is_dir():
-        raise MopeqError(f"{dest} exists and is not a folder; choose another --out")
-    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+# -- outputs: never delete what the tool did not create ------------------------------------------------------
+OUTPUT_MARKER = ".mopeq-output"  # {"kind": ...} in every output folder except bundles (their manifest says it)
+
+
+def output_kind(folder: Path) -> str | None:
+    """The command that wrote `folder` ('analyze', 'quantize', 'export', 'bundle', 'cache'), or None."""
+    for name, key in ((OUTPUT_MARKER, "kind"), ("manifest.json", "kind")):
+        p = folder / name
+        if p.is_file() and not p.is_symlink():
+            try:
+                kind = json.loads(p.read_text(encoding="utf-8")).get(key)
+            except (OSError, ValueError, AttributeError):
+                continue
+            if name == "manifest.json":
+                return "bundle" if kind == "mopeq.bundle" else None
+            return kind if isinstance(kind, str) else None
+    return None
+
+
+def _within(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def check_out(dest: str | os.PathLike, kind: str, *, force: bool = False, inputs=(), file: bool = False) -> Path:
+    """Refuse an output path that would destroy or overlap something the user owns; return it resolved.
+
+    A folder output may be new, an empty folder, or (with force) a previous output of the same kind; a file
+    output may be new or (with force) an existing file. It may never be a symbolic link, nor equal, contain or
+    lie inside one of `inputs`. Called by every command before any work, and again when the output is moved
+    into place."""
+    raw = Path(dest)
+    flag = "--out"
+    if raw.is_symlink():
+        raise MopeqError(f"{flag} {raw} is a symbolic link; give the real path (nothing was changed)")
+    dest = raw.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(given).resolve()
+        if _within(dest, src) or _within(src, dest):
+            raise MopeqError(f"{flag} {dest} overlaps the input {src}; write the output somewhere else "
+                             "(nothing was changed)")
+    if not dest.exists():
+        return dest
+    if file:
+        if dest.is_dir():
+            raise MopeqError(f"{flag} {dest} is a folder; give the path of a file to write")
+        if not force:
+            raise MopeqError(f"{dest} already exists; pass --force to replace it, or choose another {flag}")
+        return dest
+    if not dest.is_dir():
+        raise MopeqError(f"{dest} exists and is not a folder; choose another {flag}")
+    if not any(dest.iterdir()):
+        return dest
+    owner = output_kind(dest)
+    if owner != kind:
+        what = f"a `{owner}` output" if owner else "not an output of mopeq-export"
+        raise MopeqError(f"{dest} is not empty and is {what}; give a new or empty folder for this {kind} output "
+                         "(nothing was changed)")
+    if not force:
+        raise MopeqError(f"{dest} holds a previous {kind} output; pass --force to replace it, or choose another {flag}")
+    return dest
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
     try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(dest: Path) -> None:
+    """Remove `.NAME.partial-PID-*` / `.NAME.old-PID-*` leftovers of killed runs (their process is gone)."""
+    for pattern in (f".{dest.name}.partial-*", f".{dest.name}.old-*"):
+        for p in dest.parent.glob(pattern):
+            pid = p.name[len(dest.name) + 1:].split(".", 1)[1].split("-")[1:2]
+            if pid and pid[0].isdigit() and int(pid[0]) != os.getpid() and not _pid_alive(int(pid[0])):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
+
+def _stage_prefix(dest: Path, what: str = "partial") -> str:
+    return f".{dest.name}.{what}-{os.getpid()}-"
+
+
+@contextlib.contextmanager
+def staged_dir(dest: str | os.PathLike, kind: str, *, force: bool = False, inputs=()) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it replaces `dest` atomically, on error it is removed.
+
+    `dest` must pass check_out(kind, force, inputs): only a new/empty folder or a previous output of the same
+    kind is ever replaced. The staging folder carries the kind's marker and ordinary permissions (umask)."""
+    dest = check_out(dest, kind, force=force, inputs=inputs)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(dest)
+    stage = Path(tempfile.mkdtemp(prefix=_stage_prefix(dest), dir=dest.parent))
+    try:
+        os.chmod(stage, 0o777 & ~_umask())
         yield stage
+        if kind != "bundle":
+            (stage / OUTPUT_MARKER).write_text(json.dumps({"kind": kind, "tool": "mopeq-export"}) + "\n")
+        check_out(dest, kind, force=True)  # nothing foreign appeared there meanwhile
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     old = None
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.rename(dest, old)
+        old = Path(tempfile.mkdtemp(prefix=_stage_prefix(dest, "old"), dir=dest.parent))
+        os.rename(dest, old / dest.name)
     os.rename(stage, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def staged_file(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `dest`; it is renamed onto `dest` only if the block succeeds."""
-    dest = Path(dest).resolve()
+def staged_file(dest: str | os.PathLike, *, force: bool = True, inputs=()) -> Iterator[Path]:
+    """Yield a temporary path beside `dest`; it is renamed onto `dest` only if the block succeeds.
+
+    force=False refuses an existing file (the commands' --out without --force); a folder is always refused."""
+    dest = check_out(dest, "file", force=force, inputs=inputs, file=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.partial-", dir=dest.parent)
+    clean_stale(dest)
+    fd, tmp = tempfile.mkstemp(prefix=_stage_prefix(dest), dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, 0o666 & ~_umask())
         yield tmp_path
+        os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
-    os.replace(tmp_path, dest)
 
 
 def cached_sha256(path: str | os.PathLike, cache_file: Path | None) -> str:

@@ -103,7 +103,7 @@ class ExpertSensitivity:
     expert: int
     params: int
     hessian_trace: float
-    hessian_trace_stderr: float
+    hessian_trace_stderr: float | None  # None: unknown (a single probe gives no spread)
     tokens: int  # (token, slot) assignments over the calibration set
     layer_tokens: int  # tokens the expert's layer saw (padding excluded)
     frequency: float  # tokens / layer_tokens (sums to top-k over a layer)
@@ -610,7 +610,7 @@ def _records(layers, stats: RoutingStats, traces: StratifiedMean, norm_traces, e
             tokens, total = int(stats.tokens[i]), int(stats.layer_tokens[i])
             out.append(ExpertSensitivity(
                 name=layer.expert_name(e), layer=layer.layer, expert=e, params=layer.expert_params,
-                hessian_trace=float(mean[i]), hessian_trace_stderr=float(stderr[i]) if tokens else 0.0,
+                hessian_trace=float(mean[i]), hessian_trace_stderr=(float(stderr[i]) if math.isfinite(stderr[i]) else None) if tokens else 0.0,
                 tokens=tokens, layer_tokens=total, frequency=tokens / total if total else 0.0,
                 routing_weight=float(stats.weight[i]), no_tokens=tokens == 0, quant_error=errors[i],
                 weight_norm_trace=float(norm_traces[i])))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -138,7 +140,14 @@ class Manifest:
             model = dict(d["model"])
             if d["schema_version"] == 1:  # one grouped-query shape for every layer
                 model["kv_cache"] = [[model["kv_heads"], model["head_dim"]] * 2] * model["num_layers"]
-            model["kv_cache"] = tuple(tuple(int(x) for x in k) for k in model["kv_cache"])
+            kv = model["kv_cache"]
+            if (not isinstance(kv, list) or len(kv) != model.get("num_layers")
+                    or not all(isinstance(k, list) and len(k) == 4 and all(type(x) is int and x > 0 for x in k) for k in kv)):
+                raise ValueError("model.kv_cache must list [key heads, key dim, value heads, value dim] (positive "
+                                 "integers) for each of num_layers layers")
+            model["kv_cache"] = tuple(tuple(k) for k in kv)
+            if not isinstance(d["graphs"], list) or "decoder" not in {g.get("name") for g in d["graphs"]}:
+                raise ValueError("no decoder graph listed")
             return cls(
                 target=_rec(TargetEntry, d["target"]), model=_rec(ModelEntry, model),
                 toolchain=dict(d["toolchain"]), plan=dict(d["plan"]), quantization=dict(d["quantization"]),
@@ -146,7 +155,7 @@ class Manifest:
                 kernel=_rec(KernelEntry, d["kernel"]), validation=dict(d["validation"]),
                 files=tuple(_rec(FileEntry, f) for f in d["files"]), prompt=d.get("prompt"),
                 schema_version=d["schema_version"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{source} is malformed ({type(e).__name__}: {e}); rebuild the bundle") from None
 
 
@@ -159,18 +168,51 @@ def _plain(x):
     return x
 
 
+def _conforms(v, tp) -> bool:
+    """Whether a JSON value has a record field's declared type (bool is not an int here)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(v, a) for a in args)
+    if tp is type(None):
+        return v is None
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp in (str, bool, dict):
+        return isinstance(v, tp)
+    if tp is tuple or origin is tuple:
+        if not isinstance(v, (list, tuple)):
+            return False
+        return not args or all(_conforms(x, args[0]) for x in v)
+    return True
+
+
 def _rec(cls, d: dict):
+    if not isinstance(d, dict):
+        raise TypeError(f"{cls.__name__} must be an object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
     kw = {}
     for f in fields(cls):
         v = d[f.name]
+        if not _conforms(v, hints[f.name]):
+            raise TypeError(f"{cls.__name__}.{f.name} = {v!r:.40} is not of type {hints[f.name]}")
         kw[f.name] = tuple(v) if isinstance(v, list) else v
     return cls(**kw)
 
 
 def _graph(d: dict) -> GraphEntry:
-    sig = lambda s: TensorSig(s["name"], s["dtype"], tuple(s["shape"]))  # noqa: E731
-    return GraphEntry(d["name"], d["file"], tuple(d["data_files"]), tuple(sig(s) for s in d["inputs"]),
-                      tuple(sig(s) for s in d["outputs"]))
+    def sig(s) -> TensorSig:
+        shape = s["shape"]
+        if not isinstance(shape, list) or not all(isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool)
+                                                                         and x >= 0) for x in shape):
+            raise ValueError(f"tensor {s.get('name')!r} has a malformed shape {shape!r:.40}")
+        return _rec(TensorSig, {**s, "shape": shape})
+
+    if not isinstance(d, dict) or not isinstance(d.get("inputs"), list) or not isinstance(d.get("outputs"), list):
+        raise TypeError("a graph entry must be an object with 'inputs' and 'outputs' lists")
+    return _rec(GraphEntry, {**d, "data_files": d["data_files"], "inputs": tuple(sig(s) for s in d["inputs"]),
+                             "outputs": tuple(sig(s) for s in d["outputs"])})
 
 
 def read_manifest(root: Path) -> Manifest:
@@ -205,7 +247,7 @@ def verify_files(root: Path, manifest: Manifest) -> None:
             raise BundleError(f"bundle file {f.path} does not match its sha256 in the manifest: it was altered; "
                               "re-copy or rebuild the bundle")
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()}
-    extra = sorted(on_disk - listed - {MANIFEST})
+    extra = sorted(on_disk - listed - {MANIFEST, "manifest.sig"})
     if extra:
         raise BundleError(f"bundle holds files its manifest does not list ({', '.join(extra[:3])}); "
                           "it was modified after the build: remove them or rebuild")

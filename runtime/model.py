@@ -81,10 +81,14 @@ class BundleModel:
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, input_ids, past: Past | None = None, pixel_values: np.ndarray | None = None):
         """Logits [B, T, V] (float32) for the new tokens and the grown cache."""
-        ids = np.asarray(input_ids, dtype=np.int64)
+        raw = np.asarray(input_ids)
+        if raw.dtype.kind not in "iu":
+            raise InputError(f"input_ids must be integers, got {raw.dtype} (a float id would be truncated)")
+        ids = raw.astype(np.int64)
         ids = ids[None] if ids.ndim == 1 else ids
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise InputError(f"input_ids must be [batch, tokens] with at least one token, got shape {ids.shape}")
+        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise InputError(f"input_ids must be [batch, tokens] with batch >= 1 and at least one token, got shape "
+                             f"{ids.shape}")
         b, t = ids.shape
         p = 0 if past is None else past.length
         if p + t > self.context_length:
@@ -150,7 +154,12 @@ class BundleModel:
     def prompt_ids(self, prompt: str | Sequence[int], with_image: bool = False) -> list[int]:
         """Token ids of a prompt; with an image, a text prompt is the question in the bundle's VQA format."""
         if not isinstance(prompt, str):
-            return [int(i) for i in prompt]
+            ids = list(prompt)
+            vocab = self.manifest.model.vocab
+            for i in ids:  # a float id would be truncated silently, a bool taken as 0/1
+                if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or not 0 <= i < vocab:
+                    raise InputError(f"token ids must be integers in 0..{vocab - 1}; got {i!r}")
+            return [int(i) for i in ids]
         if with_image:
             return self.prompt_format.prompt_ids(self.tokenizer.encode, prompt)
         return self.tokenizer.encode(prompt)
@@ -160,6 +169,8 @@ class BundleModel:
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  stop_on_eos: bool = True, stream: Stream | None = None) -> Generation:
         """Greedy (temperature 0) or seeded sampling with a KV cache; `stream` gets each new piece of text."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
         cfg = SamplingConfig(temperature, top_k, top_p, seed)
         pixels = self.pixel_values(image) if image is not None else None
         ids = self.prompt_ids(prompt, with_image=image is not None)

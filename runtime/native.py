@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -15,8 +16,11 @@ class KernelLibraryMissing(MopeqError):
 
 
 def library_path() -> Path:
-    """Path of libmopeq_ops (register it with SessionOptions.register_custom_ops_library)."""
-    path = Path(__file__).resolve().parent / "lib" / LIBRARY_NAME
+    """Path of libmopeq_ops (register it with SessionOptions.register_custom_ops_library).
+
+    $MOPEQ_KERNEL_LIBRARY overrides the packaged build (e.g. the sanitizer build of `make test-asan`)."""
+    override = os.environ.get("MOPEQ_KERNEL_LIBRARY")
+    path = Path(override) if override else Path(__file__).resolve().parent / "lib" / LIBRARY_NAME
     if not path.is_file():
         raise KernelLibraryMissing(
             f"kernel library not found at {path}; build it with `make kernels` in the repository root "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 from .errors import InputError
@@ -17,8 +19,11 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise InputError("sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        ok = (math.isfinite(self.temperature) and self.temperature >= 0 and math.isfinite(self.top_p)
+              and 0 < self.top_p <= 1 and isinstance(self.top_k, int) and self.top_k >= 0)
+        if not ok:
+            raise InputError(f"sampling needs a finite temperature >= 0, 0 < top_p <= 1 and an integer top_k >= 0 "
+                             f"(got temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k})")
 
 
 def choose(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:

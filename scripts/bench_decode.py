@@ -47,7 +47,7 @@ def build(model_dir: Path, work: Path) -> tuple[Path, Path]:
             if layer.num_experts != len(MIX):
                 raise SystemExit(f"the 2.5-bit mix is written for 16 experts per layer, got {layer.num_experts}")
             plan.update(zip(layer.expert_names, (int(b) for b in rng.permutation(MIX))))
-        (work / "plan.json").write_text(json.dumps({"experts": plan, "method": "bench-2.5", "avg_bits": 2.5,
+        (work / "plan.json").write_text(json.dumps({"kind": "mopeq.bitplan", "experts": plan, "method": "bench-2.5", "avg_bits": 2.5,
                                                     "model": {"weights_sha256": info.weights_sha256}}))
         run_quantize(model_dir, work / "plan.json", work / "q", calib=None, cfg=QuantizeConfig(method="rtn"))
         export_quantized(work / "q", "cpu", quant)

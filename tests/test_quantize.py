@@ -141,8 +141,9 @@ def test_unknown_method_and_bad_width_are_refused():
     bits = {n: 2 for l in layers for n in l.expert_names}
     with pytest.raises(MopeqError, match="unknown quantization method"):
         quantize_layers(model, layers, bits, None, QuantizeConfig(method="awq"))
-    with pytest.raises(MopeqError, match="multiple of 32"):
-        quantize_layers(model, layers, bits, None, QuantizeConfig(method="rtn", group_size=48))
+    for g in (48, 4096, 0):  # the format reads any multiple of 32; the quantizer offers 32/64/128/256
+        with pytest.raises(MopeqError, match="is not offered"):
+            quantize_layers(model, layers, bits, None, QuantizeConfig(method="rtn", group_size=g))
     with pytest.raises(MopeqError, match="unsupported width"):
         quantize_layers(model, layers, {n: 5 for n in bits}, None, QuantizeConfig(method="rtn"))
 
@@ -157,7 +158,7 @@ def text_plan(tmp_path_factory):
     model, info = load_model(TEXT_MOE)
     names = [n for l in find_moe_layers(model) for n in l.expert_names]
     p = tmp_path_factory.mktemp("plan") / "plan.json"
-    p.write_text(json.dumps({"experts": {n: (2, 3, 4)[i % 3] for i, n in enumerate(names)}, "method": "test",
+    p.write_text(json.dumps({"kind": "mopeq.bitplan", "experts": {n: (2, 3, 4)[i % 3] for i, n in enumerate(names)}, "method": "test",
                              "avg_bits": 3.0, "model": {"weights_sha256": info.weights_sha256}}))
     return p
 

@@ -102,7 +102,7 @@ def quantize_random_plan(model_dir, out, trust_remote_code=False, seed=0):
     rng = np.random.default_rng(seed)
     names = [n for layer in find_moe_layers(skeleton(model_dir, trust_remote_code=trust_remote_code))
              for n in layer.expert_names]
-    plan = {"experts": {n: int(rng.choice([2, 3, 4])) for n in names}, "method": "random", "avg_bits": 0,
+    plan = {"kind": "mopeq.bitplan", "experts": {n: int(rng.choice([2, 3, 4])) for n in names}, "method": "random", "avg_bits": 0,
             "model": {"weights_sha256": info.weights_sha256}}
     (out.parent / "plan.json").write_text(json.dumps(plan))
     run_quantize(model_dir, out.parent / "plan.json", out, calib=None, cfg=QuantizeConfig(method="rtn"),

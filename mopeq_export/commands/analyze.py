@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..cli import app, console, default_calib
-from ..fsutil import require_free_space, staged_dir, write_json
+from ..fsutil import check_out, require_free_space, staged_dir, write_json
 from ..sensitivity import DATA_DEFAULTS, TEXT_SEQ_LEN, EstimatorConfig, SensitivityReport, run_analyze
 
 DEFAULTS = EstimatorConfig()
@@ -39,6 +40,7 @@ def analyze(
     dtype: str = typer.Option("auto", "--dtype", help="compute dtype: auto (float32 up to 1B parameters, else "
                                                       "bfloat16), float32 or bfloat16"),
     trust_remote_code: bool = typer.Option(False, help="run the checkpoint's own Python code (only if you trust it)"),
+    force: bool = typer.Option(False, "--force", help="replace a previous analyze output at --out (nothing else)"),
 ) -> None:
     """Estimate every routed expert's Hessian trace (Hutchinson) and routing statistics."""
     from ..calibration import calibration_kind, check_sizes
@@ -53,8 +55,9 @@ def analyze(
     cfg = EstimatorConfig(seed=seed, curvature=curvature, max_probes=probes,
                           min_probes=min(DEFAULTS.min_probes, probes), rel_tol=rel_tol, batch_size=batch_size, cover=cover)
     resolve_device(device)
+    check_out(out, "analyze", force=force, inputs=(model, calib))
     require_free_space(Path(out).resolve().parent, 1 << 20, "the sensitivity file")
-    with staged_dir(out) as stage:
+    with staged_dir(out, "analyze", force=force, inputs=(model, calib)) as stage:
         report = _run(model, calib, cfg, samples, seq_len, device, dtype, trust_remote_code)
         write_json(stage / "sensitivity.json", report.to_json())
         heatmap(report, stage / "sensitivity.png")
@@ -118,7 +121,8 @@ def summary_table(report: SensitivityReport) -> Table:
         t.add_column(col, justify="right")
     for layer, experts in _by_layer(report).items():
         tr = np.array([e.hessian_trace for e in experts])
-        rel = [e.hessian_trace_stderr / abs(e.hessian_trace) for e in experts if not e.no_tokens and e.hessian_trace]
+        rel = [math.inf if e.hessian_trace_stderr is None else e.hessian_trace_stderr / abs(e.hessian_trace)
+               for e in experts if not e.no_tokens and e.hessian_trace]
         t.add_row(str(layer), str(len(experts)), str(experts[0].layer_tokens), f"{tr.min():.3g}",
                   f"{np.median(tr):.3g}", f"{tr.max():.3g}", f"{max(rel, default=0):.2f}",
                   str(sum(e.no_tokens for e in experts)))

@@ -40,6 +40,10 @@ def build(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the checkpoint's own code"),
     summary: Optional[Path] = typer.Option(None, "--summary", help="also write the build summary (sizes, "
                                            "metrics, each stage's time and peak memory) as JSON here"),
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="ed25519 private key (from `keygen`): "
+                                            "sign the bundle's manifest (manifest.sig)"),
+    force: bool = typer.Option(False, "--force", help="replace a previous bundle at --out (and the --summary "
+                                                     "file); never anything else"),
 ) -> None:
     """analyze -> plan -> quantize -> export -> package -> validate, with a cache of the stages."""
     from ..build import BuildConfig, GateFailed, build as run_build
@@ -53,7 +57,15 @@ def build(
     cfg = BuildConfig(model=model, target=target, out=out, avg_bits=avg_bits, plan=plan, calib=calib,
                       eval=eval_data, seed=seed, tar=tar, cache=cache, use_cache=not no_cache, context=context,
                       gate=GateConfig(max_ppl_ratio, min_vqa_retention, eval_windows or None, eval_samples or None),
-                      device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+                      device=device, dtype=dtype, trust_remote_code=trust_remote_code, force=force, sign_key=sign_key)
+    if summary is not None:
+        from ..fsutil import check_out
+
+        check_out(summary, "file", force=force, inputs=(model, out), file=True)
+    if sign_key is not None:
+        from ..signing import load_private_key
+
+        load_private_key(sign_key)  # a bad key fails now, not after the build
     cols = (SpinnerColumn(), TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"), TimeElapsedColumn())
     with Progress(*cols, console=console) as bar:
@@ -76,18 +88,18 @@ def build(
         except GateFailed as e:
             bar.stop()
             console.print(summary_table(e.result.summary))
-            _write_summary(summary, e.result.summary)
+            _write_summary(summary, e.result.summary, force)
             raise
     console.print(summary_table(result.summary))
-    _write_summary(summary, result.summary)
+    _write_summary(summary, result.summary, force)
     console.print(f"[green]gate passed[/]; bundle -> {result.out}")
 
 
-def _write_summary(path: Path | None, summary: dict) -> None:
+def _write_summary(path: Path | None, summary: dict, force: bool) -> None:
     if path is not None:
         from ..fsutil import staged_file, write_json
 
-        with staged_file(path) as tmp:
+        with staged_file(path, force=force) as tmp:
             write_json(tmp, summary)
 
 

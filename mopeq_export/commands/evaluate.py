@@ -22,17 +22,20 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto (a CUDA GPU when visible), cpu, cuda or cuda:N"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (float32 up to 1B parameters, else bfloat16), "
                                                       "float32 or bfloat16"),
+    force: bool = typer.Option(False, "--force", help="replace an existing file at --out"),
 ) -> None:
     """Perplexity / KL / top-1 agreement (text) or VQA exact match + answer KL (vision-language)."""
     from ..evaluate import evaluate_model
+    from ..fsutil import check_out, staged_file, write_json
 
+    inputs = (model, quantized, data)
+    if out is not None:
+        check_out(out, "file", force=force, inputs=inputs, file=True)
     report = evaluate_model(model, quantized, data, max_windows=max_windows, max_samples=max_samples,
                             device=device, dtype=dtype)
     print_report(report)
     if out is not None:
-        from ..fsutil import staged_file, write_json
-
-        with staged_file(out) as tmp:
+        with staged_file(out, force=force, inputs=inputs) as tmp:
             write_json(tmp, report)
         console.print(f"report written to {out}")
 

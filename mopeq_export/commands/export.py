@@ -17,6 +17,8 @@ def export(
     target: str = typer.Option("cpu", "--target", help=f"one of {', '.join([*TARGETS, *ALIASES])}"),
     out: Path = typer.Option(..., "--out", help="output folder (graphs + export.json)"),
     model: Path = typer.Option(None, "--model", help="source checkpoint; default: the one recorded in QDIR"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="run the checkpoint's own code"),
+    force: bool = typer.Option(False, "--force", help="replace a previous export output at --out (nothing else)"),
 ) -> None:
     """Export to ONNX: one mopeq.MoEExperts node per MoE layer, with a portable function fallback."""
     from mopeq_exporters import export_quantized
@@ -25,7 +27,8 @@ def export(
 
     tgt = get_target(target)  # fail on a bad name before loading anything
     with console.status("exporting") as status:
-        record = export_quantized(quantized, tgt, out, model, say=lambda s: status.update(f"exporting: {s}"))
+        record = export_quantized(quantized, tgt, out, model, say=lambda s: status.update(f"exporting: {s}"),
+                                  trust_remote_code=trust_remote_code, force=force)
     console.print(_summary(record, out))
 
 

@@ -54,6 +54,10 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
     console.print(t)
     console.print(_bits_table(m.plan.get("experts", {})))
     console.print(_files_table(m))
+    if verify and status != "[green]ok[/]":
+        from ..errors import MopeqError
+
+        raise MopeqError(f"{bundle}: {status.removeprefix('[red]FAILED[/]: ')}")
 
 
 def _bits_table(experts: dict) -> Table:

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..allocation import BitPlan, PlanConfig, plan_from_file
 from ..cli import app, console
 from ..errors import MopeqError
-from ..fsutil import staged_file, write_json
+from ..fsutil import check_out, staged_file, write_json
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
@@ -41,12 +41,14 @@ def plan(
                                    "(budget: default mean of the candidates; uniform: the width)"),
     bits_candidates: str = typer.Option("2,3,4", "--bits-candidates", help="candidate widths"),
     overrides: list[str] = typer.Option(None, "--set", help="NAME=BITS, repeatable; fixed before the budget is solved"),
+    force: bool = typer.Option(False, "--force", help="replace an existing file at --out"),
 ) -> None:
     """Allocate a bit width to every routed expert."""
     cfg = PlanConfig(method=method, scope=scope, avg_bits=avg_bits, candidates=parse_widths(bits_candidates),
                      overrides=tuple(parse_override(o) for o in overrides or ()))
+    check_out(out, "file", force=force, inputs=(sensitivity,), file=True)
     result, _report = plan_from_file(sensitivity, cfg)
-    with staged_file(out) as tmp:
+    with staged_file(out, force=force, inputs=(sensitivity,)) as tmp:
         write_json(tmp, result.to_json())
     console.print(summary_table(result))
     _report_budget(result)

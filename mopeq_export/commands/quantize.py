@@ -35,6 +35,7 @@ def quantize(
     device: str = typer.Option("auto", "--device", help="auto (a CUDA GPU when visible), cpu, cuda or cuda:N"),
     dtype: str = typer.Option("float32", "--dtype", help="compute dtype of the layer being quantized: float32 "
                                                           "(one layer is resident, so it costs little) or bfloat16"),
+    force: bool = typer.Option(False, "--force", help="replace a previous quantize output at --out (nothing else)"),
 ) -> None:
     """Quantize routed experts (GPTQ per expert on its own routed tokens, or RTN) into the packed format."""
     from ..cli import default_calib
@@ -50,7 +51,7 @@ def quantize(
         res = run_quantize(model, plan, out, calib=calib, cfg=cfg, samples=samples, seq_len=seq_len,
                            dense_bits=quantize_dense, dense_attention=dense_attention,
                            trust_remote_code=trust_remote_code, progress=lambda: bar.advance(task),
-                           device=device, dtype=resolve_dtype(dtype, 0), say=console.print)
+                           device=device, dtype=resolve_dtype(dtype, 0), say=console.print, force=force)
     print_quantize_summary(res.record, res.seconds)
 
 

@@ -25,11 +25,16 @@ def run_bundle(
     allow_foreign_target: bool = typer.Option(False, "--allow-foreign-target",
                                               help="run a bundle built for another device on this host"),
     no_kernel: bool = typer.Option(False, "--no-kernel", help="force the portable function-body fallback"),
+    key: Optional[list[Path]] = typer.Option(None, "--key", help="trusted public key (.pub), repeatable: refuse "
+                                             "a bundle not signed by one of them"),
+    allow_unvalidated: bool = typer.Option(False, "--allow-unvalidated",
+                                           help="run a bundle that never passed the accuracy gate"),
 ) -> None:
     """Stream a completion from a bundle through mopeq_runtime."""
     import mopeq_runtime
 
-    model = mopeq_runtime.load(bundle, allow_foreign_target=allow_foreign_target, use_kernel=not no_kernel)
+    model = mopeq_runtime.load(bundle, allow_foreign_target=allow_foreign_target, use_kernel=not no_kernel,
+                               trusted_keys=key or None, allow_unvalidated=allow_unvalidated)
     if model.target_note:
         console.print(f"[yellow]note:[/] {model.target_note}; running anyway on {', '.join(model.providers)}")
     console.print(f"[dim]{model.kernel.reason}[/]")

@@ -39,6 +39,10 @@ class ModelInfo:
 def weight_files(model_dir: Path) -> list[Path]:
     """The checkpoint's safetensors files; pickled checkpoints are refused (they can run code)."""
     files = sorted(model_dir.glob("*.safetensors"))
+    broken = [f.name for f in files if not f.is_file()]  # a dangling symlink (a half-copied hub cache)
+    if broken:
+        raise MopeqError(f"{model_dir}: weight file {broken[0]} is a broken link or not a file; re-download or "
+                         "re-copy the checkpoint")
     if not files:
         pickles = sorted(model_dir.glob("*.bin")) + sorted(model_dir.glob("*.pt"))
         hint = " (only pickle files found; convert them to safetensors)" if pickles else ""

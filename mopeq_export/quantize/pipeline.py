@@ -23,6 +23,7 @@ from ..errors import MopeqError
 from ..models.adapters import MoELayer, StopForward
 from ..models.sequential import SequentialRunner
 from .gptq import GPTQConfig, Gram, gptq_batched
+from .packing import GROUP_SIZES
 from .primitives import QuantizedMatrix, check_width, rtn
 
 
@@ -177,6 +178,9 @@ def quantize_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: Quanti
 def check_config(bits: dict[str, int], calib: CalibrationSet | None, cfg: QuantizeConfig) -> None:
     if cfg.method not in ("gptq", "rtn"):
         raise MopeqError(f"unknown quantization method '{cfg.method}'; use gptq or rtn")
+    if cfg.group_size not in GROUP_SIZES:
+        raise MopeqError(f"--group-size {cfg.group_size} is not offered; the quantizer uses one of "
+                         f"{', '.join(map(str, GROUP_SIZES))} (docs/FORMAT.md)")
     for b in set(bits.values()):
         check_width(b, cfg.group_size)
     if cfg.method == "gptq" and calib is None:

@@ -38,13 +38,17 @@ class PlanBits:
 
 def read_plan_bits(path: str | Path) -> PlanBits:
     d = read_json(path, "bit plan")
-    experts = d.get("experts") if isinstance(d, dict) else None
+    if not isinstance(d, dict) or d.get("kind") != "mopeq.bitplan":
+        kind = d.get("kind") if isinstance(d, dict) else None
+        raise MopeqError(f"{path} is not a bit plan (kind {kind!r}, expected 'mopeq.bitplan'); create one with "
+                         "mopeq-export plan")
+    experts = d.get("experts")
     if not isinstance(experts, dict) or not experts:
         raise MopeqError(f"{path} is not a bit plan (no 'experts' map); create one with mopeq-export plan")
-    try:
-        bits = {str(k): int(v) for k, v in experts.items()}
-    except (TypeError, ValueError):
-        raise MopeqError(f"{path}: every expert's bits must be an integer") from None
+    for k, v in experts.items():  # 2.5 or "3" would be silently truncated or parsed: refuse them
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise MopeqError(f"{path}: expert {k} has bits {v!r}; every width must be a JSON integer (2, 3, 4 or 8)")
+    bits = {str(k): int(v) for k, v in experts.items()}
     model = d.get("model") or {}
     return PlanBits(bits, str(d.get("method", "?")), float(d.get("avg_bits", 0.0)),
                     model.get("weights_sha256"), sha256_file(path))

@@ -17,7 +17,7 @@ import torch
 from ..calibration import load_calibration
 from ..devices import Meter, gib, resolve_device
 from ..errors import MopeqError
-from ..fsutil import require_free_space, staged_dir
+from ..fsutil import check_out, require_free_space, staged_dir
 from ..models.adapters import find_moe_layers
 from ..models.loading import check_weights, load_tokenizer, model_info
 from ..models.onload import WeightSource, skeleton
@@ -82,8 +82,10 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
                  cfg: QuantizeConfig, samples: int = 32, seq_len: int = 256, dense_bits: int | None = None,
                  dense_attention: bool = False, trust_remote_code: bool = False, progress=None,
                  device: str | torch.device = "auto", dtype: torch.dtype = torch.float32,
-                 work_bytes: int | None = None, say=lambda s: None) -> QuantizeResult:
+                 work_bytes: int | None = None, say=lambda s: None, force: bool = False) -> QuantizeResult:
     t0 = time.time()
+    inputs = (model_dir, plan_path, calib)
+    check_out(out, "quantize", force=force, inputs=inputs)
     # -- checks that need no model ---------------------------------------------------------------------
     plan: PlanBits = read_plan_bits(plan_path)
     info = model_info(model_dir)
@@ -139,7 +141,7 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
 
     source = WeightSource(model_dir, model)
     try:
-        with staged_dir(out) as stage:
+        with staged_dir(out, "quantize", force=force, inputs=inputs) as stage:
             runner = SequentialRunner(model, calib_set.batches if calib_set else [], dev, source)
             quantize_sequential(runner, layers, plan.bits, cfg, progress, work_bytes, after_layer, on_experts)
             dense_count = sum(d.in_features * d.out_features for d in dense_recs)
