@@ -138,3 +138,29 @@ def test_two_fresh_builds_are_byte_identical(tiny, tmp_path):
     build(a)
     build(b)
     assert _files(a.out) == _files(b.out)
+
+
+def test_damaged_cache_entry_is_rebuilt_not_shipped(tiny, tmp_path):
+    entry = next(tiny.cache.glob("export-*"))
+    data = next(p for p in entry.rglob("*.onnx.data"))
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # one flipped byte in the exported weights
+    data.write_bytes(bytes(blob))
+    said = []
+    res = build(replace(tiny, out=tmp_path / "R"), say=lambda stage, status: said.append((stage, status)))
+    assert ("export", f"cache entry damaged ({data.relative_to(entry).as_posix()} altered): rebuilding") in said
+    assert mopeq_runtime.load(res.out).manifest.validation["passed"]
+    assert _files(res.out) == _files(tiny.out)  # the rebuilt entry gives the same bundle
+
+
+def test_out_rules_for_bundles(tiny, tmp_path):
+    folder = tmp_path / "F"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep")
+    with pytest.raises(MopeqError, match="not an output of mopeq-export"):
+        build(replace(tiny, out=folder, force=True))
+    with pytest.raises(MopeqError, match="is a folder"):
+        build(replace(tiny, out=folder, tar=True, force=True))
+    with pytest.raises(MopeqError, match="holds a previous bundle output; pass --force"):
+        build(replace(tiny, out=tiny.out))
+    assert (folder / "mine.txt").read_text() == "keep"
