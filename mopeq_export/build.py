@@ -26,8 +26,8 @@ from .bundle import BundleInputs, toolchain_version, write_manifest, write_paylo
 from .signing import load_private_key, sign_bundle
 from .devices import Meter
 from .errors import MopeqError
-from .fsutil import (OUTPUT_MARKER, check_out, clean_stale, default_cache, read_json, require_free_space, sha256_file,
-                     staged_dir, staged_file, write_json)
+from .fsutil import (OUTPUT_MARKER, check_out, clean_stale, default_cache, overlaps, read_json, require_free_space,
+                     sha256_file, staged_dir, staged_file, write_json)
 from .memory import MemoryCheck, check_memory, estimate_weights, kv_bytes_per_token, kv_cache_of_config, require_fit
 from .targets import Target, get_target
 from .validate import GateConfig, GateReport, plot_report, run_gate
@@ -260,8 +260,7 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
         load_private_key(cfg.sign_key)  # a missing or wrong key fails now, not after the build
     if cache_root is not None:
         for given in inputs:
-            if given is not None and (Path(given).resolve() == Path(cache_root).resolve()
-                                      or Path(cache_root).resolve() in Path(given).resolve().parents):
+            if given is not None and overlaps(cache_root, given):
                 raise MopeqError(f"--cache {cache_root} overlaps the input {given}; give another cache folder")
     # the stage outputs (packed experts, graphs) and the bundle: about three times the bundle's weights
     require_free_space(cache_root or Path(tempfile.gettempdir()), 2 * weights, "the build's stage cache")

@@ -82,8 +82,10 @@ def output_kind(folder: Path) -> str | None:
     return None
 
 
-def _within(a: Path, b: Path) -> bool:
-    return a == b or b in a.parents
+def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether one path equals, contains or lies inside the other (after resolving links)."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or b in a.parents or a in b.parents
 
 
 def check_out(dest: str | os.PathLike, kind: str, *, force: bool = False, inputs=(), file: bool = False) -> Path:
@@ -102,7 +104,7 @@ def check_out(dest: str | os.PathLike, kind: str, *, force: bool = False, inputs
         if given is None:
             continue
         src = Path(given).resolve()
-        if _within(dest, src) or _within(src, dest):
+        if overlaps(dest, src):
             raise MopeqError(f"{flag} {dest} overlaps the input {src}; write the output somewhere else "
                              "(nothing was changed)")
     if not dest.exists():

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from mopeq_export.errors import MopeqError  # a tiny module: keeps the runtime free of torch
+from .errors import MopeqError  # the toolchain's type when it is installed (errors.py), else the runtime's own
 
 LIBRARY_NAME = {"darwin": "libmopeq_ops.dylib", "win32": "mopeq_ops.dll"}.get(sys.platform, "libmopeq_ops.so")
 
