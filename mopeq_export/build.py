@@ -23,12 +23,12 @@ from typing import Callable
 import torch
 
 from .bundle import BundleInputs, toolchain_version, write_manifest, write_payload, write_tar
-from .signing import load_private_key, sign_bundle
 from .devices import Meter
 from .errors import MopeqError
 from .fsutil import (OUTPUT_MARKER, check_out, clean_stale, default_cache, overlaps, read_json, require_free_space,
                      sha256_file, staged_dir, staged_file, write_json)
 from .memory import MemoryCheck, check_memory, estimate_weights, kv_bytes_per_token, kv_cache_of_config, require_fit
+from .signing import load_private_key, sign_bundle
 from .targets import Target, get_target
 from .validate import GateConfig, GateReport, plot_report, run_gate
 
@@ -129,8 +129,8 @@ class StageCache:
 def _entry_files(root: Path) -> dict:
     """{relative path: [size, sha256]} of a cache entry's files (its bookkeeping files excluded)."""
     skip = {".complete", OUTPUT_MARKER}
-    return {p.relative_to(root).as_posix(): [p.stat().st_size, sha256_file(p)]
-            for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() not in skip}
+    return {rel: [p.stat().st_size, sha256_file(p)] for p in sorted(root.rglob("*"))
+            if p.is_file() and (rel := p.relative_to(root).as_posix()) not in skip}
 
 
 def _entry_problem(dest: Path, digest: str) -> str | None:
@@ -142,15 +142,10 @@ def _entry_problem(dest: Path, digest: str) -> str | None:
         recorded = None
     if not isinstance(recorded, dict):
         return "incomplete"
-    skip = {".complete", OUTPUT_MARKER}
-    present = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()} - skip
-    if present != set(recorded):
+    now = _entry_files(dest)
+    if set(now) != set(recorded):
         return "files added or removed"
-    for rel, (size, sha) in recorded.items():
-        p = dest / rel
-        if p.stat().st_size != size or sha256_file(p) != sha:
-            return f"{rel} altered"
-    return None
+    return next((f"{rel} altered" for rel, entry in recorded.items() if now[rel] != entry), None)
 
 
 def default_eval(is_vlm: bool) -> Path | None:
@@ -254,7 +249,7 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, checkpoint_params(cfg.model))
     cache_root = (cfg.cache or default_cache()) if cfg.use_cache else None
-    inputs = (cfg.model, calib, cfg.eval, cfg.plan)
+    inputs = _inputs(cfg, calib)
     check_out(cfg.out, "bundle", force=cfg.force, inputs=(*inputs, cache_root), file=cfg.tar)
     if cfg.sign_key is not None:
         load_private_key(cfg.sign_key)  # a missing or wrong key fails now, not after the build
@@ -316,6 +311,11 @@ def _stable_plan(plan_path: Path) -> dict:
     return plan
 
 
+def _inputs(cfg: BuildConfig, calib: Path) -> tuple:
+    """What a build reads: its outputs may not overlap any of them (fsutil.check_out)."""
+    return (cfg.model, calib, cfg.eval, cfg.plan)
+
+
 def report_beside(out: Path) -> Path:
     return out.parent / f"{out.name}.validation.json"
 
@@ -334,10 +334,9 @@ def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir,
                           _quantization_record(qdir, cfg.seed), kernel_for(target, cfg.kernel_library),
                           REPO / "runtime" / "csrc", prompt)
     eval_path = Path(cfg.eval or default_eval(info.is_vlm) or calib)
-    inputs = (cfg.model, calib, cfg.eval, cfg.plan)
+    inputs = _inputs(cfg, calib)
     tar_tmp = None
     if cfg.tar:  # the folder is assembled in a private staging folder beside the archive, then packed
-        out = check_out(out, "bundle", force=cfg.force, inputs=inputs, file=True)
         clean_stale(out)
         tar_tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
         folder = tar_tmp / "bundle"
@@ -376,7 +375,7 @@ def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir,
                 sign_bundle(stage, cfg.sign_key)
         report_beside(out).unlink(missing_ok=True)  # a stale failure report would contradict the bundle
         if cfg.tar:
-            with staged_file(out) as tmp:
+            with staged_file(out, force=cfg.force, inputs=inputs) as tmp:
                 write_tar(folder, tmp)
     except OSError as e:
         if e.errno == errno.ENOSPC:

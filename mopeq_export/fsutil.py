@@ -7,9 +7,11 @@ when complete, so an error or Ctrl-C never leaves a half-written output that loo
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -67,19 +69,23 @@ def require_free_space(folder: str | os.PathLike, need: int, what: str, margin: 
 OUTPUT_MARKER = ".mopeq-output"  # {"kind": ...} in every output folder except bundles (their manifest says it)
 
 
+def _record_kind(path: Path) -> str | None:
+    """The "kind" of a JSON record file, or None (absent, a link, not JSON, no string kind)."""
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        kind = json.loads(path.read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
 def output_kind(folder: Path) -> str | None:
     """The command that wrote `folder` ('analyze', 'quantize', 'export', 'bundle', 'cache'), or None."""
-    for name, key in ((OUTPUT_MARKER, "kind"), ("manifest.json", "kind")):
-        p = folder / name
-        if p.is_file() and not p.is_symlink():
-            try:
-                kind = json.loads(p.read_text(encoding="utf-8")).get(key)
-            except (OSError, ValueError, AttributeError):
-                continue
-            if name == "manifest.json":
-                return "bundle" if kind == "mopeq.bundle" else None
-            return kind if isinstance(kind, str) else None
-    return None
+    kind = _record_kind(folder / OUTPUT_MARKER)
+    if kind is None and _record_kind(folder / "manifest.json") == "mopeq.bundle":
+        kind = "bundle"
+    return kind
 
 
 def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -147,14 +153,14 @@ def _pid_alive(pid: int) -> bool:
 
 def clean_stale(dest: Path) -> None:
     """Remove `.NAME.partial-PID-*` / `.NAME.old-PID-*` leftovers of killed runs (their process is gone)."""
-    for pattern in (f".{dest.name}.partial-*", f".{dest.name}.old-*"):
-        for p in dest.parent.glob(pattern):
-            pid = p.name[len(dest.name) + 1:].split(".", 1)[1].split("-")[1:2]
-            if pid and pid[0].isdigit() and int(pid[0]) != os.getpid() and not _pid_alive(int(pid[0])):
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
+    name = re.compile(rf"\.{re.escape(dest.name)}\.(?:partial|old)-(\d+)-.*")
+    for p in dest.parent.glob(f".{glob.escape(dest.name)}.*-*"):
+        m = name.fullmatch(p.name)
+        if m and int(m[1]) != os.getpid() and not _pid_alive(int(m[1])):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _stage_prefix(dest: Path, what: str = "partial") -> str:

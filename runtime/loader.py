@@ -32,7 +32,7 @@ def _extract(tar_path: Path) -> Path:
     try:
         with tarfile.open(tar_path) as tf:
             members = tf.getmembers()
-            files = {m.name.lstrip("./") if m.name.startswith("./") else m.name: m for m in members if m.isfile()}
+            files = {m.name.removeprefix("./"): m for m in members if m.isfile()}
             for m in members:
                 if not (m.isfile() or m.isdir()):
                     raise BundleError(f"{tar_path} holds {m.name!r}, which is not a regular file or folder; "
