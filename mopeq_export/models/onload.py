@@ -161,11 +161,12 @@ def move_buffers(module: nn.Module, device: torch.device | str) -> None:
                 sub._buffers[name] = buf.to(device)
 
 
-def unload(module: nn.Module) -> None:
-    """Free a module's parameters (back to the meta device); its buffers stay."""
+def unload(module: nn.Module, keep: nn.Module | None = None) -> None:
+    """Free a module's parameters (back to the meta device), except those of `keep`; its buffers stay."""
+    kept = {id(p) for p in keep.parameters()} if keep is not None else set()
     for sub in module.modules():
         for name, p in list(sub._parameters.items()):
-            if p is not None and p.device.type != "meta":
+            if p is not None and p.device.type != "meta" and id(p) not in kept:
                 sub._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
 
 

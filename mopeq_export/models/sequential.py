@@ -12,8 +12,9 @@ layer being worked on holds weights (`onload.WeightSource`), the way GPTQ implem
              layer's input and the previous layer's output, and is added back when chaining.
     run      layer i on every batch's hidden states, with its recorded arguments -> layer i+1's inputs.
 
-Everything outside the decoder layers (embeddings, vision tower, rotary tables) is loaded once; the
-output head never is (the last recorder stops the forward). A test checks the chained hidden states
+Everything outside the decoder layers (embeddings, vision tower, rotary tables) is loaded once for the
+capture and freed after it (its buffers stay); the output head never is loaded (the last recorder stops the
+forward). A test checks the chained hidden states
 against the full model's for every supported architecture.
 """
 
@@ -79,6 +80,10 @@ class SequentialRunner:
             move_buffers(model, self.device)
         if batches:
             self._capture()
+        if source is not None:  # embeddings, vision tower, ...: needed for the capture only
+            unload(model, keep=self.stack)
+            if self.device.type == "cpu":
+                trim_host_heap()
 
     # -- capture ------------------------------------------------------------------------------------
     @contextlib.contextmanager
