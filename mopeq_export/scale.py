@@ -34,6 +34,7 @@ class ModelShape:
     top_k: int
     vocab: int
     largest_layer_params: int  # the biggest decoder layer (experts included)
+    outside_params: int = 0  # outside the decoder layers and the output head (embeddings, vision tower, ...)
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelShape":
@@ -45,9 +46,11 @@ class ModelShape:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         top_k = int(getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "top_k", 0) or 2)
         first = layers[0]
+        inside = {id(p) for p in stack.parameters()} | ({id(p) for p in head.parameters()} if head is not None else set())
         return cls(sum(p.numel() for p in model.parameters()), expert, len(stack), first.hidden_size,
                    first.num_experts, first.intermediate_size, top_k, vocab,
-                   max(sum(p.numel() for p in layer.parameters()) for layer in stack))
+                   max(sum(p.numel() for p in layer.parameters()) for layer in stack),
+                   sum(p.numel() for p in model.parameters() if id(p) not in inside))
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -70,14 +73,15 @@ def analyze_bytes(s: ModelShape, dtype: torch.dtype, batch_tokens: int, curvatur
 
 
 def quantize_bytes(s: ModelShape, samples_tokens: int, avg_bits: float, work_bytes: int) -> int:
-    """one decoder layer in float32 (and one parameter's checkpoint copies while converting) + the
+    """one decoder layer in float32 (and one parameter's checkpoint copies while converting) + the modules
+    outside the decoder layers in float32 while layer 0's inputs are captured (a VLM's vision tower) + the
     calibration hidden states of every batch (float32, twice while a layer runs) + one MoE layer's routed
     inputs + the GPTQ working set + one layer's codes (uint8, then packed) until its file is written."""
     layer = s.largest_layer_params * 4 + 2 * s.experts * 2 * s.intermediate * s.hidden * 2
     hidden = 2 * samples_tokens * s.hidden * 4
     routed = samples_tokens * (s.hidden * 4 + s.top_k * 12)
     codes = s.experts * 3 * s.hidden * s.intermediate * (1 + (avg_bits + 0.75) / 8)
-    return int(layer + hidden + routed + work_bytes + codes)
+    return int(layer + s.outside_params * 4 + hidden + routed + work_bytes + codes)
 
 
 def export_bytes(s: ModelShape, activation_bytes: int, avg_bits: float) -> int:
