@@ -142,3 +142,26 @@ def test_qwen3_vl_export_is_refused_clearly(checkpoints, tmp_path):
     with pytest.raises(MopeqError, match="LLaVA-style"):
         export_quantized(qdir, "cpu", tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
+
+
+def test_zero_sized_tensors_load_and_export(tmp_path):
+    """A checkpoint with empty modules (remote code building its shared experts 0 wide, as a MolmoE-style
+    config with no shared experts does) loads like from_pretrained and exports: safetensors cannot slice a
+    tensor with a zero dimension, found at real size."""
+    from transformers import AutoModelForCausalLM
+
+    from mopeq_export.models.loading import load_model
+    from mopeq_exporters import export_quantized
+    from tiny_checkpoint import quantize_random_plan, save_remote_moe
+
+    folder = save_remote_moe(tmp_path / "m", n_shared_experts=0)
+    model, _ = load_model(folder, trust_remote_code=True)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True)
+    empty = [k for k, v in ref.state_dict().items() if v.numel() == 0]
+    assert empty, "the test model should have zero-sized parameters"
+    got, want = model.state_dict(), ref.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    (tmp_path / "q").mkdir()
+    qdir = quantize_random_plan(folder, tmp_path / "q" / "qdir", trust_remote_code=True)
+    rec = export_quantized(qdir, "cpu", tmp_path / "onnx", trust_remote_code=True)
+    assert rec["quantized"]["moe_layers"] == 2

@@ -134,7 +134,10 @@ class WeightSource:
         keys = self.keys_for(select)
         if not keys:
             return set()
-        state = {k: self.target[k][0].get_slice(k) for k in keys}
+        # safetensors cannot slice a tensor with a zero-sized dimension: such tensors (a checkpoint's empty
+        # modules) are read whole, which costs nothing
+        state = {k: self.target[k][0].get_tensor(k) if self.nbytes[k] == 0 else self.target[k][0].get_slice(k)
+                 for k in keys}
         cfg = self._Config(device_map={"": str(device)}, dtype=None, weight_mapping=self.mapping)
         with _quiet_transformers():
             info, _ = self._convert_and_load(model, state, cfg)
