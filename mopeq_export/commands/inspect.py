@@ -22,21 +22,22 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
 
     root, m, tmp = open_bundle(bundle, verify=False)
     try:
-        status = "[green]ok[/]"
+        failure = None
         if verify:
             from mopeq_runtime.manifest import verify_files
 
             try:
                 verify_files(root, m)
             except BundleError as e:
-                status = f"[red]FAILED[/]: {e}"
+                failure = e
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     t = Table(title=f"bundle {bundle}", show_header=False)
     t.add_column("what")
     t.add_column("value")
-    t.add_row("schema", f"{m.kind} v{m.schema_version}; hashes {status if verify else 'not checked'}")
+    status = "not checked" if not verify else "[green]ok[/]" if failure is None else f"[red]FAILED[/]: {failure}"
+    t.add_row("schema", f"{m.kind} v{m.schema_version}; hashes {status}")
     t.add_row("target", f"{m.target.name} ({'/'.join(m.target.arches)}, {m.target.activation_dtype}, "
                         f"{' > '.join(p.replace('ExecutionProvider', '') for p in m.target.providers)}; "
                         f"memory share {m.target.memory_bytes / 2**20:.0f} MiB, context {m.target.context_length})")
@@ -54,10 +55,10 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
     console.print(t)
     console.print(_bits_table(m.plan.get("experts", {})))
     console.print(_files_table(m))
-    if verify and status != "[green]ok[/]":
+    if failure is not None:
         from ..errors import MopeqError
 
-        raise MopeqError(f"{bundle}: {status.removeprefix('[red]FAILED[/]: ')}")
+        raise MopeqError(f"{bundle}: {failure}")
 
 
 def _bits_table(experts: dict) -> Table:
