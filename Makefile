@@ -10,21 +10,24 @@ ORT_INCLUDE_DIR ?= $(abspath $(BUILD)/ort-headers/usr/include/onnxruntime)
 
 setup: $(VENV)/.installed kernels
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml runtime/pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	# torch first and pinned: the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
 	$(VPY) -m pip install -q torch==2.13.0
+	# the runtime distribution (runtime/pyproject.toml) as an editable pure-Python install: its kernel
+	# library comes from `make kernels` into runtime/mopeq_runtime/lib (a wheel build compiles it itself)
+	$(VPY) -m pip install -q -e './runtime[signatures]' -Cwheel.cmake=false
 	$(VPY) -m pip install -q -e '.[dev]'
 	touch $@
 
 $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h:
-	bash scripts/fetch_ort_headers.sh $(BUILD)/ort-headers
+	bash runtime/csrc/fetch_ort_headers.sh $(BUILD)/ort-headers
 
 kernels: $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h
 	cmake -S runtime/csrc -B $(BUILD)/kernels -DCMAKE_BUILD_TYPE=Release -DORT_INCLUDE_DIR=$(ORT_INCLUDE_DIR) >/dev/null
 	cmake --build $(BUILD)/kernels -j 2
-	cmake --install $(BUILD)/kernels --prefix runtime >/dev/null
+	cmake --install $(BUILD)/kernels --prefix runtime/mopeq_runtime >/dev/null
 
 # The kernel library under AddressSanitizer + UndefinedBehaviorSanitizer (any report aborts the process)
 ASAN_LIB := $(abspath $(BUILD)/asan/libmopeq_ops.so)
@@ -60,4 +63,4 @@ test-fast:
 	$(VPY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(BUILD) runtime/lib
+	rm -rf $(BUILD) runtime/mopeq_runtime/lib

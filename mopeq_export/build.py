@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from mopeq_runtime.native import kernel_sources
 
 from .bundle import BundleInputs, toolchain_version, write_manifest, write_payload, write_tar
 from .devices import Meter
@@ -32,7 +34,6 @@ from .signing import load_private_key, sign_bundle
 from .targets import Target, get_target
 from .validate import GateConfig, GateReport, plot_report, run_gate
 
-REPO = Path(__file__).resolve().parent.parent
 Say = Callable[[str, str], None]  # (stage, status: "run" | "cached" | "done")
 
 
@@ -77,24 +78,37 @@ class GateFailed(MopeqError):
 
 
 # -- cache ---------------------------------------------------------------------------------------------
-# The sources each stage's output depends on: editing the exporter re-exports but keeps the analysis.
+# The modules each stage's output depends on: editing the exporter re-exports but keeps the analysis.
+# Names, not paths: the digest reads the imported modules' files, wherever the toolchain is installed.
 STAGE_SOURCES = {
-    "analyze": ("mopeq_export/sensitivity.py", "mopeq_export/calibration.py", "mopeq_export/models",
-                "mopeq_export/quantize/primitives.py", "mopeq_export/devices.py"),
-    "plan": ("mopeq_export/allocation.py",),
-    "quantize": ("mopeq_export/quantize", "mopeq_export/calibration.py", "mopeq_export/models",
-                 "mopeq_export/devices.py"),
-    "export": ("exporters", "mopeq_export/quantize", "mopeq_export/targets.py", "mopeq_export/models"),
+    "analyze": ("mopeq_export.sensitivity", "mopeq_export.calibration", "mopeq_export.models",
+                "mopeq_export.quantize.primitives", "mopeq_export.devices"),
+    "plan": ("mopeq_export.allocation",),
+    "quantize": ("mopeq_export.quantize", "mopeq_export.calibration", "mopeq_export.models",
+                 "mopeq_export.devices"),
+    "export": ("mopeq_exporters", "mopeq_export.quantize", "mopeq_export.targets", "mopeq_export.models"),
 }
+
+
+def _module_files(name: str) -> list[tuple[str, Path]]:
+    """(a name stable across installs, file) for a module, or for every .py file of a package."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise MopeqError(f"module {name} of the toolchain cannot be found: reinstall mopeq-export")
+    origin = Path(spec.origin)
+    if spec.submodule_search_locations is None:
+        return [(name, origin)]
+    root = origin.parent
+    return [(f"{name}/{f.relative_to(root).as_posix()}", f) for f in sorted(root.rglob("*.py"))
+            if "__pycache__" not in f.parts]
 
 
 def code_digest(stage: str) -> str:
     """Hash of the Python sources a stage runs: a changed quantizer invalidates its cached output."""
     h = hashlib.sha256()
     for entry in STAGE_SOURCES[stage]:
-        p = REPO / entry
-        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
-            h.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
+        for rel, f in _module_files(entry):
+            h.update(rel.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 
@@ -149,9 +163,11 @@ def _entry_problem(dest: Path, digest: str) -> str | None:
 
 
 def default_eval(is_vlm: bool) -> Path | None:
-    """Held-out data shipped with the toolchain (evaluation_data/); None when absent (then: calibration)."""
-    p = REPO / "evaluation_data" / ("vqa_eval.npz" if is_vlm else "text_eval.txt")
-    return p if p.is_file() else None
+    """Held-out data shipped with the toolchain (evaluation_data/); None when absent: the build then gates on
+    the calibration data, says so, and the report records it (`is_calibration`)."""
+    from .data import evaluation_file
+
+    return evaluation_file(is_vlm)
 
 
 # -- stages ----------------------------------------------------------------------------------------------
@@ -214,10 +230,13 @@ def kernel_for(target: Target, override: Path | None) -> Path | None:
     if override is not None:
         return override
     from mopeq_runtime.host import elf_arch, host_arch
-    from mopeq_runtime.native import LIBRARY_NAME
+    from mopeq_runtime.native import KernelLibraryMissing, library_path
 
-    lib = REPO / "runtime" / "lib" / LIBRARY_NAME
-    if target.arch == host_arch() and lib.is_file() and elf_arch(lib) == target.arch:
+    try:
+        lib = library_path()  # the runtime package's own build (or $MOPEQ_KERNEL_LIBRARY)
+    except KernelLibraryMissing:
+        return None
+    if target.arch == host_arch() and elf_arch(lib) == target.arch:
         return lib
     return None
 
@@ -332,8 +351,12 @@ def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir,
         prompt = vqa_format_for(AutoConfig.from_pretrained(cfg.model)).to_json()
     inputs_rec = BundleInputs(export_dir, Path(cfg.model), info, target, context, _stable_plan(plan_path),
                           _quantization_record(qdir, cfg.seed), kernel_for(target, cfg.kernel_library),
-                          REPO / "runtime" / "csrc", prompt)
-    eval_path = Path(cfg.eval or default_eval(info.is_vlm) or calib)
+                          kernel_sources(), prompt)
+    shipped_eval = None if cfg.eval else default_eval(info.is_vlm)
+    if cfg.eval is None and shipped_eval is None:
+        say("validate", "no held-out data in this installation (evaluation_data): the gate runs on the calibration "
+                        "data, and the report records it")
+    eval_path = Path(cfg.eval or shipped_eval or calib)
     inputs = _inputs(cfg, calib)
     tar_tmp = None
     if cfg.tar:  # the folder is assembled in a private staging folder beside the archive, then packed

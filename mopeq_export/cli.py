@@ -25,11 +25,15 @@ def _root() -> None:
     """Per-expert mixed-precision quantization and edge export for MoE models."""
 
 
-REPO_CALIB = Path(__file__).resolve().parent.parent / "calibration_data"
-
-
 def default_calib(is_vlm: bool) -> Path:
-    return REPO_CALIB / ("vqa_calib.npz" if is_vlm else "text_calib.txt")
+    """The shipped calibration set (mopeq_export.calibration_data); an installation without it is broken."""
+    from .data import CALIBRATION, calibration_file
+
+    p = calibration_file(is_vlm)
+    if p is None:
+        raise MopeqError(f"the shipped calibration data ({CALIBRATION[is_vlm]}) is missing from this installation of "
+                         "mopeq-export: reinstall it, or pass --calib FILE")
+    return p
 
 
 class Terminated(BaseException):

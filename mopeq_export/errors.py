@@ -1,8 +1,10 @@
-"""The one exception type users see. The CLI prints its message on one line and exits non-zero."""
+"""The one exception type users see. The CLI prints its message on one line and exits non-zero.
 
+It is the runtime's type (the toolchain depends on mopeq_runtime, never the other way round)."""
 
-class MopeqError(Exception):
-    """A problem the user can act on: the message says what is wrong and what to do."""
+from mopeq_runtime.errors import MopeqError
+
+__all__ = ["MopeqError", "require"]
 
 
 def require(condition: bool, message: str) -> None:

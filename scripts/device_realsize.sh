@@ -10,12 +10,15 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
 out=${OUT:-/tmp/out}
 mkdir -p "$out" /root/ck
 if ! python3 -c "import mopeq_export" 2>/dev/null; then
+  # the device reaches no package index: the runtime's source folder goes on the path (its build backend,
+  # scikit-build-core, is not installed there), the toolchain installs editable with the local setuptools
+  echo "$PWD/runtime" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/mopeq_runtime_src.pth"
   python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/pip.log" 2>&1
 fi
-if [ ! -f runtime/lib/libmopeq_ops.so ]; then
+if [ ! -f runtime/mopeq_runtime/lib/libmopeq_ops.so ]; then
   ort=$PWD/build/ort-headers/usr/include/onnxruntime
   { cmake -S runtime/csrc -B build/kernels -DCMAKE_BUILD_TYPE=Release -DORT_INCLUDE_DIR="$ort" &&
-    cmake --build build/kernels -j 16 && cmake --install build/kernels --prefix runtime; } >"$out/cmake.log" 2>&1
+    cmake --build build/kernels -j 16 && cmake --install build/kernels --prefix runtime/mopeq_runtime; } >"$out/cmake.log" 2>&1
 fi
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
 [ -d "/root/ck/$shape" ] || python3 scripts/make_checkpoint.py --shape "$shape" --out "/root/ck/$shape" --device cuda

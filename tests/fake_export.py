@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from mopeq_runtime.native import kernel_sources
 from onnx import TensorProto, helper, numpy_helper
 
 KV, D = 2, 4
@@ -114,7 +115,7 @@ def make_fake_bundle(root: Path, *, target: str = "cpu", kernel_library: Path | 
     inputs = BundleInputs(export_dir, model_dir, info, get_target(target), context_length,
                           {"kind": "mopeq.bitplan", "experts": {"model.layers.0.mlp.experts.0": 2}, "avg_bits": 2.0},
                           {"method": "gptq", "group_size": 32}, kernel_library,
-                          Path(__file__).resolve().parents[1] / "runtime" / "csrc", prompt)
+                          kernel_sources(), prompt)
     stage = root / "bundle"
     stage.mkdir()
     write_manifest(stage, write_payload(inputs, stage), validation or {"passed": True})

@@ -17,7 +17,7 @@ from mopeq_export.bundle import write_tar
 from mopeq_runtime import BundleError, InputError
 from mopeq_runtime.prompt import VQAFormat
 
-LIB = Path(__file__).resolve().parents[1] / "runtime" / "lib" / "libmopeq_ops.so"
+LIB = Path(__file__).resolve().parents[1] / "runtime" / "mopeq_runtime" / "lib" / "libmopeq_ops.so"
 
 
 @pytest.fixture

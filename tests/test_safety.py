@@ -24,7 +24,7 @@ from mopeq_export.fsutil import OUTPUT_MARKER, check_out, staged_dir, staged_fil
 from mopeq_runtime.errors import BundleError, InputError
 from tiny_checkpoint import save_tiny_qwen2_moe
 
-LIB = Path(__file__).resolve().parents[1] / "runtime" / "lib" / "libmopeq_ops.so"
+LIB = Path(__file__).resolve().parents[1] / "runtime" / "mopeq_runtime" / "lib" / "libmopeq_ops.so"
 
 
 def main(argv: list[str], capsys) -> tuple[int, str]:

@@ -1,0 +1,1 @@
+"""Calibration data shipped with the toolchain (README.md here); found through importlib.resources."""
