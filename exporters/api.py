@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from mopeq_export.fsutil import check_out, read_json, staged_dir, write_json
-from mopeq_export.quantize.packing import LAYOUT_VERSION
-from mopeq_export.quantize.reference import PackedLinear
+from mopeq_export.quantization.packing import LAYOUT_VERSION
+from mopeq_export.quantization.reference import PackedLinear
 from mopeq_export.targets import Target, get_target
 
 from . import decoder, finalize, onnx_op, patches, torch_op, vlm
@@ -96,11 +96,11 @@ def export_quantized(qdir: str | Path, target: str | Target, out: str | Path, mo
 
     The model is the skeleton with the packed experts and only its other weights loaded, in the target's
     dtype (`load_quantized`): no float copy of the experts is ever made."""
-    from mopeq_export.quantize.loader import load_quantized
+    from mopeq_export.quantization.loader import load_quantized
 
     from mopeq_export.devices import Meter
     from mopeq_export.models.onload import skeleton
-    from mopeq_export.quantize.checkpoint import read_checkpoint
+    from mopeq_export.quantization.checkpoint import read_checkpoint
     from mopeq_export.scale import ModelShape, check_fits, export_bytes
 
     target = get_target(target) if isinstance(target, str) else target

@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mopeq_export.errors import MopeqError
-from mopeq_export.quantize.packing import LAYER_TENSOR_NAMES, SUPPORTED_BITS
+from mopeq_export.quantization.packing import LAYER_TENSOR_NAMES, SUPPORTED_BITS
 
 from .onnx_op import DOMAIN, OP_TYPE
 

@@ -12,7 +12,7 @@ import onnx
 import torch
 from onnxscript.values import Op, Opset
 
-from mopeq_export.quantize.packing import LAYER_TENSOR_NAMES
+from mopeq_export.quantization.packing import LAYER_TENSOR_NAMES
 
 from . import torch_op  # noqa: F401  (registers torch.ops.mopeq.moe_experts)
 

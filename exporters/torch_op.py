@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from mopeq_export.models.adapters import routing_from_gate
-from mopeq_export.quantize.loader import PACKED_ATTR
-from mopeq_export.quantize.packing import LAYER_TENSOR_NAMES, LAYOUT_VERSION
-from mopeq_export.quantize.reference import PackedLayer, moe_experts_torch
+from mopeq_export.quantization.loader import PACKED_ATTR
+from mopeq_export.quantization.packing import LAYER_TENSOR_NAMES, LAYOUT_VERSION
+from mopeq_export.quantization.reference import PackedLayer, moe_experts_torch
 
 OP_NAME = "mopeq::moe_experts"
 

@@ -17,11 +17,11 @@ _API = {
     "MopeqError": ".errors",
     "EstimatorConfig": ".sensitivity", "run_analyze": ".sensitivity", "load_report": ".sensitivity",
     "PlanConfig": ".allocation", "plan_from_file": ".allocation",
-    "QuantizeConfig": ".quantize.pipeline", "run_quantize": ".quantize.stage",
-    "load_quantized": ".quantize.loader",
+    "QuantizeConfig": ".quantization.pipeline", "run_quantize": ".quantization.stage",
+    "load_quantized": ".quantization.loader",
     "export_quantized": "mopeq_exporters",
     "evaluate_model": ".evaluate",
-    "BuildConfig": ".build", "build_bundle": (".build", "build"),  # `mopeq_export.build` is the module
+    "BuildConfig": ".pipeline", "build_bundle": (".pipeline", "build"),  # `mopeq_export.pipeline` is the module
 }
 __all__ = sorted(_API)
 

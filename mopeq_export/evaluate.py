@@ -177,7 +177,7 @@ def evaluate_model(model_dir, qdir, data, *, max_windows: int | None = None, max
     """Load the float16 original and the quantized checkpoint on `device`, and compare them on `data`."""
     from .devices import Meter, resolve_device, resolve_dtype
     from .models.loading import checkpoint_params, load_model, load_tokenizer
-    from .quantize.loader import load_quantized
+    from .quantization.loader import load_quantized
 
     from .calibration import calibration_kind
     from .models.loading import model_info

@@ -50,7 +50,7 @@ from .calibration import CalibrationInfo, CalibrationSet, labelled_predictions, 
 from .errors import MopeqError
 from .models.adapters import MoELayer, StopForward, find_moe_layers, forward_until_stopped
 from .models.loading import ModelInfo
-from .quantize.primitives import check_width, rtn
+from .quantization.primitives import check_width, rtn
 
 SCHEMA_VERSION = 2  # 2: curvature choice (Gauss-Newton default), coverage samples
 CURVATURES = ("gauss-newton", "hessian")

@@ -33,8 +33,8 @@ MIX = [2] * 10 + [3] * 4 + [4] * 2  # 2.5 bits on average per layer of 16 expert
 def build(model_dir: Path, work: Path) -> tuple[Path, Path]:
     from mopeq_export.models.adapters import find_moe_layers
     from mopeq_export.models.loading import load_model
-    from mopeq_export.quantize.pipeline import QuantizeConfig
-    from mopeq_export.quantize.stage import run_quantize
+    from mopeq_export.quantization.pipeline import QuantizeConfig
+    from mopeq_export.quantization.stage import run_quantize
     from mopeq_exporters import export_float_reference, export_quantized
 
     work.mkdir(parents=True, exist_ok=True)

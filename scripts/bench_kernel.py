@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from mopeq_export.quantize import packing as P
+from mopeq_export.quantization import packing as P
 from mopeq_runtime.native import library_path
 
 H, E, I, TOP_K, GROUP = 2048, 64, 1024, 8, 128

@@ -41,7 +41,7 @@ def main() -> None:
 
     import mopeq_runtime
     from mopeq_export.evaluate import evaluate_text, torch_forward
-    from mopeq_export.quantize.loader import load_quantized
+    from mopeq_export.quantization.loader import load_quantized
     from mopeq_export.validate import runtime_forward
 
     bundle = mopeq_runtime.load(args.bundle, allow_foreign_target=True, use_kernel=not args.no_kernel)

@@ -19,8 +19,8 @@ import torch
 
 from mopeq_export.evaluate import evaluate_text, text_windows, torch_forward
 from mopeq_export.models.loading import load_tokenizer
-from mopeq_export.quantize.checkpoint import read_checkpoint
-from mopeq_export.quantize.loader import load_quantized
+from mopeq_export.quantization.checkpoint import read_checkpoint
+from mopeq_export.quantization.loader import load_quantized
 from mopeq_exporters.ort_check import Exported
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "text_dev.txt"

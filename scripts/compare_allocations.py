@@ -27,8 +27,8 @@ from mopeq_export.calibration import load_calibration
 from mopeq_export.evaluate import text_windows
 from mopeq_export.models.adapters import find_moe_layers
 from mopeq_export.models.loading import load_model, load_tokenizer
-from mopeq_export.quantize.checkpoint import layer_tensors
-from mopeq_export.quantize.pipeline import QuantizeConfig, quantize_layers
+from mopeq_export.quantization.checkpoint import layer_tensors
+from mopeq_export.quantization.pipeline import QuantizeConfig, quantize_layers
 from mopeq_export.sensitivity import load_report
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mopeq_export.quantize import packing as P
+from mopeq_export.quantization import packing as P
 
 
 def random_layer(rng, expert_bits, h, i, g):

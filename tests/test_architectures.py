@@ -109,7 +109,7 @@ def test_sequential_runner_gives_every_layer_the_models_own_inputs(checkpoints, 
 def test_every_architecture_exports_and_matches_pytorch(checkpoints, name, target, tmp_path):
     """float32 graphs to 1e-4 of PyTorch; float16 graphs (Jetson) to 2e-2: routers that compute in float32
     (DeepSeek-V2's) meet the op's activation-typed inputs there."""
-    from mopeq_export.quantize.loader import load_quantized
+    from mopeq_export.quantization.loader import load_quantized
     from mopeq_exporters import export_quantized
     from mopeq_exporters.ort_check import Exported
     from test_export_models import KERNEL, check_decoder

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 import mopeq_runtime
-from mopeq_export import build as build_mod
+from mopeq_export import pipeline as build_mod
 from mopeq_export import bundle as bundle_mod
-from mopeq_export.build import BuildConfig, GateFailed, build, report_beside
+from mopeq_export.pipeline import BuildConfig, GateFailed, build, report_beside
 from mopeq_export.errors import MopeqError
 from mopeq_export.memory import check_memory, require_fit
 from mopeq_export.targets import get_target

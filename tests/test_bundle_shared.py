@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mopeq_runtime
-from mopeq_export.build import BuildConfig, build
+from mopeq_export.pipeline import BuildConfig, build
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TEXT, VLM, DATA = SHARED / "models" / "text-moe", SHARED / "models" / "vlm-moe", SHARED / "data"
@@ -37,7 +37,7 @@ def text_bundle(tmp_path_factory, cache):
 
 def test_text_bundle_passes_gate_and_matches_pytorch_quantized(text_bundle, cache):
     from mopeq_export.evaluate import evaluate_text, torch_forward
-    from mopeq_export.quantize.loader import load_quantized
+    from mopeq_export.quantization.loader import load_quantized
     from mopeq_export.validate import runtime_forward
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

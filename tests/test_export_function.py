@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from mopeq_export.quantize import packing as P
+from mopeq_export.quantization import packing as P
 from mopeq_exporters.function_body import build_function
 from packed_layers import random_layer
 from test_kernel_cpu import LAYER_TYPES

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mopeq_export.quantize.loader import load_quantized
+from mopeq_export.quantization.loader import load_quantized
 from mopeq_exporters import export_quantized
 from mopeq_exporters.ort_check import Exported
 

@@ -13,7 +13,7 @@ import torch
 
 from mopeq_export.evaluate import evaluate_text, text_windows, torch_forward
 from mopeq_export.models.loading import load_tokenizer
-from mopeq_export.quantize.loader import load_quantized
+from mopeq_export.quantization.loader import load_quantized
 from mopeq_exporters import export_quantized
 from mopeq_exporters.ort_check import Exported
 from test_export_models import KERNEL, check_decoder

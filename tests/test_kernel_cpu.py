@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from mopeq_export.quantize import packing as P
+from mopeq_export.quantization import packing as P
 from packed_layers import random_layer
 
 native = pytest.importorskip("mopeq_runtime.native")

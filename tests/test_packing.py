@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mopeq_export.errors import MopeqError
-from mopeq_export.quantize import packing as P
+from mopeq_export.quantization import packing as P
 from packed_layers import random_layer
 
 

@@ -16,10 +16,10 @@ import tiny_models as tm
 from mopeq_export.calibration import CalibrationInfo, CalibrationSet
 from mopeq_export.errors import MopeqError
 from mopeq_export.models.adapters import find_moe_layers
-from mopeq_export.quantize import packing, reference
-from mopeq_export.quantize.gptq import GPTQConfig, Gram, gptq
-from mopeq_export.quantize.pipeline import QuantizeConfig, quantize_layers
-from mopeq_export.quantize.primitives import choose_params, dequantize, quantize_codes, rtn
+from mopeq_export.quantization import packing, reference
+from mopeq_export.quantization.gptq import GPTQConfig, Gram, gptq
+from mopeq_export.quantization.pipeline import QuantizeConfig, quantize_layers
+from mopeq_export.quantization.primitives import choose_params, dequantize, quantize_codes, rtn
 
 TEXT_MOE = Path(__file__).resolve().parents[2] / "shared" / "models" / "text-moe"
 
@@ -108,9 +108,9 @@ def _calib(model, n=6, t=24, vocab=tm.V) -> CalibrationSet:
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "modulelist"])
 def test_pipeline_quantizes_every_expert_and_packed_model_matches(arch, tmp_path):
-    from mopeq_export.quantize.checkpoint import layer_record, layer_tensors, read_checkpoint, to_json_layers
-    from mopeq_export.quantize.checkpoint import SCHEMA_VERSION, write_checkpoint
-    from mopeq_export.quantize.loader import install_packed
+    from mopeq_export.quantization.checkpoint import layer_record, layer_tensors, read_checkpoint, to_json_layers
+    from mopeq_export.quantization.checkpoint import SCHEMA_VERSION, write_checkpoint
+    from mopeq_export.quantization.loader import install_packed
 
     model = tm.ALL_MOE[arch]()
     layers = find_moe_layers(model)
@@ -165,7 +165,7 @@ def text_plan(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def text_qdir(text_plan, tmp_path_factory):
-    from mopeq_export.quantize.stage import run_quantize
+    from mopeq_export.quantization.stage import run_quantize
 
     out = tmp_path_factory.mktemp("q") / "qdir"
     run_quantize(TEXT_MOE, text_plan, out, calib=None, cfg=QuantizeConfig(method="rtn"))
@@ -185,7 +185,7 @@ def test_quantize_text_moe_record_and_sizes(text_qdir):
 
 @pytest.mark.slow
 def test_load_quantized_runs_and_tampering_is_refused(text_qdir, tmp_path):
-    from mopeq_export.quantize.loader import load_quantized
+    from mopeq_export.quantization.loader import load_quantized
 
     model = load_quantized(text_qdir)
     with torch.no_grad():
@@ -203,7 +203,7 @@ def test_load_quantized_runs_and_tampering_is_refused(text_qdir, tmp_path):
 
 @pytest.mark.slow
 def test_plan_for_another_model_or_incomplete_is_refused(text_plan, tmp_path):
-    from mopeq_export.quantize.stage import run_quantize
+    from mopeq_export.quantization.stage import run_quantize
 
     plan = json.loads(text_plan.read_text())
     other = tmp_path / "other.json"
@@ -226,9 +226,9 @@ def test_plan_for_another_model_or_incomplete_is_refused(text_plan, tmp_path):
 @pytest.mark.slow
 def test_quantize_dense_option_packs_shared_experts_and_attention(text_plan, tmp_path):
     from mopeq_export.models.loading import load_model
-    from mopeq_export.quantize.loader import load_quantized
-    from mopeq_export.quantize.reference import PackedLinear
-    from mopeq_export.quantize.stage import run_quantize
+    from mopeq_export.quantization.loader import load_quantized
+    from mopeq_export.quantization.reference import PackedLinear
+    from mopeq_export.quantization.stage import run_quantize
 
     out = tmp_path / "q8"
     res = run_quantize(TEXT_MOE, text_plan, out, calib=None, cfg=QuantizeConfig(method="rtn"), dense_bits=8,

@@ -188,6 +188,6 @@ def test_device_built_kernel_library_for_a_source_only_bundle(tmp_path):
 def test_toolchain_api_is_public_and_lazy():
     code = ("import sys, mopeq_export; assert 'torch' not in sys.modules; "
             "from mopeq_export import build_bundle, BuildConfig, load_quantized, run_quantize, export_quantized; "
-            "import mopeq_export.build as b; assert build_bundle is b.build; print('ok')")
+            "import mopeq_export.pipeline as b; assert build_bundle is b.build; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -95,8 +95,8 @@ def quantize_random_plan(model_dir, out, trust_remote_code=False, seed=0):
     from mopeq_export.models.adapters import find_moe_layers
     from mopeq_export.models.loading import model_info
     from mopeq_export.models.onload import skeleton
-    from mopeq_export.quantize.pipeline import QuantizeConfig
-    from mopeq_export.quantize.stage import run_quantize
+    from mopeq_export.quantization.pipeline import QuantizeConfig
+    from mopeq_export.quantization.stage import run_quantize
 
     info = model_info(model_dir)
     rng = np.random.default_rng(seed)

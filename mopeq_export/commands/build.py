@@ -46,7 +46,7 @@ def build(
                                                      "file); never anything else"),
 ) -> None:
     """analyze -> plan -> quantize -> export -> package -> validate, with a cache of the stages."""
-    from ..build import BuildConfig, GateFailed, build as run_build
+    from ..pipeline import BuildConfig, GateFailed, build as run_build
     from ..errors import MopeqError
     from ..targets import get_target
     from ..validate import GateConfig

@@ -10,9 +10,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ..cli import app, console
-from ..quantize.gptq import GPTQConfig
-from ..quantize.pipeline import QuantizeConfig
-from ..quantize.stage import run_quantize
+from ..quantization.gptq import GPTQConfig
+from ..quantization.pipeline import QuantizeConfig
+from ..quantization.stage import run_quantize
 
 
 @app.command()

@@ -82,11 +82,11 @@ class GateFailed(MopeqError):
 # Names, not paths: the digest reads the imported modules' files, wherever the toolchain is installed.
 STAGE_SOURCES = {
     "analyze": ("mopeq_export.sensitivity", "mopeq_export.calibration", "mopeq_export.models",
-                "mopeq_export.quantize.primitives", "mopeq_export.devices"),
+                "mopeq_export.quantization.primitives", "mopeq_export.devices"),
     "plan": ("mopeq_export.allocation",),
-    "quantize": ("mopeq_export.quantize", "mopeq_export.calibration", "mopeq_export.models",
+    "quantize": ("mopeq_export.quantization", "mopeq_export.calibration", "mopeq_export.models",
                  "mopeq_export.devices"),
-    "export": ("mopeq_exporters", "mopeq_export.quantize", "mopeq_export.targets", "mopeq_export.models"),
+    "export": ("mopeq_exporters", "mopeq_export.quantization", "mopeq_export.targets", "mopeq_export.models"),
 }
 
 
@@ -211,8 +211,8 @@ def _plan(sens: Path, avg_bits: float, st: Path) -> None:
 
 
 def _quantize(cfg: BuildConfig, plan: Path, calib: Path, device, st: Path) -> None:
-    from .quantize.pipeline import QuantizeConfig
-    from .quantize.stage import run_quantize
+    from .quantization.pipeline import QuantizeConfig
+    from .quantization.stage import run_quantize
 
     _seed(cfg.seed)
     run_quantize(cfg.model, plan, st / "qdir", calib=calib, device=device, trust_remote_code=cfg.trust_remote_code,
