@@ -30,7 +30,6 @@ from .errors import MopeqError
 from .fsutil import (OUTPUT_MARKER, check_out, clean_stale, default_cache, overlaps, read_json, require_free_space,
                      sha256_file, staged_dir, staged_file, write_json)
 from .memory import MemoryCheck, check_memory, estimate_weights, kv_bytes_per_token, kv_cache_of_config, require_fit
-from .signing import load_private_key, sign_bundle
 from .targets import Target, get_target
 from .validate import GateConfig, GateReport, plot_report, run_gate
 
@@ -271,6 +270,8 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
     inputs = _inputs(cfg, calib)
     check_out(cfg.out, "bundle", force=cfg.force, inputs=(*inputs, cache_root), file=cfg.tar)
     if cfg.sign_key is not None:
+        from .signing import load_private_key  # cryptography is needed only when signing
+
         load_private_key(cfg.sign_key)  # a missing or wrong key fails now, not after the build
     if cache_root is not None:
         for given in inputs:
@@ -395,6 +396,8 @@ def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir,
             plot_report(report, stage / "validation" / "fidelity.png")
             write_manifest(stage, parts, _validation_entry(report, mem))
             if cfg.sign_key is not None:
+                from .signing import sign_bundle
+
                 sign_bundle(stage, cfg.sign_key)
         report_beside(out).unlink(missing_ok=True)  # a stale failure report would contradict the bundle
         if cfg.tar:
