@@ -7,8 +7,10 @@
     vlm.py            the VLM's vision and embedding graphs
     finalize.py       readable names, the function, IR version, external data
     api.py            export_quantized / export_float_reference
+    record.py         ExportedModel, read_export: the stage's record (ODIR/export.json)
 """
 
 from .api import export_float_reference, export_quantized
+from .record import ExportedModel, read_export
 
-__all__ = ["export_quantized", "export_float_reference"]
+__all__ = ["export_quantized", "export_float_reference", "ExportedModel", "read_export"]

@@ -1,12 +1,18 @@
 """mopeq-export: per-expert mixed-precision quantization and edge export for MoE models.
 
-The stages as a Python API (the CLI's commands call the same functions):
+The stages as a Python API, one verb each (mopeq_export/api.py; the CLI's commands call the same functions):
 
-    from mopeq_export import EstimatorConfig, run_analyze, PlanConfig, plan_from_file, QuantizeConfig, \\
-        run_quantize, export_quantized, load_quantized, evaluate_model, BuildConfig, build_bundle
+    from mopeq_export import analyze, plan, quantize, export, build, load_quantized
+    from mopeq_export import EstimatorConfig, PlanConfig, QuantizeConfig, BuildConfig, ProgressEvent
 
-Attributes are imported on first use, so `import mopeq_export` (and `mopeq_export.errors`, which the
-runtime uses) stays free of torch.
+    report = analyze("ckpt/", EstimatorConfig(max_probes=8))          # -> SensitivityReport
+    bits = plan(report, PlanConfig(avg_bits=2.5))                     # -> BitPlan
+    qdir = quantize("ckpt/", bits, "work/qdir")                       # -> QuantizedCheckpoint
+    graphs = export(qdir, "work/export", "cpu")                       # -> ExportedModel
+    result = build(BuildConfig(model="ckpt/", target="cpu", out="bundle/", avg_bits=2.5))  # -> BuildResult
+    model = load_quantized(qdir)                                      # a transformers model on packed experts
+
+Attributes are imported on first use, so `import mopeq_export` stays free of torch.
 """
 
 from __future__ import annotations
@@ -14,14 +20,24 @@ from __future__ import annotations
 import importlib
 
 _API = {
-    "MopeqError": ".errors",
-    "EstimatorConfig": ".sensitivity", "run_analyze": ".sensitivity", "load_report": ".sensitivity",
-    "PlanConfig": ".allocation", "plan_from_file": ".allocation",
-    "QuantizeConfig": ".quantization.pipeline", "run_quantize": ".quantization.stage",
-    "load_quantized": ".quantization.loader",
-    "export_quantized": "mopeq_exporters",
-    "evaluate_model": ".evaluate",
-    "BuildConfig": ".pipeline", "build_bundle": (".pipeline", "build"),  # `mopeq_export.pipeline` is the module
+    # the verbs and their progress protocol
+    "analyze": ".api", "plan": ".api", "quantize": ".api", "export": ".api", "build": ".api",
+    "ProgressEvent": ".api", "load_quantized": ".quantization.loader",
+    # configs
+    "EstimatorConfig": ".sensitivity", "PlanConfig": ".allocation", "QuantizeConfig": ".quantization.pipeline",
+    "GPTQConfig": ".quantization.gptq", "BuildConfig": ".pipeline", "GateConfig": ".validate",
+    "Target": ".targets", "get_target": ".targets",
+    # records and their readers
+    "SensitivityReport": ".sensitivity", "load_report": ".sensitivity", "BitPlan": ".allocation",
+    "QuantizedCheckpoint": ".quantization.checkpoint", "read_checkpoint": ".quantization.checkpoint",
+    "ExportedModel": "mopeq_exporters", "read_export": "mopeq_exporters",
+    "BuildResult": ".pipeline", "GateReport": ".validate",
+    # errors
+    "MopeqError": ".errors", "GateFailed": ".pipeline",
+    # the stage functions under their earlier names
+    "run_analyze": ".sensitivity", "plan_from_file": ".allocation", "run_quantize": ".quantization.stage",
+    "export_quantized": "mopeq_exporters", "evaluate_model": ".evaluate",
+    "build_bundle": (".pipeline", "build"),
 }
 __all__ = sorted(_API)
 

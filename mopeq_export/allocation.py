@@ -24,6 +24,8 @@ Overrides (``NAME=BITS``) are fixed first; a budget is then re-solved over the o
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass
 from functools import reduce
@@ -371,8 +373,11 @@ def _predicted_loss(experts, bits: np.ndarray) -> float | None:
     return float(sum(t[i] / e.params * e.quant_error[int(bits[i])] for i, e in enumerate(experts)))
 
 
-def make_plan(report: SensitivityReport, cfg: PlanConfig, source: str | Path) -> BitPlan:
-    """Allocate widths per scope group, then apply the overrides (already excluded from the groups)."""
+def make_plan(report: SensitivityReport, cfg: PlanConfig, source: str | Path | None) -> BitPlan:
+    """Allocate widths per scope group, then apply the overrides (already excluded from the groups).
+
+    `source` is the sensitivity file the report was read from; None for a record in memory (the plan then
+    records the hash of the record's canonical JSON and no path)."""
     experts = report.experts
     fixed = resolve_overrides(experts, cfg.overrides)
     widths = sorted(cfg.candidates)
@@ -398,7 +403,14 @@ def make_plan(report: SensitivityReport, cfg: PlanConfig, source: str | Path) ->
         avg_bits=round(float((params * bits).sum() / params.sum()), 6),
         method=cfg.method, scope=cfg.scope, candidates=tuple(widths), target_avg_bits=cfg.target,
         overrides=fixed, predicted_loss=_predicted_loss(experts, bits), solver=solver,
-        sensitivity={"path": str(Path(source).resolve()), "sha256": sha256_file(source)}, model=report.model)
+        sensitivity=_provenance(report, source), model=report.model)
+
+
+def _provenance(report: SensitivityReport, source: str | Path | None) -> dict:
+    if source is not None:
+        return {"path": str(Path(source).resolve()), "sha256": sha256_file(source)}
+    canonical = json.dumps(report.to_json(), sort_keys=True, separators=(",", ":")).encode()
+    return {"path": None, "sha256": hashlib.sha256(canonical).hexdigest()}
 
 
 def plan_from_file(path: str | Path, cfg: PlanConfig) -> tuple[BitPlan, SensitivityReport]:

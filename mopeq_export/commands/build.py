@@ -46,7 +46,8 @@ def build(
                                                      "file); never anything else"),
 ) -> None:
     """analyze -> plan -> quantize -> export -> package -> validate, with a cache of the stages."""
-    from ..pipeline import BuildConfig, GateFailed, build as run_build
+    from ..api import build as run_build
+    from ..pipeline import BuildConfig, GateFailed
     from ..errors import MopeqError
     from ..targets import get_target
     from ..validate import GateConfig
@@ -71,20 +72,20 @@ def build(
     with Progress(*cols, console=console) as bar:
         tasks = {s: bar.add_task(s, total=1, status="", start=False) for s in STAGES if not (plan and s == "analyze")}
 
-        def say(stage: str, status: str) -> None:
-            t = tasks[stage]
-            if status == "run":
+        def show(e) -> None:
+            t = tasks.get(e.stage)
+            if t is None:
+                return
+            if e.done is not None:  # gate windows
+                bar.update(t, total=cfg.gate.max_windows, completed=e.done)
+            elif e.message == "run":
                 bar.start_task(t)
                 bar.update(t, status="running")
-            else:
-                bar.update(t, completed=1, total=1, status=status)
-
-        def windows(n: int) -> None:
-            t = tasks["validate"]
-            bar.update(t, total=None if cfg.gate.max_windows is None else cfg.gate.max_windows, advance=n)
+            elif e.message:
+                bar.update(t, completed=1, total=1, status=e.message)
 
         try:
-            result = run_build(cfg, say, windows)
+            result = run_build(cfg, progress=show)
         except GateFailed as e:
             bar.stop()
             console.print(summary_table(e.result.summary))

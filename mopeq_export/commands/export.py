@@ -21,15 +21,14 @@ def export(
     force: bool = typer.Option(False, "--force", help="replace a previous export output at --out (nothing else)"),
 ) -> None:
     """Export to ONNX: one mopeq.MoEExperts node per MoE layer, with a portable function fallback."""
-    from mopeq_exporters import export_quantized
-
+    from ..api import export as run
     from ..targets import get_target
 
     tgt = get_target(target)  # fail on a bad name before loading anything
     with console.status("exporting") as status:
-        record = export_quantized(quantized, tgt, out, model, say=lambda s: status.update(f"exporting: {s}"),
-                                  trust_remote_code=trust_remote_code, force=force)
-    console.print(_summary(record, out))
+        exported = run(quantized, out, tgt, model=model, force=force, trust_remote_code=trust_remote_code,
+                       progress=lambda e: status.update(f"exporting: {e.message}"))
+    console.print(_summary(exported.record, out))
 
 
 @app.command()

@@ -8,10 +8,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..allocation import BitPlan, PlanConfig, plan_from_file
+from ..allocation import BitPlan, PlanConfig
 from ..cli import app, console
 from ..errors import MopeqError
-from ..fsutil import check_out, staged_file, write_json
 
 
 def parse_widths(text: str) -> tuple[int, ...]:
@@ -46,10 +45,9 @@ def plan(
     """Allocate a bit width to every routed expert."""
     cfg = PlanConfig(method=method, scope=scope, avg_bits=avg_bits, candidates=parse_widths(bits_candidates),
                      overrides=tuple(parse_override(o) for o in overrides or ()))
-    check_out(out, "file", force=force, inputs=(sensitivity,), file=True)
-    result, _report = plan_from_file(sensitivity, cfg)
-    with staged_file(out, force=force, inputs=(sensitivity,)) as tmp:
-        write_json(tmp, result.to_json())
+    from ..api import plan as run
+
+    result = run(sensitivity, cfg, out=out, force=force)
     console.print(summary_table(result))
     _report_budget(result)
     console.print(f"{len(result.experts)} experts, average {result.avg_bits:.4f} bits -> {out}")

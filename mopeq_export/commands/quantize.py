@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,6 @@ from rich.table import Table
 from ..cli import app, console
 from ..quantization.gptq import GPTQConfig
 from ..quantization.pipeline import QuantizeConfig
-from ..quantization.stage import run_quantize
 
 
 @app.command()
@@ -38,21 +38,24 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="replace a previous quantize output at --out (nothing else)"),
 ) -> None:
     """Quantize routed experts (GPTQ per expert on its own routed tokens, or RTN) into the packed format."""
-    from ..cli import default_calib
-    from ..devices import resolve_dtype
-    from ..models.loading import model_info
+    from ..api import quantize as run
 
-    if calib is None and method == "gptq":
-        calib = default_calib(model_info(model).is_vlm)
+    t0 = time.time()
     cfg = QuantizeConfig(method=method, group_size=group_size,
                          gptq=GPTQConfig(damp=damp, act_order=act_order, min_tokens=min_tokens))
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"quantizing experts ({method})", total=None)
-        res = run_quantize(model, plan, out, calib=calib, cfg=cfg, samples=samples, seq_len=seq_len,
-                           dense_bits=quantize_dense, dense_attention=dense_attention,
-                           trust_remote_code=trust_remote_code, progress=lambda: bar.advance(task),
-                           device=device, dtype=resolve_dtype(dtype, 0), say=console.print, force=force)
-    print_quantize_summary(res.record, res.seconds)
+
+        def show(e):
+            if e.done is not None:
+                bar.update(task, completed=e.done, total=e.total)
+            elif e.message:
+                console.print(e.message)
+
+        ckpt = run(model, plan, out, cfg, calib=calib, samples=samples, seq_len=seq_len, dense_bits=quantize_dense,
+                   dense_attention=dense_attention, force=force, device=device, dtype=dtype,
+                   trust_remote_code=trust_remote_code, progress=show)
+    print_quantize_summary(ckpt.record, time.time() - t0)
 
 
 def print_quantize_summary(rec: dict, seconds: float) -> None:
