@@ -100,8 +100,10 @@ def main() -> None:
             rows.append({"stage": f"  build: {name}", "exit": 0, "wall_s": round(r["seconds"], 1),
                          "peak_rss": r["peak_rss_bytes"], "peak_gpu": r.get("peak_gpu_bytes"),
                          "estimate": r.get("estimate_bytes"), "device": r.get("device")})
+        gpu = [r.get("peak_gpu_bytes") for r in stages.values() if r.get("peak_gpu_bytes")]
         rows.append({"stage": f"build ({args.target}), whole process", "exit": code, "wall_s": round(wall, 1),
-                     "peak_rss": rss, "peak_gpu": None, "estimate": None, "device": args.device})
+                     "peak_rss": rss, "peak_gpu": max(gpu) if gpu else None, "estimate": None,
+                     "device": args.device})
     print(f"\n{args.model.name}: checkpoint {ck / GiB:.2f} GiB\n")
     print("| stage | device | wall s | peak RSS GiB | RSS / checkpoint | peak GPU GiB | estimate GiB |")
     print("|---|---|---|---|---|---|---|")

@@ -1,29 +1,49 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (device tool): install this checkout over the image's packages, build the kernel
 # library, make a random-init checkpoint of SHAPE (scripts/make_checkpoint.py) and time one whole build of it
-# (scripts/bench_realsize.py --build). Needs build/ort-headers carried along. Results land in $OUT.
-#   bash scripts/device_realsize.sh olmoe-1b-7b jetson-agx-orin [extra bench_realsize.py flags]
+# (scripts/bench_realsize.py --build). Needs build/ort-headers carried along, and the reference tokenizer
+# (TOKENIZER=DIR with tokenizer.json: ../shared beside the checkout does not travel). Results land in $OUT,
+# with nvidia-smi's memory readings every second (nvidia-smi.csv) beside the allocator peaks of the stages.
+#   TOKENIZER=DIR bash scripts/device_realsize.sh olmoe-1b-7b jetson-agx-orin [extra bench_realsize.py flags]
 set -euo pipefail
 shape=$1 target=$2
 shift 2
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
-out=${OUT:-/tmp/out}
+out=${OUT:-/tmp/out} device=${DEVICE:-cuda}  # DEVICE=cpu LAYERS=1: a dry run of this script without a GPU
+ck=/root/ck/$shape${LAYERS:+-$LAYERS}
 mkdir -p "$out" /root/ck
-if ! python3 -c "import mopeq_export" 2>/dev/null; then
+# checked from / : in the checkout, `python3 -c` would import the source folder itself (not mopeq_exporters)
+if ! (cd / && python3 -c "import mopeq_export, mopeq_exporters, mopeq_runtime") 2>/dev/null; then
   # the device reaches no package index: the runtime's source folder goes on the path (its build backend,
   # scikit-build-core, is not installed there), the toolchain installs editable with the local setuptools
-  echo "$PWD/runtime" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/mopeq_runtime_src.pth"
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/pip.log" 2>&1
+  pth="$(python3 -c 'import site; print(site.getsitepackages()[0])')/mopeq_runtime_src.pth"
+  echo "$PWD/runtime" > "$pth"
+  if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/pip.log" 2>&1; then
+    # the image's setuptools could not install it: the package names through links, on the path
+    echo "pip install failed (pip.log): the toolchain goes on the path through links in /root/src"
+    mkdir -p /root/src && ln -sfn "$PWD/mopeq_export" /root/src/mopeq_export && ln -sfn "$PWD/exporters" /root/src/mopeq_exporters
+    for d in calibration_data evaluation_data; do ln -sfn "$PWD/$d" "mopeq_export/$d"; done
+    echo /root/src >> "$pth"
+  fi
 fi
 if [ ! -f runtime/mopeq_runtime/lib/libmopeq_ops.so ]; then
   ort=$PWD/build/ort-headers/usr/include/onnxruntime
   { cmake -S runtime/csrc -B build/kernels -DCMAKE_BUILD_TYPE=Release -DORT_INCLUDE_DIR="$ort" &&
-    cmake --build build/kernels -j 16 && cmake --install build/kernels --prefix runtime/mopeq_runtime; } >"$out/cmake.log" 2>&1
+    cmake --build build/kernels -j "$(nproc)" && cmake --install build/kernels --prefix runtime/mopeq_runtime; } >"$out/cmake.log" 2>&1
 fi
+(cd / && python3 -c "import mopeq_export, mopeq_exporters, mopeq_runtime.native as n; print('toolchain', mopeq_export.__file__, 'kernel', n.library_path())")
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
-[ -d "/root/ck/$shape" ] || python3 scripts/make_checkpoint.py --shape "$shape" --out "/root/ck/$shape" --device cuda
+nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader -l 1 >"$out/nvidia-smi.csv" 2>&1 &
+smi=$!
+trap 'kill $smi 2>/dev/null || true' EXIT
+t0=$(date +%s)
+[ -d "$ck" ] || python3 scripts/make_checkpoint.py --shape "$shape" --out "$ck" --device "$device" \
+  ${TOKENIZER:+--tokenizer "$TOKENIZER"} ${LAYERS:+--layers "$LAYERS"}
+echo "checkpoint ready after $(( $(date +%s) - t0 )) s"
 work=/root/bench-$shape-$(date +%s)
-python3 scripts/bench_realsize.py --model "/root/ck/$shape" --work "$work" --device cuda --stages "" --build \
-  --target "$target" --json "$out/$shape.json" "$@" | tee "$out/$shape.txt"
+rc=0
+python3 scripts/bench_realsize.py --model "$ck" --work "$work" --device "$device" --stages "" --build \
+  --target "$target" --json "$out/$shape.json" "$@" | tee "$out/$shape.txt" || rc=$?
 cp "$work"/*.log "$out/" 2>/dev/null || true
 cp "$work/summary.json" "$out/$shape-summary.json" 2>/dev/null || true
+exit $rc

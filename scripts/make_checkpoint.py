@@ -5,7 +5,7 @@ parameter is drawn in the target dtype on the chosen device (normal(0, 0.02); no
 model is written with `save_pretrained` (transformers' own checkpoint format, per-expert tensors, 5 GB
 shards), with the reference models' tokenizer (4096 tokens; the configs keep their own vocabulary sizes).
 
-    python scripts/make_checkpoint.py --shape olmoe-1b-7b --out ckpt/olmoe [--device cuda] [--layers 2]
+    python scripts/make_checkpoint.py --shape olmoe-1b-7b --out ckpt/olmoe [--device cuda] [--layers 2] [--tokenizer DIR]
 
 Shapes (published configs; --layers cuts a smaller model of the same family):
     qwen3-moe-1.25b   Qwen3-MoE, 12 layers, hidden 1024, 64 experts top-8, moe intermediate 512, vocab 4096
@@ -93,7 +93,8 @@ def _fill(model: torch.nn.Module, device: str, dtype: torch.dtype) -> int:
     return count
 
 
-def build(shape: str, out: Path, device: str, dtype: torch.dtype, layers: int | None) -> int:
+def build(shape: str, out: Path, device: str, dtype: torch.dtype, layers: int | None,
+          tokenizer: Path = TOKENIZER) -> int:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -121,7 +122,7 @@ def build(shape: str, out: Path, device: str, dtype: torch.dtype, layers: int | 
         for f in REMOTE_FILES:
             shutil.copyfile(REMOTE_CODE / f, out / f)
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(TOKENIZER / f, out / f)
+        shutil.copyfile(tokenizer / f, out / f)
     return count
 
 
@@ -132,11 +133,15 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers (same widths)")
+    ap.add_argument("--tokenizer", type=Path, default=TOKENIZER,
+                    help="folder with tokenizer.json and tokenizer_config.json (default: ../shared/models/text-moe)")
     args = ap.parse_args()
     if args.out.exists():
         sys.exit(f"error: {args.out} exists; choose a new folder")
+    if not (args.tokenizer / "tokenizer.json").is_file():
+        sys.exit(f"error: no tokenizer.json in {args.tokenizer}; give --tokenizer DIR")
     t = time.time()
-    n = build(args.shape, args.out, args.device, getattr(torch, args.dtype), args.layers)
+    n = build(args.shape, args.out, args.device, getattr(torch, args.dtype), args.layers, args.tokenizer)
     size = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
     print(f"{args.shape}: {n / 1e9:.3f}B parameters, {size / 2**30:.2f} GiB in {args.out} ({time.time() - t:.0f} s)")
 
