@@ -22,6 +22,7 @@ from mopeq_runtime.manifest import (MANIFEST, FileEntry, GraphEntry, KernelEntry
 
 from .errors import MopeqError
 from .fsutil import sha256_file
+from .genai import write_genai
 from .models.loading import ModelInfo
 from .targets import Target
 
@@ -186,10 +187,13 @@ def write_payload(inputs: BundleInputs, stage: Path) -> dict:
         raise MopeqError(f"{inputs.export_dir} holds no decoder.onnx; re-run the export stage")
     toolchain = {"name": "mopeq-export", "version": toolchain_version(),
                  "export": scrub({k: v for k, v in export_json.items() if k not in ("graphs", "resources")})}
-    return {"target": target_entry(inputs.target, inputs.context_length),
-            "model": model_entry(inputs.model, inputs.model_dir, export_json), "toolchain": toolchain,
-            "plan": scrub(inputs.plan), "quantization": scrub(inputs.quantization), "graphs": tuple(graphs),
-            "tokenizer": _tokenizer(inputs, stage), "kernel": _kernel(inputs, stage), "prompt": inputs.prompt}
+    parts = {"target": target_entry(inputs.target, inputs.context_length),
+             "model": model_entry(inputs.model, inputs.model_dir, export_json), "toolchain": toolchain,
+             "plan": scrub(inputs.plan), "quantization": scrub(inputs.quantization), "graphs": tuple(graphs),
+             "tokenizer": _tokenizer(inputs, stage), "kernel": _kernel(inputs, stage), "prompt": inputs.prompt}
+    heads = _text_config(json.loads((inputs.model_dir / "config.json").read_text())).get("num_attention_heads")
+    parts["genai"] = write_genai(stage, parts, heads)  # before the manifest: its files are hashed with the rest
+    return parts
 
 
 def write_manifest(stage: Path, parts: dict, validation: dict) -> Manifest:

@@ -110,6 +110,7 @@ class Manifest:
     validation: dict
     files: tuple[FileEntry, ...]
     prompt: dict | None = None  # VQA prompt format (mopeq_runtime.prompt.VQAFormat) for a VLM
+    genai: dict | None = None  # what the bundle holds for ONNX Runtime GenAI, or why nothing (mopeq_export/genai.py)
     schema_version: int = SCHEMA_VERSION
     kind: str = KIND
 
@@ -154,9 +155,16 @@ class Manifest:
                 graphs=tuple(_graph(g) for g in d["graphs"]), tokenizer=_rec(TokenizerEntry, d["tokenizer"]),
                 kernel=_rec(KernelEntry, d["kernel"]), validation=dict(d["validation"]),
                 files=tuple(_rec(FileEntry, f) for f in d["files"]), prompt=d.get("prompt"),
-                schema_version=d["schema_version"])
+                genai=_optional_dict(d, "genai"), schema_version=d["schema_version"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BundleError(f"{source} is malformed ({type(e).__name__}: {e}); rebuild the bundle") from None
+
+
+def _optional_dict(d: dict, key: str) -> dict | None:
+    v = d.get(key)
+    if v is not None and not isinstance(v, dict):
+        raise TypeError(f"{key} must be an object or absent, got {type(v).__name__}")
+    return v
 
 
 def _plain(x):
