@@ -5,6 +5,8 @@
 # (TOKENIZER=DIR with tokenizer.json: ../shared beside the checkout does not travel). Results land in $OUT,
 # with nvidia-smi's memory readings every second (nvidia-smi.csv) beside the allocator peaks of the stages.
 #   TOKENIZER=DIR bash scripts/device_realsize.sh olmoe-1b-7b jetson-agx-orin [extra bench_realsize.py flags]
+# A run that outlives one device call (setsid) must run from a copy outside the carried tree (cp -a to /root/tree):
+# the next call replaces the tree, and a file the run has yet to read can be missing meanwhile.
 set -euo pipefail
 shape=$1 target=$2
 shift 2
