@@ -15,7 +15,7 @@ from torch import nn
 
 from mopeq_export.fsutil import check_out, read_json, staged_dir, write_json
 from mopeq_export.quantization.packing import LAYOUT_VERSION
-from mopeq_export.quantization.reference import PackedLinear
+from mopeq_export.quantization.reference import PackedEmbedding, PackedLinear
 from mopeq_export.targets import Target, get_target
 
 from . import decoder, finalize, onnx_op, patches, torch_op, vlm
@@ -44,9 +44,19 @@ def _save(program, path: Path, target: Target, vision: bool = False) -> dict:
             "custom_ops": [f"{onnx_op.DOMAIN}.{onnx_op.OP_TYPE}"] if uses_op else []}
 
 
-def dequantize_dense(model: nn.Module, dtype: torch.dtype) -> int:
-    """PackedLinear (from --quantize-dense) -> nn.Linear holding the same dequantized weights."""
-    swaps = [(name, m) for name, m in model.named_modules() if isinstance(m, PackedLinear)]
+def dequantize_dense(model: nn.Module, dtype: torch.dtype, nbits_widths: tuple[int, ...] = ()) -> int:
+    """Dense PackedLinears at a width the target's MatMulNBits takes are marked for `mopeq::matmul_nbits`
+    (`dense_nbits`); every other PackedLinear (another width, from `--quantize-dense`, or a ModuleList
+    expert's view) becomes an nn.Linear holding the same dequantized weights. Returns how many were."""
+    dense = {id(m) for m in model.modules() if isinstance(m, PackedLinear) and getattr(m, "dense", False)}
+    swaps = []
+    for name, m in model.named_modules():
+        if not isinstance(m, PackedLinear):
+            continue
+        if id(m) in dense and m.bits in nbits_widths:
+            m.dense_nbits = True
+        else:
+            swaps.append((name, m))
     for name, m in swaps:
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype)
         with torch.no_grad():
@@ -119,15 +129,28 @@ def export_quantized(qdir: str | Path, target: str | Target, out: str | Path, mo
     del ckpt  # its arrays now live in the model's packed buffers
     if is_vlm:
         vlm.check_supported(model)
-    dense = dequantize_dense(model, dtype)
-    with staged_dir(out, "export", force=force, inputs=inputs) as stage, torch_op.exporting(model) as n_layers:
+    dense = dequantize_dense(model, dtype, target.nbits_widths)
+    with staged_dir(out, "export", force=force, inputs=inputs) as stage, torch_op.exporting(model, dtype) as n_layers:
         record = _export_all(model, is_vlm, target, stage, onnx_op.TRANSLATIONS, say)
         record["quantized"] = {"path": str(Path(qdir).resolve()), "model": qrecord["model"],
                                "method": qrecord.get("method"), "group_size": qrecord.get("group_size"),
-                               "moe_layers": n_layers, "dense_dequantized": dense}
+                               "moe_layers": n_layers, "dense_dequantized": dense,
+                               "dense": dense_graph_record(model, qrecord)}
         record["resources"] = meter.done().to_json()
         write_json(stage / "export.json", record)
     return record
+
+
+def dense_graph_record(model: nn.Module, qrecord: dict) -> dict:
+    """How the dense weights went into the graph: per class (the plan's widths), and the count of matrices
+    per ONNX form (MatMulNBits, the uint8 embedding gather, dequantized float)."""
+    forms = {"matmul_nbits": 0, "embedding_uint8": 0, "float": 0}
+    for m in model.modules():
+        if isinstance(m, PackedLinear) and getattr(m, "dense", False):
+            forms["matmul_nbits" if getattr(m, "dense_nbits", False) else "float"] += 1
+        elif isinstance(m, PackedEmbedding):
+            forms["embedding_uint8"] += 1
+    return {"widths": qrecord.get("dense_widths") or {}, "forms": forms}
 
 
 def export_float_reference(model_dir: str | Path, out: str | Path, target: str | Target = "cpu",

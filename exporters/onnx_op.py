@@ -44,14 +44,32 @@ def _schema() -> onnx.defs.OpSchema:
     )
 
 
+MS_DOMAIN = "com.microsoft"
+
+
+def _nbits_schema() -> onnx.defs.OpSchema:
+    """The inputs and attributes of ONNX Runtime's contrib op com.microsoft.MatMulNBits that we emit (its
+    schema lives in ONNX Runtime, not in onnx; onnxscript needs one to build the node)."""
+    P, A, AT = onnx.defs.OpSchema.FormalParameter, onnx.defs.OpSchema.Attribute, onnx.defs.OpSchema.AttrType
+    return onnx.defs.OpSchema(
+        "MatMulNBits", MS_DOMAIN, 1, doc="ONNX Runtime contrib op: MatMul with a block-quantized B.",
+        inputs=[P("A", "T1", ""), P("B", "tensor(uint8)", ""), P("scales", "T1", ""),
+                P("zero_points", "tensor(uint8)", "")],
+        outputs=[P("Y", "T1", "")], type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], "")],
+        attributes=[A("K", AT.INT, ""), A("N", AT.INT, ""), A("bits", AT.INT, ""), A("block_size", AT.INT, "")])
+
+
 def register_schema() -> None:
     """Idempotent: onnx keeps one global registry per process."""
     if not onnx.defs.has(OP_TYPE, OP_VERSION, DOMAIN):
         onnx.defs.register_schema(_schema())
+    if not onnx.defs.has("MatMulNBits", 1, MS_DOMAIN):
+        onnx.defs.register_schema(_nbits_schema())
 
 
 register_schema()
 _MOE_EXPERTS = Op(Opset(DOMAIN, OP_VERSION), OP_TYPE)
+_MATMUL_NBITS = Op(Opset(MS_DOMAIN, 1), "MatMulNBits")
 
 
 def moe_experts_onnx(hidden, indices, weights, w1_q2, w1_q3, w1_q4, w1_q8, w1_scales, w1_zeros,
@@ -67,4 +85,9 @@ def moe_experts_onnx(hidden, indices, weights, w1_q2, w1_q3, w1_q4, w1_q8, w1_sc
     )
 
 
-TRANSLATIONS = {torch.ops.mopeq.moe_experts.default: moe_experts_onnx}
+def matmul_nbits_onnx(x, b, scales, zero_points, k, n, bits, block_size):
+    return _MATMUL_NBITS(x, b, scales, zero_points, K=int(k), N=int(n), bits=int(bits), block_size=int(block_size))
+
+
+TRANSLATIONS = {torch.ops.mopeq.moe_experts.default: moe_experts_onnx,
+                torch.ops.mopeq.matmul_nbits.default: matmul_nbits_onnx}

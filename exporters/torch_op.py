@@ -27,9 +27,11 @@ from torch import nn
 from mopeq_export.models.adapters import routing_from_gate
 from mopeq_export.quantization.loader import PACKED_ATTR
 from mopeq_export.quantization.packing import LAYER_TENSOR_NAMES, LAYOUT_VERSION
-from mopeq_export.quantization.reference import PackedLayer, moe_experts_torch
+from mopeq_export.quantization.reference import PackedLayer, PackedLinear, moe_experts_torch, unpack_codes
 
 OP_NAME = "mopeq::moe_experts"
+NBITS_OP_NAME = "mopeq::matmul_nbits"
+NBITS_WIDTHS = (4, 8)  # what com.microsoft.MatMulNBits takes here (8: ORT >= 1.22 on the CPU, see targets.py)
 
 # One tensor argument per packed tensor, in op input order: w1_q2, ..., w2_zeros.
 _ARG_NAMES = [n.replace(".", "_") for n in LAYER_TENSOR_NAMES]
@@ -51,6 +53,55 @@ def moe_experts(hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
 @moe_experts.register_fake
 def _(hidden, indices, weights, *packed_and_attrs):
     return torch.empty_like(hidden)
+
+
+@torch.library.custom_op(NBITS_OP_NAME, mutates_args=())
+def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                 k: int, n: int, bits: int, block_size: int) -> torch.Tensor:
+    """x [..., K] @ W^T with W in com.microsoft.MatMulNBits' layout (`nbits_tensors`); eager: dequantize."""
+    codes = _nibbles(b.reshape(n, -1), bits)[:, :k].float()
+    nb = b.shape[1]
+    zeros = _nibbles(zero_points.reshape(n, -1), bits)[:, :nb].float()
+    w = (codes - zeros.repeat_interleave(block_size, 1)[:, :k]) * scales.float().reshape(n, nb).repeat_interleave(
+        block_size, 1)[:, :k]
+    return (x.float() @ w.t()).to(x.dtype)
+
+
+@matmul_nbits.register_fake
+def _(x, b, scales, zero_points, k, n, bits, block_size):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _nibbles(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [rows, bytes] -> codes [rows, bytes * 8/bits], low bits first (MatMulNBits' packing)."""
+    if bits == 8:
+        return packed.to(torch.int64)
+    p = packed.to(torch.int64)
+    return torch.stack([p & 15, p >> 4], -1).flatten(-2)
+
+
+def nbits_tensors(lin: PackedLinear, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A packed dense matrix (FORMAT.md §3, group size g) as MatMulNBits inputs with block_size = g:
+    B uint8 [N, blocks, g*bits/8], scales [N*blocks] in the activation dtype, zero points uint8 packed like
+    B ([N * ceil(blocks*bits/8)]). Same codes, scales and zeros: the same weights to the last bit."""
+    k, g, bits = lin.in_features, lin.group_size, lin.bits
+    nb = -(-k // g)
+    codes = unpack_codes(lin.words, bits, k)
+    codes = nn.functional.pad(codes, (0, nb * g - k)).to(torch.uint8)  # padding codes: 0 (their inputs are absent)
+    zeros = lin.zeros.to(torch.uint8)
+    if bits == 4:
+        pack = lambda c: c[..., 0::2] | (c[..., 1::2] << 4)  # noqa: E731
+        b = pack(codes).reshape(-1, nb, g // 2)
+        z = pack(nn.functional.pad(zeros, (0, nb % 2))).reshape(-1)
+    else:
+        b, z = codes.reshape(-1, nb, g), zeros.reshape(-1)
+    return b.contiguous(), lin.scales.to(dtype).reshape(-1).contiguous(), z.contiguous()
+
+
+def _linear_via_op(lin: PackedLinear, x):
+    y = torch.ops.mopeq.matmul_nbits(x, lin.nbits_b, lin.nbits_scales, lin.nbits_zero_points, lin.in_features,
+                                     lin.out_features, lin.bits, lin.group_size)
+    return y if lin.bias is None else y + lin.bias.to(y.dtype)
 
 
 def _forward_via_op(layer: PackedLayer, hidden, indices, weights):
@@ -75,10 +126,17 @@ def _block_via_op(layer, hidden_states):
 
 
 @contextlib.contextmanager
-def exporting(model: nn.Module) -> Iterator[int]:
-    """Within the block every MoE layer of `model` calls `mopeq::moe_experts`; yields how many there are."""
+def exporting(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[int]:
+    """Within the block every MoE layer of `model` calls `mopeq::moe_experts` and every dense PackedLinear
+    (`dense_nbits`) `mopeq::matmul_nbits`; yields how many MoE layers there are."""
     swapped = []
     for m in list(model.modules()):
+        if isinstance(m, PackedLinear) and getattr(m, "dense_nbits", False):
+            for name, t in zip(("nbits_b", "nbits_scales", "nbits_zero_points"), nbits_tensors(m, dtype)):
+                m.register_buffer(name, t, persistent=False)
+            m.forward = _linear_via_op.__get__(m)
+            swapped.append(m)
+            continue
         if not isinstance(m, PackedLayer):
             continue
         layer = m.__dict__.get("moe_layer")
@@ -89,8 +147,11 @@ def exporting(model: nn.Module) -> Iterator[int]:
             layer.block.forward = lambda h, layer=layer: _block_via_op(layer, h)
             swapped.append(layer.block)
     try:
-        yield len(swapped)
+        yield sum(not isinstance(m, PackedLinear) for m in swapped)
     finally:
         for m in swapped:
             del m.forward
+            if isinstance(m, PackedLinear):
+                for name in ("nbits_b", "nbits_scales", "nbits_zero_points"):
+                    delattr(m, name)
 

@@ -27,7 +27,7 @@ import difflib
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import reduce
 from pathlib import Path
 from typing import Sequence
@@ -37,6 +37,7 @@ import numpy as np
 from .errors import MopeqError
 from .fsutil import sha256_file
 from .models.loading import ModelInfo
+from .quantization.dense import check_dense, dense_widths
 from .sensitivity import ExpertSensitivity, SensitivityReport, load_report
 
 SCHEMA_VERSION = 1
@@ -53,6 +54,7 @@ class PlanConfig:
     avg_bits: float | None = None  # budget: default mean of the candidates; uniform: default the highest
     candidates: tuple[int, ...] = (2, 3, 4)
     overrides: tuple[tuple[str, int], ...] = ()
+    dense_bits: int | None = None  # dense (non-expert) weights: None/4 the defaults of quantization/dense.py, 16 float
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,6 +68,7 @@ class PlanConfig:
             raise MopeqError(f"--avg-bits {self.avg_bits} is outside [{lo}, {hi}], the range of the candidate widths")
         if self.method == "uniform" and self.avg_bits is not None and self.avg_bits not in self.candidates:
             raise MopeqError(f"uniform width {self.avg_bits} is not a candidate ({', '.join(map(str, self.candidates))})")
+        dense_widths(self.dense_bits)  # refuses anything but None, 4 and 16
         for name, bits in self.overrides:
             if bits not in self.candidates:
                 raise MopeqError(f"override {name}={bits}: {bits} bits is not a candidate width "
@@ -92,6 +95,9 @@ class BitPlan:
     solver: dict  # {"name": ..., "gap_bound": predicted-loss gap to the optimum (0 = exact)}
     sensitivity: dict  # {"path": ..., "sha256": ...}
     model: ModelInfo
+    # width per class of dense weight (quantization/dense.py: attention, shared_experts, dense_mlp, lm_head,
+    # embeddings), 16 = kept float; a plan file without it (older toolchains) keeps them all float
+    dense: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict:
@@ -105,7 +111,8 @@ class BitPlan:
         if not isinstance(d, dict) or d.get("kind") != "mopeq.bitplan" or d.get("schema_version") != SCHEMA_VERSION:
             raise MopeqError(f"{source} is not a version-{SCHEMA_VERSION} bit plan; rerun `mopeq-export plan`")
         try:
-            kw = {k: d[k] for k in cls.__dataclass_fields__ if k != "schema_version"}
+            kw = {k: d[k] for k in cls.__dataclass_fields__ if k not in ("schema_version", "dense")}
+            kw["dense"] = check_dense(d.get("dense"), source)
             kw["model"] = ModelInfo.from_json(d["model"])
             kw["candidates"] = tuple(d["candidates"])
             kw["experts"] = {str(k): int(v) for k, v in d["experts"].items()}
@@ -403,7 +410,7 @@ def make_plan(report: SensitivityReport, cfg: PlanConfig, source: str | Path | N
         avg_bits=round(float((params * bits).sum() / params.sum()), 6),
         method=cfg.method, scope=cfg.scope, candidates=tuple(widths), target_avg_bits=cfg.target,
         overrides=fixed, predicted_loss=_predicted_loss(experts, bits), solver=solver,
-        sensitivity=_provenance(report, source), model=report.model)
+        sensitivity=_provenance(report, source), model=report.model, dense=dense_widths(cfg.dense_bits))
 
 
 def _provenance(report: SensitivityReport, source: str | Path | None) -> dict:

@@ -60,6 +60,7 @@ class BuildConfig:
     trust_remote_code: bool = False
     force: bool = False  # replace a previous bundle (or tar file) at `out`; never anything else
     sign_key: Path | None = None  # ed25519 private key (PEM): write manifest.sig (docs/BUNDLE.md)
+    dense_bits: int | None = None  # dense weights: None/4 quantized at the plan's defaults, 16 kept float (ignored with plan)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class GateFailed(MopeqError):
 STAGE_SOURCES = {
     "analyze": ("mopeq_export.sensitivity", "mopeq_export.calibration", "mopeq_export.models",
                 "mopeq_export.quantization.primitives", "mopeq_export.devices"),
-    "plan": ("mopeq_export.allocation",),
+    "plan": ("mopeq_export.allocation", "mopeq_export.quantization.dense"),
     "quantize": ("mopeq_export.quantization", "mopeq_export.calibration", "mopeq_export.models",
                  "mopeq_export.devices"),
     "export": ("mopeq_exporters", "mopeq_export.quantization", "mopeq_export.targets", "mopeq_export.models"),
@@ -202,10 +203,10 @@ def _analyze(cfg: BuildConfig, settings: dict, calib: Path, device, dtype, st: P
     write_json(st / "sensitivity.json", report.to_json())
 
 
-def _plan(sens: Path, avg_bits: float, st: Path) -> None:
+def _plan(sens: Path, avg_bits: float, dense_bits: int | None, st: Path) -> None:
     from .allocation import PlanConfig, plan_from_file
 
-    plan, _ = plan_from_file(sens, PlanConfig(method="budget", avg_bits=avg_bits))
+    plan, _ = plan_from_file(sens, PlanConfig(method="budget", avg_bits=avg_bits, dense_bits=dense_bits))
     write_json(st / "plan.json", plan.to_json())
 
 
@@ -292,8 +293,9 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
             settings = _analysis_settings(cfg, calib, device, dtype)
             sens_dir, sens_key = cache.get("analyze", {**base, **settings},
                                            lambda st: _analyze(cfg, settings, calib, device, dtype, st))
-            plan_dir, plan_key = cache.get("plan", {"analyze": sens_key, "avg_bits": avg_bits},
-                                           lambda st: _plan(sens_dir / "sensitivity.json", avg_bits, st))
+            plan_dir, plan_key = cache.get("plan", {"analyze": sens_key, "avg_bits": avg_bits,
+                                                    "dense_bits": cfg.dense_bits or 4},
+                                           lambda st: _plan(sens_dir / "sensitivity.json", avg_bits, cfg.dense_bits, st))
         plan_path = plan_dir / "plan.json"
         q_dir, q_key = cache.get("quantize", {**base, "plan": plan_key, "method": cfg.method, "device": device.type},
                                  lambda st: _quantize(cfg, plan_path, calib, device, st))
@@ -310,7 +312,15 @@ def _quantization_record(qdir: Path, seed: int) -> dict:
     q = read_json(qdir / "quantized.json", "quantized checkpoint record")
     return {"method": q["method"], "group_size": q["group_size"], "layout_version": q["layout_version"],
             "config": q["config"], "calibration": q["calibration"], "seed": seed, "sizes": q["sizes"],
-            "rtn_fallbacks": q["rtn_fallbacks"]}
+            "rtn_fallbacks": q["rtn_fallbacks"], "dense": _dense_record(q)}
+
+
+def _dense_record(q: dict) -> dict:
+    """The dense weights' widths per class (16 = float) and what they take in the quantized checkpoint
+    (mopeq_runtime.manifest.DenseWeights)."""
+    widths = q.get("dense_widths") or {}
+    return {"widths": {k: v for k, v in widths.items() if isinstance(v, int)}, "matrices": len(q.get("dense", [])),
+            "params": int(sum(d["in_features"] * d["out_features"] for d in q.get("dense", [])))}
 
 
 def _stable_plan(plan_path: Path) -> dict:

@@ -1,7 +1,7 @@
 """Deployment targets as data: what each device gets (activation dtype, providers, opset/IR, memory).
 
 Opset and IR version are chosen per target, deliberately:
-- `cpu` (PyPI onnxruntime >= 1.20): opset 21, IR 10. PyPI onnxruntime 1.32 would take IR 14, but nothing
+- `cpu` (PyPI onnxruntime >= 1.20; >= 1.22 for a plan with an 8-bit dense class, MatMulNBits bits=8): opset 21, IR 10. PyPI onnxruntime 1.32 would take IR 14, but nothing
   in our graphs needs more than IR 10, and IR 10 keeps older desktop runtimes working.
 - `cuda` (PyPI onnxruntime-gpu): opset 21, IR 10. onnxruntime-gpu 1.31.1 refuses IR 14 ("max supported IR
   version: 13"), see docs/FACTS.md; IR 10 has margin.
@@ -35,6 +35,9 @@ class Target:
     opset: int
     ir_version: int
     description: str
+    # widths of com.microsoft.MatMulNBits that the target's ONNX Runtime runs (dense layers quantized at
+    # another width are exported dequantized): 4 since ORT 1.17 (CPU, CUDA); 8 since ORT 1.22 on the CPU
+    nbits_widths: tuple[int, ...] = (4,)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -45,7 +48,7 @@ _JETSON = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionPr
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("cpu", "float32", ("CPUExecutionProvider",), "x86_64", None, 24, 0.5, 3.0, 21, 10,
-           "x86-64 desktop/server CPU (AVX2/AVX-512), our C++ kernel"),
+           "x86-64 desktop/server CPU (AVX2/AVX-512), our C++ kernel", (4, 8)),
     Target("cuda", "float16", _CUDA, "x86_64", None, 24, 0.8, 3.0, 21, 10,
            "discrete NVIDIA GPU with onnxruntime-gpu"),
     Target("jetson-orin-nano", "float16", _JETSON, "aarch64", "sm_87", 8, 0.5, 2.5, 19, 9,

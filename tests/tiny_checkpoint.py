@@ -90,8 +90,9 @@ def save_tiny(name: str, folder: Path) -> Path:
     return folder
 
 
-def quantize_random_plan(model_dir, out, trust_remote_code=False, seed=0):
-    """RTN with a random 2/3/4-bit plan: every width occurs, like a MoPEQ plan."""
+def quantize_random_plan(model_dir, out, trust_remote_code=False, seed=0, dense=None):
+    """RTN with a random 2/3/4-bit plan: every width occurs, like a MoPEQ plan. `dense`: the plan's dense
+    widths (None: no `dense` record, so every dense weight stays float, as in plans of older toolchains)."""
     from mopeq_export.models.adapters import find_moe_layers
     from mopeq_export.models.loading import model_info
     from mopeq_export.models.onload import skeleton
@@ -104,6 +105,8 @@ def quantize_random_plan(model_dir, out, trust_remote_code=False, seed=0):
              for n in layer.expert_names]
     plan = {"kind": "mopeq.bitplan", "experts": {n: int(rng.choice([2, 3, 4])) for n in names}, "method": "random", "avg_bits": 0,
             "model": {"weights_sha256": info.weights_sha256}}
+    if dense is not None:
+        plan["dense"] = dense
     (out.parent / "plan.json").write_text(json.dumps(plan))
     run_quantize(model_dir, out.parent / "plan.json", out, calib=None, cfg=QuantizeConfig(method="rtn"),
                  trust_remote_code=trust_remote_code, device="cpu")

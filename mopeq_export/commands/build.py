@@ -21,6 +21,8 @@ def build(
     target: str = typer.Option(..., "--target", help=f"one of {', '.join([*TARGETS, *ALIASES])}"),
     out: Path = typer.Option(..., "--out", help="bundle folder (or .tar with --tar), written only if the gate passes"),
     avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="average expert bits (default: the target's)"),
+    dense_bits: Optional[int] = typer.Option(None, "--dense-bits", help="dense weights (attention, shared experts, "
+                                             "lm_head, embeddings): 4 = quantized (default; embeddings 8), 16 = float"),
     plan: Optional[Path] = typer.Option(None, "--plan", help="use this plan.json instead of analyze + plan"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration data (default: calibration_data/)"),
     eval_data: Optional[Path] = typer.Option(None, "--eval", help="held-out data for the gate (default: evaluation_data/)"),
@@ -54,11 +56,14 @@ def build(
 
     if avg_bits is not None and plan is not None:
         raise MopeqError("give --avg-bits or --plan, not both")
+    if dense_bits is not None and plan is not None:
+        raise MopeqError("the plan file holds the dense widths: give --dense-bits to `plan`, not with --plan")
     get_target(target)
     cfg = BuildConfig(model=model, target=target, out=out, avg_bits=avg_bits, plan=plan, calib=calib,
                       eval=eval_data, seed=seed, tar=tar, cache=cache, use_cache=not no_cache, context=context,
                       gate=GateConfig(max_ppl_ratio, min_vqa_retention, eval_windows or None, eval_samples or None),
-                      device=device, dtype=dtype, trust_remote_code=trust_remote_code, force=force, sign_key=sign_key)
+                      device=device, dtype=dtype, trust_remote_code=trust_remote_code, force=force, sign_key=sign_key,
+                      dense_bits=dense_bits)
     if summary is not None:
         from ..fsutil import check_out
 

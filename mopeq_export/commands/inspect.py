@@ -46,6 +46,9 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
     q = m.quantization
     t.add_row("quantization", f"{q.get('method')} group {q.get('group_size')}, plan {m.plan.get('method')} "
                               f"avg {m.plan.get('avg_bits')} bits, seed {q.get('seed')}")
+    dense = m.dense
+    t.add_row("dense weights", "float (bundle of an older toolchain)" if dense is None else
+              ", ".join(f"{c} {'float' if b == 16 else f'{b}-bit'}" for c, b in dense.widths.items()))
     t.add_row("kernel", f"{m.kernel.status}: {m.kernel.library or m.kernel.source or '-'} ({m.kernel.note})")
     v = m.validation
     met = v.get("metrics", {})

@@ -40,16 +40,20 @@ def plan(
                                    "(budget: default mean of the candidates; uniform: the width)"),
     bits_candidates: str = typer.Option("2,3,4", "--bits-candidates", help="candidate widths"),
     overrides: list[str] = typer.Option(None, "--set", help="NAME=BITS, repeatable; fixed before the budget is solved"),
+    dense_bits: int = typer.Option(None, "--dense-bits", help="dense weights (attention, shared experts, lm_head, "
+                                   "embeddings): 4 = quantized (default; embeddings 8), 16 = kept float"),
     force: bool = typer.Option(False, "--force", help="replace an existing file at --out"),
 ) -> None:
     """Allocate a bit width to every routed expert."""
     cfg = PlanConfig(method=method, scope=scope, avg_bits=avg_bits, candidates=parse_widths(bits_candidates),
-                     overrides=tuple(parse_override(o) for o in overrides or ()))
+                     overrides=tuple(parse_override(o) for o in overrides or ()), dense_bits=dense_bits)
     from ..api import plan as run
 
     result = run(sensitivity, cfg, out=out, force=force)
     console.print(summary_table(result))
     _report_budget(result)
+    console.print("dense weights: " + ", ".join(f"{c} {'float' if b == 16 else f'{b}-bit'}"
+                                                for c, b in result.dense.items()))
     console.print(f"{len(result.experts)} experts, average {result.avg_bits:.4f} bits -> {out}")
 
 

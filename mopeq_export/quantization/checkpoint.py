@@ -7,8 +7,9 @@
                            one file per MoE layer, written as the layer is done (the stage never holds
                            more than one layer's codes): the tensors of docs/FORMAT.md §4, named
                            "<experts path>.w1.q2", ..., "<experts path>.w2.zeros"
-      dense.safetensors    (only with --quantize-dense) packed shared-expert/attention matrices,
-                           named "<linear path>.words|scales|zeros[|bias]"
+      dense.safetensors    (when the plan's `dense` widths or --quantize-dense quantize any) packed
+                           attention / shared-expert / dense-MLP / lm_head matrices and the embedding
+                           table, named "<module path>.words|scales|zeros[|bias]"
 
 Non-expert weights are not copied: the record names the source checkpoint and its weights hash, and
 `load_quantized` refuses a source whose hash differs.
@@ -59,6 +60,8 @@ class DenseRecord:
     in_features: int
     out_features: int
     has_bias: bool
+    kind: str = "linear"  # "linear" (a matrix [out, in]) | "embedding" (a table [rows, dim]: out = rows, in = dim)
+    group_size: int | None = None  # None: the checkpoint's group size
 
 
 def layer_tensors(results: list[ExpertResult]) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ from ..models.loading import check_weights, model_info
 from ..models.onload import WeightSource, load_full, skeleton
 from .checkpoint import QuantizedCheckpoint, read_checkpoint
 from .packing import num_blocks, slot_table
-from .reference import PackedLayer, PackedLinear
+from .reference import PackedEmbedding, PackedLayer, PackedLinear
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -68,8 +68,15 @@ def install_packed(model: nn.Module, ckpt: QuantizedCheckpoint) -> nn.Module:
         words = _t(t[f"{d.path}.words"])
         if words.shape[-1] != num_blocks(d.in_features) * d.bits:
             raise MopeqError(f"{ckpt.path}: packed {d.path} has the wrong shape; re-run quantize")
-        _set_module(model, d.path, PackedLinear(words, _t(t[f"{d.path}.scales"]), _t(t[f"{d.path}.zeros"]), d.bits,
-                                                d.in_features, ckpt.group_size, bias))
+        scales, zeros = _t(t[f"{d.path}.scales"]), _t(t[f"{d.path}.zeros"])
+        if d.kind == "embedding":
+            dtype = model.get_submodule(d.path).weight.dtype
+            _set_module(model, d.path, PackedEmbedding(words, scales, zeros, d.bits, d.in_features,
+                                                       d.group_size or ckpt.group_size, dtype))
+        else:
+            lin = PackedLinear(words, scales, zeros, d.bits, d.in_features, d.group_size or ckpt.group_size, bias)
+            lin.dense = True  # a dense layer (not an expert's view): the export may keep it packed
+            _set_module(model, d.path, lin)
     return model
 
 

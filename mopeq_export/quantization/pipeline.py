@@ -193,10 +193,14 @@ ExpertsDone = Callable[[MoELayer, list[ExpertResult]], None]
 
 def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: dict[str, int], cfg: QuantizeConfig,
                         progress=None, work_bytes: int = 1 << 30, after_layer: LayerDone | None = None,
-                        on_experts: ExpertsDone | None = None) -> list[list[ExpertResult]]:
+                        on_experts: ExpertsDone | None = None, before_layer: LayerDone | None = None,
+                        after_experts: LayerDone | None = None) -> list[list[ExpertResult]]:
     """Walk the decoder layers: capture what each MoE layer's experts receive, quantize them, write their
     dequantized weights back, and run the layer to produce the next one's inputs. `after_layer` sees each
-    layer while its weights are loaded (dense-layer quantization, for one). With `on_experts` each layer's
+    layer while its weights are loaded. Dense-layer quantization: `before_layer` sees each layer before its
+    experts' inputs are captured (attention, so the experts calibrate on the quantized attention's output),
+    `after_experts` after its experts are written back and before it produces the next layer's inputs
+    (shared experts, dense MLPs). With `on_experts` each layer's
     results go there as soon as they exist (the stage packs and writes them) and are not kept."""
     by_index = {}
     for layer in layers:
@@ -205,6 +209,8 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
     results: list[list[ExpertResult]] = []
     for i in range(len(runner.stack)):
         with runner.loaded(i) as decoder_layer:
+            if before_layer is not None:
+                before_layer(i, decoder_layer)
             moe = by_index.get(i)
             if moe is not None:
                 routed = (capture_routed(runner, i, decoder_layer, moe) if cfg.method == "gptq"
@@ -218,6 +224,8 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
                 else:
                     results.append(done)
                 del routed, done
+            if after_experts is not None:
+                after_experts(i, decoder_layer)
             if cfg.method == "gptq" and i + 1 < len(runner.stack):
                 runner.run(i, decoder_layer)
             if after_layer is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MopeqError
@@ -18,6 +18,7 @@ class PlanBits:
     avg_bits: float
     weights_sha256: str | None
     sha256: str
+    dense: dict[str, int] = field(default_factory=dict)  # class -> width (dense.py); 16 = float
 
     def check_model(self, info: ModelInfo) -> None:
         if self.weights_sha256 and self.weights_sha256 != info.weights_sha256:
@@ -50,5 +51,7 @@ def read_plan_bits(path: str | Path) -> PlanBits:
             raise MopeqError(f"{path}: expert {k} has bits {v!r}; every width must be a JSON integer (2, 3, 4 or 8)")
     bits = {str(k): int(v) for k, v in experts.items()}
     model = d.get("model") or {}
+    from .dense import check_dense
+
     return PlanBits(bits, str(d.get("method", "?")), float(d.get("avg_bits", 0.0)),
-                    model.get("weights_sha256"), sha256_file(path))
+                    model.get("weights_sha256"), sha256_file(path), check_dense(d.get("dense"), str(path)))

@@ -108,3 +108,37 @@ class PackedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, self.weight.to(x.dtype), bias)
 
+
+
+class PackedEmbedding(nn.Module):
+    """An embedding table quantized row by row (groups along the embedding dimension, FORMAT.md §2).
+
+    The codes are kept unpacked (uint8 [rows, dim], `bits` <= 8): a lookup gathers the token's codes, zeros
+    and scales and dequantizes only those rows, which is what the exported graph does with standard ops
+    (Gather, Cast, Sub, Mul), so the table stays 1 byte per weight in the file and in memory."""
+
+    def __init__(self, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, dim: int,
+                 group_size: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.dtype = dtype  # of the embeddings it returns (the model's activation dtype)
+        self.register_buffer("codes", unpack_codes(words, bits, dim).to(torch.uint8), persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("zeros", zeros, persistent=False)
+        self.bits, self.embedding_dim, self.group_size = bits, dim, group_size
+        self.num_embeddings = scales.shape[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize_codes(self.codes, self.scales, self.zeros, self.group_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        g, d = self.group_size, self.embedding_dim
+        groups = -(-d // g)
+        flat = ids.reshape(-1)
+        codes = torch.index_select(self.codes, 0, flat).to(torch.float32)  # one Gather per table in ONNX
+        zeros = torch.index_select(self.zeros, 0, flat).to(torch.float32)
+        scales = torch.index_select(self.scales, 0, flat).to(torch.float32)
+        if groups * g != d:  # a partial last group: pad to whole groups, compute, cut
+            codes = nn.functional.pad(codes, (0, groups * g - d))
+        w = (codes.reshape(-1, groups, g) - zeros[..., None]) * scales[..., None]
+        return w.reshape(*ids.shape, groups * g)[..., :d].to(self.dtype)

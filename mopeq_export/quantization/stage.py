@@ -18,19 +18,20 @@ from ..calibration import load_calibration
 from ..devices import Meter, gib, resolve_device
 from ..errors import MopeqError
 from ..fsutil import check_out, require_free_space, staged_dir
-from ..models.adapters import find_moe_layers
+from ..models.adapters import decoder_layer_paths, find_moe_layers
 from ..models.loading import check_weights, load_tokenizer, model_info
 from ..models.onload import WeightSource, skeleton
 from ..models.sequential import SequentialRunner
 from ..scale import ModelShape, check_fits, quantize_bytes
 from .checkpoint import (SCHEMA_VERSION, DenseRecord, dense_tensors, layer_record, layer_tensors, size_report,
                          to_json_layers, write_layer, write_record)
+from .dense import EMBEDDING_GROUP, FLOAT, OUTPUT_PROJECTIONS, dense_linears, module_path
+from .gptq import Gram, gptq
 from .packing import LAYOUT_VERSION
 from .pipeline import QuantizeConfig, check_config, quantize_sequential, results_summary
 from .plan_io import PlanBits, read_plan_bits
 from .primitives import check_width, rtn
 
-_ATTN_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
@@ -40,34 +41,77 @@ class QuantizeResult:
     seconds: float
 
 
-def _dense_targets(model, layers, include_attention: bool) -> list[str]:
-    """Shared-expert projections, and (optionally) attention projections of the language model."""
-    paths = []
-    for layer in layers:
-        if layer.shared_expert_path:
-            shared = model.get_submodule(layer.shared_expert_path)
-            paths += [f"{layer.shared_expert_path}.{n}" for n, m in shared.named_modules()
-                      if isinstance(m, torch.nn.Linear)]
-    if include_attention:
-        blocks = {l.block_path.rsplit(".", 1)[0] for l in layers}  # decoder layers holding MoE blocks
-        for b in sorted(blocks):
-            for n, m in model.get_submodule(b).named_modules():
-                if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in _ATTN_NAMES:
-                    paths.append(f"{b}.{n}")
-    return paths
+def _dense_targets(model, layers, widths: dict[str, int], legacy_bits: int | None,
+                   legacy_attention: bool) -> dict[str, int]:
+    """{linear path: bits} of the decoder's dense linears to quantize: the plan's widths per class
+    (dense.py), or with the older `--quantize-dense B` the shared experts (and `--dense-attention`) at B."""
+    classes = dense_linears(model, layers, decoder_layer_paths(model))
+    if legacy_bits is not None:
+        keep = ("shared_experts", "attention") if legacy_attention else ("shared_experts",)
+        return {p: legacy_bits for p, c in classes.items() if c in keep}
+    return {p: widths[c] for p, c in classes.items() if widths[c] != FLOAT}
 
 
-def _quantize_dense(model, paths: list[str], bits: int, group_size: int):
+def _quantize_dense(model, paths: dict[str, int], cfg: QuantizeConfig, grams: dict | None = None):
+    """GPTQ on the calibration inputs each linear saw (`grams`), RTN with the clipping search without them;
+    the model keeps the dequantized weights, so later layers calibrate on the quantized ones."""
     records, tensors = [], {}
-    for p in paths:
+    for p, bits in paths.items():
         lin = model.get_submodule(p)
-        q = rtn(lin.weight.detach().float(), bits, group_size)
+        gram = (grams or {}).get(p)
+        w = lin.weight.detach().float()
+        if cfg.method == "gptq" and gram is not None and gram.n > 0:
+            q = gptq(w, gram, bits, cfg.group_size, cfg.gptq)
+        else:
+            q = rtn(w, bits, cfg.group_size)
         bias = None if lin.bias is None else lin.bias.detach().cpu()
         cpu = type(q)(q.bits, q.group_size, q.codes.cpu(), q.scales.cpu(), q.zeros.cpu())
         tensors.update(dense_tensors(p, cpu, bias))
         records.append(DenseRecord(p, bits, lin.in_features, lin.out_features, lin.bias is not None))
         with torch.no_grad():
-            lin.weight.copy_(q.dequantize())
+            lin.weight.copy_(q.dequantize().to(lin.weight.dtype))
+    return records, tensors
+
+
+def _input_grams(model, paths) -> tuple[dict, list]:
+    """Forward pre-hooks accumulating each linear's input Gram matrix (GPTQ's Hessian) over the layer's
+    calibration passes. A pass that runs a linear twice over the same tokens adds the same mean."""
+    grams: dict[str, Gram] = {}
+    handles = []
+    for p in paths:
+        def hook(mod, args, p=p):
+            x = args[0].detach()
+            grams.setdefault(p, Gram(x.shape[-1], x.device)).add(x)
+        handles.append(model.get_submodule(p).register_forward_pre_hook(hook))
+    return grams, handles
+
+
+def _quantize_outer(model, source, widths: dict[str, int], group_size: int):
+    """lm_head and the input embeddings (outside the decoder layers): loaded one at a time, round-to-nearest
+    with the clipping search (no calibration statistics), packed; the model keeps them unloaded."""
+    records, tensors = [], {}
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(cfg, "tie_word_embeddings", False):  # one tensor serves both: kept float (docs/DECISIONS.md)
+        return records, tensors
+    outer = (("lm_head", model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None),
+             ("embeddings", model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None))
+    for cls, module in outer:
+        bits = widths[cls]
+        path = module_path(model, module)
+        if bits == FLOAT or path is None or not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            continue
+        name = f"{path}.weight"
+        if module.weight.device.type == "meta":
+            source.load(model, lambda n, name=name: n == name, "cpu")
+        w = module.weight.detach().float()
+        kind = "embedding" if isinstance(module, torch.nn.Embedding) else "linear"
+        g = max(group_size, EMBEDDING_GROUP) if kind == "embedding" else group_size
+        q = rtn(w, bits, g)
+        bias = getattr(module, "bias", None)
+        bias = None if bias is None else bias.detach().cpu()
+        tensors.update(dense_tensors(path, q, bias))
+        records.append(DenseRecord(path, bits, w.shape[1], w.shape[0], bias is not None, kind,
+                                   None if g == group_size else g))
     return records, tensors
 
 
@@ -102,7 +146,7 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
     model = skeleton(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     layers = find_moe_layers(model)
     plan.check_experts([n for l in layers for n in l.expert_names])
-    dense_paths = _dense_targets(model, layers, dense_attention) if dense_bits is not None else []
+    dense_paths = _dense_targets(model, layers, plan.dense, dense_bits, dense_attention)
     dense_params = sum(model.get_submodule(p).weight.numel() for p in dense_paths)
     require_free_space(Path(out).resolve().parent, expected_bytes(plan, layers, cfg.group_size, dense_params,
                                                                  dense_bits or 8), "the quantized checkpoint")
@@ -123,12 +167,28 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
 
     dense_recs, dense = [], {}
     lrecs, summaries, expert_bytes = [], [], [0]
+    classes = dense_linears(model, layers, decoder_layer_paths(model))
 
-    def after_layer(i, decoder_layer):
+    def quantize_dense_of(i, decoder_layer, phase: set[str]):
+        """GPTQ needs the linears' inputs: a pass of the layer over the calibration set collects them (its
+        output is dropped), then they are quantized and written back before the layer's next pass. Input
+        projections go first, then the output projections (o_proj, down_proj) on inputs computed through
+        the quantized ones, as the routed experts' w2 follows w1. Without calibration data (RTN), no pass."""
         prefix = f"{runner.stack_path}.{i}."
-        mine = [p for p in dense_paths if p.startswith(prefix)]
-        if mine:
-            recs, tensors = _quantize_dense(model, mine, dense_bits, cfg.group_size)
+        mine = {p: b for p, b in dense_paths.items() if p.startswith(prefix) and classes.get(p) in phase}
+        outputs = {p: b for p, b in mine.items() if p.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS}
+        for part in ({p: b for p, b in mine.items() if p not in outputs}, outputs):
+            if not part:
+                continue
+            grams = None
+            if cfg.method == "gptq" and runner.batches:
+                grams, handles = _input_grams(model, part)
+                try:
+                    runner.run(i, decoder_layer, stop_ok=True)
+                finally:
+                    for h in handles:
+                        h.remove()
+            recs, tensors = _quantize_dense(model, part, cfg, grams)
             dense_recs.extend(recs)
             dense.update(tensors)
 
@@ -143,7 +203,13 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
     try:
         with staged_dir(out, "quantize", force=force, inputs=inputs) as stage:
             runner = SequentialRunner(model, calib_set.batches if calib_set else [], dev, source)
-            quantize_sequential(runner, layers, plan.bits, cfg, progress, work_bytes, after_layer, on_experts)
+            quantize_sequential(runner, layers, plan.bits, cfg, progress, work_bytes, None, on_experts,
+                                before_layer=lambda i, l: quantize_dense_of(i, l, {"attention"}),
+                                after_experts=lambda i, l: quantize_dense_of(i, l, {"shared_experts", "dense_mlp"}))
+            if dense_bits is None:  # lm_head and embeddings come with the plan's widths only
+                recs, tensors = _quantize_outer(model, source, plan.dense, cfg.group_size)
+                dense_recs.extend(recs)
+                dense.update(tensors)
             dense_count = sum(d.in_features * d.out_features for d in dense_recs)
             sizes = size_report(lrecs, expert_bytes[0], total_params, expert_count,
                                 sum(t.nbytes for t in dense.values()), dense_count)
@@ -159,6 +225,7 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
                 "calibration": calib_set.info.to_json() if calib_set else None,
                 "layers": to_json_layers(lrecs),
                 "dense": [vars(d) for d in dense_recs],
+                "dense_widths": _dense_summary(plan.dense, dense_recs, dense_bits),
                 "experts": summaries,
                 "rtn_fallbacks": [e["name"] for e in summaries if e["method"] != cfg.method],
                 "sizes": sizes,
@@ -168,6 +235,13 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
     finally:
         source.close()
     return QuantizeResult(Path(out), record, time.time() - t0)
+
+
+def _dense_summary(widths: dict[str, int], records, legacy_bits: int | None) -> dict:
+    """Per class of dense weight: its width (16 = float), as the plan asked (or `--quantize-dense`)."""
+    if legacy_bits is not None:
+        return {"legacy_quantize_dense": legacy_bits, "matrices": len(records)}
+    return dict(widths)
 
 
 def default_work_bytes(device: torch.device) -> int:

@@ -98,6 +98,27 @@ class KernelEntry:
 
 
 @dataclass(frozen=True)
+class DenseWeights:
+    """`quantization.dense`: width per class of dense (non-expert) weight, 16 = kept float (attention,
+    shared_experts, dense_mlp, lm_head, embeddings; docs/BUNDLE.md), and the quantized matrices and their
+    parameters. Bundles of older toolchains have none: their dense weights are float."""
+
+    widths: dict
+    matrices: int
+    params: int
+
+    @classmethod
+    def read(cls, quantization: dict) -> "DenseWeights | None":
+        d = quantization.get("dense")
+        if d is None:
+            return None
+        rec = _rec(cls, d)
+        if not all(isinstance(k, str) and type(v) is int for k, v in rec.widths.items()):
+            raise TypeError("quantization.dense.widths must map class names to integer widths")
+        return rec
+
+
+@dataclass(frozen=True)
 class Manifest:
     target: TargetEntry
     model: ModelEntry
@@ -113,6 +134,10 @@ class Manifest:
     genai: dict | None = None  # what the bundle holds for ONNX Runtime GenAI, or why nothing (mopeq_export/genai.py)
     schema_version: int = SCHEMA_VERSION
     kind: str = KIND
+
+    @property
+    def dense(self) -> DenseWeights | None:
+        return DenseWeights.read(self.quantization)
 
     def graph(self, name: str) -> GraphEntry:
         for g in self.graphs:
@@ -147,6 +172,7 @@ class Manifest:
                 raise ValueError("model.kv_cache must list [key heads, key dim, value heads, value dim] (positive "
                                  "integers) for each of num_layers layers")
             model["kv_cache"] = tuple(tuple(k) for k in kv)
+            DenseWeights.read(dict(d["quantization"]))  # a malformed record is refused here
             if not isinstance(d["graphs"], list) or "decoder" not in {g.get("name") for g in d["graphs"]}:
                 raise ValueError("no decoder graph listed")
             return cls(
