@@ -6,7 +6,8 @@
 Builds (one at a time, through the stage cache) `mopeq-export build --target cpu --avg-bits B` into
 OUT/cpu-B, then prints a markdown table: total bytes of every file in the bundle folder (MB = 10^6 bytes),
 the gate's held-out perplexity ratio to float16 (manifest validation.metrics.ppl_ratio) and the dense
-widths. A bundle already at OUT/cpu-B is measured, not rebuilt (delete it to rebuild).
+widths. A build whose gate fails (default: ratio above 1.05) writes no bundle; its row gives the size the
+bundle would have had and the failed ratio. A bundle already at OUT/cpu-B is measured, not rebuilt (delete it to rebuild).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import mopeq_runtime
-    from mopeq_export.pipeline import BuildConfig, build
+    from mopeq_export.pipeline import BuildConfig, GateFailed, build
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -38,8 +39,13 @@ def main() -> None:
         suffix = "" if args.dense_bits in (None, 4) else f"-dense{args.dense_bits}"
         out = args.out / f"cpu-{b}{suffix}"
         if not (out / "manifest.json").is_file():
-            build(BuildConfig(model=args.model, target="cpu", out=out, avg_bits=b, calib=args.calib,
-                              cache=args.cache, dense_bits=args.dense_bits))
+            try:
+                build(BuildConfig(model=args.model, target="cpu", out=out, avg_bits=b, calib=args.calib,
+                                  cache=args.cache, dense_bits=args.dense_bits))
+            except GateFailed as e:  # no bundle: the row gives the size it would have had and the failed ratio
+                s = e.result.summary
+                rows.append((b, s["bundle_bytes"], s["metrics"]["ppl_ratio"], "gate failed, no bundle"))
+                continue
         m = mopeq_runtime.load(out).manifest
         dense = m.dense.widths if m.dense else "float"
         rows.append((b, bundle_bytes(out), m.validation["metrics"]["ppl_ratio"], dense))
