@@ -1,0 +1,427 @@
+#!/usr/bin/env python
+"""Predictor validation: how well does each per-(expert, width) sensitivity predictor rank the TRUE loss
+increase of quantizing one routed expert alone? (issue "Quality per byte").
+
+Truth (held-out text only, evaluation_data/text_eval.txt): for every routed expert e and width b, quantize
+only e with RTN (group 32, the clipping search of quantization.primitives.rtn, i.e. exactly the
+quantization whose error `analyze` records), measure the mean next-token NLL on W fixed windows of 256
+tokens (float32, CPU) minus the float model's, restore e. Decoder-layer inputs of the float model are
+cached per batch, so an expert of layer L re-runs layers L.. only (checked against a full forward).
+
+Predictors (all from the sensitivity report or from CALIBRATION data; never the held-out text):
+  trace_x_err    Tr(H_e)/n_e * err_e(b): the per-expert term of allocation._predicted_loss (budget plan)
+  trace          Tr(H_e) alone (what kmeans clusters)
+  freq_x_err     routing frequency * err_e(b)
+  frequency      routing frequency alone
+  wnorm_x_err    weight_norm_trace * err_e(b) (the data-free MoPEQ-code signal times the error)
+  err            ||W_e - Q_b(W_e)||_F^2 alone
+  gn_output      NEW (chosen before any measurement as THE new predictor): 0.5 * d^T G d, d the exact
+                 perturbation of the MoE block output that quantizing e causes on its routed calibration
+                 tokens (router weight g_t times f_q(x_t) - f(x_t)), G the Gauss-Newton matrix of the mean
+                 calibration cross-entropy w.r.t. the experts' output at that layer (all tokens, cross-token
+                 terms included), estimated with Rademacher probes in logit space:
+                 d^T G d = E_u (v_u . d)^2, v_u = J^T A u / sqrt(N) (one backward per probe for every
+                 expert and width at once).
+  variants of it, reported for the record:
+  out_err        sum_t g_t^2 ||f_q(x_t) - f(x_t)||^2 / N (output error, no downstream weighting)
+  out_err_gniso  sum_t g_t^2 ||df_t||^2 * Tr(G_tt)/H (per-token isotropic downstream weight)
+  gn_tokdiag     0.5 * sum_t (v_t . d_t)^2 (G's per-token diagonal blocks only)
+  taylor2        grad^T d + 0.5 d^T G d (first-order term from the true calibration loss gradient)
+
+Statistics: Spearman and Kendall (tau-b) of each predictor against the measured increase, per width and
+pooled over widths, with bootstrap 95% intervals (resampling experts AND held-out windows jointly; the
+windows-only interval is in the JSON). Noise: a no-op "quantization" (weights re-written unchanged),
+the per-expert standard error over windows, and the split-half (even/odd windows) rank reliability of the
+measurement itself, the ceiling any predictor can reach.
+
+    nice -n 15 .venv/bin/python scripts/bench_predictor.py --sens /tmp/pred/sens/sensitivity.json \
+        --windows 32 --out docs/predictor.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import kendalltau, spearmanr
+
+from mopeq_export.calibration import labelled_predictions, load_calibration, model_inputs
+from mopeq_export.evaluate import text_windows
+from mopeq_export.models.adapters import decoder_stack, find_moe_layers
+from mopeq_export.models.loading import load_model, load_tokenizer
+from mopeq_export.quantization.primitives import rtn
+from mopeq_export.sensitivity import load_report
+
+PRIMARY_NEW = "gn_output"
+ORDER = ["trace_x_err", "trace", "freq_x_err", "frequency", "wnorm_x_err", "err",
+         "gn_output", "out_err", "out_err_gniso", "gn_tokdiag", "taylor2"]
+
+
+# -- model pieces -----------------------------------------------------------------------------------
+def expert_fn(layer, x, w1, w2):
+    i = layer.intermediate_size
+    h = x @ w1.t()
+    return (layer.act(h[:, :i]) * h[:, i:]) @ w2.t()
+
+
+class Cached:
+    """Float model's decoder-layer inputs (and the layers' other arguments) per held-out batch."""
+
+    def __init__(self, model, windows: torch.Tensor, batch: int):
+        self.model = model
+        _, self.stack = decoder_stack(model)
+        self.batches = list(windows.split(batch))
+        self.inputs, self.kwargs = [], []
+        for ids in self.batches:
+            got, kw = [], {}
+
+            def pre(_m, args, kwargs):
+                got.append(args[0] if args else kwargs["hidden_states"])
+                if not kw:
+                    kw.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+            hs = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in self.stack]
+            try:
+                with torch.no_grad():
+                    logits = model(input_ids=ids, use_cache=False).logits
+            finally:
+                for h in hs:
+                    h.remove()
+            self.inputs.append([g.detach() for g in got])
+            self.kwargs.append(kw)
+        self.base = self.nll_from(0)
+
+    def head(self, h):
+        return self.model.lm_head(self.model.model.norm(h))
+
+    @staticmethod
+    def window_nll(logits, ids):
+        lp = torch.log_softmax(logits[:, :-1].double(), -1)
+        return -lp.gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)  # [B] mean NLL per window
+
+    @torch.no_grad()
+    def nll_from(self, start: int) -> np.ndarray:
+        out = []
+        for ids, hs, kw in zip(self.batches, self.inputs, self.kwargs):
+            h = hs[start]
+            for layer in self.stack[start:]:
+                h = layer(h, **kw)
+                h = h[0] if isinstance(h, tuple) else h
+            out.append(self.window_nll(self.head(h), ids))
+        return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def nll_full(self) -> np.ndarray:
+        return torch.cat([self.window_nll(self.model(input_ids=ids, use_cache=False).logits, ids)
+                          for ids in self.batches]).numpy()
+
+
+# -- predictors from calibration data -----------------------------------------------------------------
+def calibration_predictors(model, layers, calib, quantized, probes_per_batch: int, seed: int):
+    """Accumulate the output-perturbation predictors over the calibration batches (see module docstring)."""
+    n_e = sum(layer.num_experts for layer in layers)
+    keys = ("out_err", "out_err_gniso", "gn_tokdiag", "dGd", "first")
+    acc = {k: {b: np.zeros(n_e) for b in quantized} for k in keys}
+    gen = torch.Generator().manual_seed(seed)
+    total_preds = 0
+    nb = len(calib.batches)
+    for batch in calib.batches:
+        routed, zs = {}, []
+
+        def route_cb(li):
+            def cb(hidden, idx, w):
+                routed[li] = (hidden.detach().reshape(-1, hidden.shape[-1]), idx.detach(), w.detach().float())
+            return cb
+
+        def out_hook(_m, _a, out):
+            z = torch.zeros_like(out, requires_grad=True)
+            zs.append(z)
+            return out + z
+
+        hooks = [layer.register_routing_hook(route_cb(li)) for li, layer in enumerate(layers)]
+        hooks += [layer.experts.register_forward_hook(out_hook) for layer in layers]
+        try:
+            with torch.enable_grad():
+                logits = model(**model_inputs(batch), use_cache=False).logits[:, :-1]
+        finally:
+            for h in hooks:
+                h.remove()
+        keep = labelled_predictions(batch)
+        lab_logits, labels = logits[keep], batch["labels"][:, 1:][keep]
+        n = lab_logits.shape[0]
+        total_preds += n
+        loss = torch.nn.functional.cross_entropy(lab_logits, labels)
+        grads = [g.detach() for g in torch.autograd.grad(loss, zs, retain_graph=True)]
+        p = lab_logits.detach().double().softmax(-1)
+        vs = []
+        for _ in range(probes_per_batch):
+            u = (torch.randint(0, 2, p.shape, generator=gen, dtype=p.dtype) * 2 - 1)
+            sp = p.sqrt()
+            w = ((sp * u - p * (sp * u).sum(-1, keepdim=True)) / math.sqrt(n)).float()
+            vs.append([v.detach() for v in torch.autograd.grad(lab_logits, zs, grad_outputs=w, retain_graph=True)])
+        del logits, lab_logits, loss
+        i0 = 0
+        for li, layer in enumerate(layers):
+            hidden, idx, wts = routed[li]
+            H = hidden.shape[-1]
+            vl = torch.stack([v[li] for v in vs])  # [P, T, H]
+            gtr = (vl ** 2).sum(-1).mean(0)  # [T] estimate of Tr(G_tt)
+            for e in range(layer.num_experts):
+                tok, slot = torch.where(idx == e)
+                if tok.numel() == 0:
+                    continue
+                x, g = hidden[tok].float(), wts[tok, slot][:, None]
+                with torch.no_grad():
+                    f = expert_fn(layer, x, layer.get_w1(e), layer.get_w2(e))
+                    for b, q in quantized.items():
+                        w1q, w2q = q[i0 + e]
+                        d = (expert_fn(layer, x, w1q, w2q) - f) * g  # [n_t, H] block-output perturbation
+                        d2 = (d ** 2).sum(-1)
+                        acc["out_err"][b][i0 + e] += float(d2.sum()) / nb
+                        acc["out_err_gniso"][b][i0 + e] += float((d2 * gtr[tok]).sum()) / H / nb
+                        proj = (vl[:, tok] * d[None]).sum(-1)  # [P, n_t]
+                        acc["gn_tokdiag"][b][i0 + e] += float((proj ** 2).sum(-1).mean()) / nb
+                        acc["dGd"][b][i0 + e] += float((proj.sum(-1) ** 2).mean()) / nb
+                        acc["first"][b][i0 + e] += float((grads[li][tok] * d).sum()) / nb
+            i0 += layer.num_experts
+    out = {b: {} for b in quantized}
+    for b in quantized:
+        out[b]["gn_output"] = 0.5 * acc["dGd"][b]
+        out[b]["out_err"] = acc["out_err"][b] / (total_preds / nb)  # per predicted token, like the loss
+        out[b]["out_err_gniso"] = acc["out_err_gniso"][b]
+        out[b]["gn_tokdiag"] = 0.5 * acc["gn_tokdiag"][b]
+        out[b]["taylor2"] = acc["first"][b] + 0.5 * acc["dGd"][b]
+        out[b]["first_order"] = acc["first"][b]
+    return out
+
+
+# -- statistics -------------------------------------------------------------------------------------
+def corr(x, y):
+    s = spearmanr(x, y).statistic
+    k = kendalltau(x, y).statistic
+    return float(s), float(k)
+
+
+def bootstrap(pred, per_window, rng, reps: int, experts: bool):
+    """pred [N], per_window [N, W] loss increases -> (spearman CI, kendall CI)."""
+    n, w = per_window.shape
+    ss, ks = [], []
+    for _ in range(reps):
+        cols = rng.integers(0, w, w)
+        rows = rng.integers(0, n, n) if experts else np.arange(n)
+        y = per_window[rows][:, cols].mean(1)
+        s, k = corr(pred[rows], y)
+        ss.append(s)
+        ks.append(k)
+    q = lambda a: [float(np.nanpercentile(a, 2.5)), float(np.nanpercentile(a, 97.5))]  # noqa: E731
+    return q(ss), q(ks)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="../shared/models/text-moe")
+    ap.add_argument("--sens", default="/tmp/pred/sens/sensitivity.json")
+    ap.add_argument("--calib", default="../shared/data/text_calib.txt")
+    ap.add_argument("--eval", default="evaluation_data/text_eval.txt")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--bits", default="2,3")
+    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--probes-per-batch", type=int, default=8)
+    ap.add_argument("--boot", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--truth-budget", type=float, default=None, help="stop measuring after this many seconds")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N experts (smoke test)")
+    ap.add_argument("--out", default="docs/predictor.json")
+    ap.add_argument("--restats", action="store_true", help="recompute only the statistics from OUT.state.pkl")
+    a = ap.parse_args()
+    if a.restats:
+        import pickle
+        state = pickle.loads(Path(a.out + ".state.pkl").read_bytes())
+        return stats(a, load_report(a.sens), state, sorted(state["preds"]), ORDER, time.perf_counter())
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    bits = [int(b) for b in a.bits.split(",")]
+
+    report = load_report(a.sens)
+    model, _ = load_model(a.model, dtype=torch.float32, device="cpu")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = load_tokenizer(a.model)
+    layers = find_moe_layers(model)
+    names = [n for layer in layers for n in layer.expert_names]
+    recs = {e.name: e for e in report.experts}
+    assert [r for r in names if r not in recs] == [], "sensitivity report is for another model"
+    experts = [recs[n] for n in names]
+
+    # quantized weights, once (the same RTN the report's err_e(b) measures)
+    quantized = {b: [] for b in bits}
+    err_check = []
+    for layer in layers:  # one batched RTN call per layer, matrix and width ([E, rows, K], as analyze does)
+        w1 = torch.stack([layer.get_w1(e) for e in range(layer.num_experts)])
+        w2 = torch.stack([layer.get_w2(e) for e in range(layer.num_experts)])
+        for b in bits:
+            q1, q2 = rtn(w1, b, a.group_size).dequantize(), rtn(w2, b, a.group_size).dequantize()
+            for e in range(layer.num_experts):
+                quantized[b].append((q1[e], q2[e]))
+                err = float(((q1[e] - w1[e]) ** 2).sum(dtype=torch.float64) + ((q2[e] - w2[e]) ** 2).sum(dtype=torch.float64))
+                rep = recs[layer.expert_name(e)].quant_error[b]
+                err_check.append(abs(err - rep) / max(rep, 1e-30))
+    print(f"[{time.perf_counter() - t0:.0f}s] quantized {len(names)} experts x {bits}: max rel. diff to the report's err_e(b) {max(err_check):.2e}")
+
+    # held-out windows, spread evenly over the file (fixed by --windows only)
+    allw = text_windows(a.eval, tok, 256)
+    pick = np.unique(np.linspace(0, len(allw) - 1, a.windows).round().astype(int))
+    windows = allw[pick]
+    t1 = time.perf_counter()
+    cache = Cached(model, windows, a.batch)
+    base = cache.base
+    print(f"float NLL {base.mean():.4f} on {len(windows)} windows x 256 (of {len(allw)}); cache {time.perf_counter() - t1:.1f}s")
+
+    # checks: the cached path equals a full forward; a no-op rewrite changes nothing
+    L0 = layers[1]
+    e0 = 0
+    w1, w2 = L0.get_w1(e0), L0.get_w2(e0)
+    L0.set_weights(e0, *quantized[bits[0]][16 + e0])
+    start = L0.layer
+    cached_nll, full_nll = cache.nll_from(start), cache.nll_full()
+    L0.set_weights(e0, w1, w2)
+    check_full = float(np.abs(cached_nll - full_nll).max())
+    noop = []
+    for li in (len(layers) - 1,):
+        L = layers[li]
+        L.set_weights(3, L.get_w1(3), L.get_w2(3))
+        noop.append(float(np.abs(cache.nll_from(L.layer) - base).max()))
+    print(f"cached-vs-full max |dNLL| {check_full:.2e}; no-op max |dNLL| {max(noop):.2e}")
+
+    # calibration-side predictors
+    t3 = time.perf_counter()
+    info = report.calibration
+    calib = load_calibration(a.calib, tok, model.config, samples=info.samples - info.coverage_samples, seq_len=info.seq_len,
+                             batch_size=report.estimator.batch_size)
+    new = calibration_predictors(model, layers, calib, quantized, a.probes_per_batch, seed=0)
+    t_pred = time.perf_counter() - t3
+
+    print(f"[{time.perf_counter() - t0:.0f}s] calibration predictors done", flush=True)
+
+    # truth
+    t2 = time.perf_counter()
+    # expert-major order (expert 0 of every layer, then expert 1, ...) so a time budget leaves a sample
+    # spread over all layers; the experts measured are then a prefix of this fixed order, not a choice
+    offs = np.cumsum([0] + [layer.num_experts for layer in layers])
+    order_idx = [int(offs[li] + e) for e in range(max(l.num_experts for l in layers))
+                 for li, l in enumerate(layers) if e < l.num_experts][: a.limit or len(names)]
+    per_window = {b: np.full((len(names), len(windows)), np.nan) for b in bits}
+    done = []
+    for i in order_idx:
+        li = int(np.searchsorted(offs, i, side="right") - 1)
+        layer, e = layers[li], int(i - offs[li])
+        w1, w2 = layer.get_w1(e), layer.get_w2(e)
+        for b in bits:
+            layer.set_weights(e, *quantized[b][i])
+            per_window[b][i] = cache.nll_from(layer.layer) - base
+        layer.set_weights(e, w1, w2)
+        done.append(i)
+        if len(done) % 6 == 0:
+            print(f"  measured {len(done)}/{len(order_idx)} experts, {time.perf_counter() - t2:.0f}s", flush=True)
+        if a.truth_budget and time.perf_counter() - t2 > a.truth_budget:
+            print(f"  truth budget reached after {len(done)} experts", flush=True)
+            break
+    done = sorted(done)
+    count = len(done)
+    per_window = {b: per_window[b][done] for b in bits}
+    t_truth = time.perf_counter() - t2
+
+    tr = np.array([0.0 if x.no_tokens else max(x.hessian_trace, 0.0) for x in experts])
+    preds = {b: {} for b in bits}
+    for b in bits:
+        err = np.array([x.quant_error[b] for x in experts])
+        preds[b]["trace_x_err"] = tr / np.array([x.params for x in experts]) * err
+        preds[b]["trace"] = tr
+        preds[b]["freq_x_err"] = np.array([x.frequency for x in experts]) * err
+        preds[b]["frequency"] = np.array([x.frequency for x in experts])
+        preds[b]["wnorm_x_err"] = np.array([x.weight_norm_trace for x in experts]) * err
+        preds[b]["err"] = err
+        preds[b].update(new[b])
+        preds[b] = {k: v[done] for k, v in preds[b].items()}
+    order = ORDER
+
+    import pickle
+    state = dict(per_window=per_window, preds=preds, base=base, check_full=check_full, noop=noop,
+                 err_check=err_check, done=done, t_truth=t_truth, t_pred=t_pred, pick=pick, count=count, names=names,
+                 nwin=len(windows), float_nll=float(base.mean()), t_before_stats=time.perf_counter() - t0)
+    Path(a.out + ".state.pkl").write_bytes(pickle.dumps(state))
+    stats(a, report, state, bits, order, time.perf_counter())
+
+
+def stats(a, report, state, bits, order, t0):
+    per_window, preds, count, names = state["per_window"], state["preds"], state["count"], state["names"]
+    check_full, noop, err_check = state["check_full"], state["noop"], state["err_check"]
+    t_truth, t_pred, pick = state["t_truth"], state["t_pred"], state["pick"]
+    info = report.calibration
+    rng = np.random.default_rng(0)
+    groups = {f"{b}bit": [b] for b in bits}
+    groups["pooled"] = bits
+    results, noise = {}, {}
+    for gname, gb in groups.items():
+        pw = np.concatenate([per_window[b] for b in gb])
+        y = pw.mean(1)
+        se = pw.std(1, ddof=1) / math.sqrt(pw.shape[1])
+        half = corr(pw[:, 0::2].mean(1), pw[:, 1::2].mean(1))[0]
+        noise[gname] = {"median_delta": float(np.median(y)), "median_rel_stderr": float(np.median(se / np.abs(y))),
+                        "split_half_spearman": half, "spearman_brown": 2 * half / (1 + half)}
+        results[gname] = {}
+        for k in order:
+            x = np.concatenate([preds[b][k] for b in gb])
+            s, kt = corr(x, y)
+            sci, kci = bootstrap(x, pw, rng, a.boot, experts=True)
+            swi, kwi = bootstrap(x, pw, rng, max(a.boot // 4, 100), experts=False)
+            results[gname][k] = {"spearman": s, "spearman_ci": sci, "kendall": kt, "kendall_ci": kci,
+                                 "spearman_ci_windows_only": swi, "kendall_ci_windows_only": kwi}
+    runtime = state["t_before_stats"] + time.perf_counter() - t0
+
+    head = "| predictor | " + " | ".join(f"{g} Spearman [95% CI] | {g} Kendall" for g in groups) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(groups))]
+    for k in order:
+        row = [f"`{k}`" + (" (new)" if k == PRIMARY_NEW else "")]
+        for g in groups:
+            r = results[g][k]
+            row += [f"{r['spearman']:.3f} [{r['spearman_ci'][0]:.2f}, {r['spearman_ci'][1]:.2f}]",
+                    f"{r['kendall']:.3f} [{r['kendall_ci'][0]:.2f}, {r['kendall_ci'][1]:.2f}]"]
+        lines.append("| " + " | ".join(row) + " |")
+    table = "\n".join(lines)
+    print(table)
+    for g, nz in noise.items():
+        print(f"{g}: median dNLL {nz['median_delta']:.2e}, median rel. stderr over windows "
+              f"{nz['median_rel_stderr']:.2f}, split-half Spearman {nz['split_half_spearman']:.3f}")
+    print(f"runtime {runtime:.0f}s (truth {t_truth:.0f}s, calibration predictors {t_pred:.0f}s)")
+
+    doc = {
+        "kind": "mopeq.predictor_validation", "model": a.model, "sensitivity": a.sens,
+        "sensitivity_settings": {"curvature": report.estimator.curvature, "probes": report.probes,
+                                 "calib_samples": info.samples, "seq_len": info.seq_len},
+        "quantization": f"RTN (clipping search), group {a.group_size}, one expert at a time",
+        "widths": bits, "experts": count, "heldout": {"file": a.eval, "windows": state["nwin"], "seq_len": 256,
+                                                       "window_indices": pick.tolist(), "float_nll": state["float_nll"]},
+        "new_predictor": PRIMARY_NEW, "probes_per_batch": a.probes_per_batch, "bootstrap": a.boot,
+        "checks": {"cached_vs_full_max_abs_dnll": check_full, "noop_max_abs_dnll": max(noop),
+                   "err_vs_report_max_rel": max(err_check)},
+        "noise": noise, "results": results, "table_markdown": table,
+        "runtime_s": {"total": round(runtime, 1), "truth": round(t_truth, 1), "predictors": round(t_pred, 1)},
+        "threads": a.threads,
+        "truth_mean_dnll": {str(b): per_window[b].mean(1).tolist() for b in bits},
+        "expert_names": [names[i] for i in state["done"]],
+    }
+    Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
