@@ -107,16 +107,16 @@ def plan(sensitivity: PathLike | SensitivityReport, config: PlanConfig | None = 
     from .sensitivity import SensitivityReport, load_report
 
     cfg = config or PlanConfig()
-    if isinstance(sensitivity, SensitivityReport):
-        report, source = sensitivity, None
-    else:
+    source = None
+    if not isinstance(sensitivity, SensitivityReport):
         source = Path(sensitivity)
         source = source / "sensitivity.json" if source.is_dir() else source
-        report = load_report(source)
+    inputs = (source,) if source else ()
+    if out is not None:  # the output is checked before anything is read
+        check_out(out, "file", force=force, inputs=inputs, file=True)
+    report = sensitivity if source is None else load_report(source)
     bitplan = make_plan(report, cfg, source)
     if out is not None:
-        inputs = (source,) if source else ()
-        check_out(out, "file", force=force, inputs=inputs, file=True)
         with staged_file(out, force=force, inputs=inputs) as tmp:
             write_json(tmp, bitplan.to_json())
     progress(ProgressEvent("plan", f"{len(bitplan.experts)} experts, {bitplan.avg_bits:.3f} bits on average"))

@@ -141,13 +141,12 @@ def _tokenizer(inputs: BundleInputs, stage: Path) -> TokenizerEntry:
     copied = []
     for name in TOKENIZER_FILES:
         if (inputs.model_dir / name).is_file():
-            _copy(inputs.model_dir / name, stage / "tokenizer" / name)
+            _copy(inputs.model_dir / name, stage / name)  # at the root: where ORT GenAI reads them too
             copied.append(name)
     cfg = json.loads((inputs.model_dir / "config.json").read_text())
     tc = _text_config(cfg)
     pick = lambda k: tc.get(k, cfg.get(k))  # noqa: E731
-    return TokenizerEntry("tokenizer/tokenizer.json",
-                          "tokenizer/tokenizer_config.json" if "tokenizer_config.json" in copied else None,
+    return TokenizerEntry("tokenizer.json", "tokenizer_config.json" if "tokenizer_config.json" in copied else None,
                           pick("bos_token_id"), pick("eos_token_id"), pick("pad_token_id"))
 
 

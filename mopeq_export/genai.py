@@ -111,11 +111,13 @@ def write_genai(stage: Path, parts: dict, num_attention_heads: int | None = None
     except Unsupported as e:
         return {"config": None, "tokenizer": [], "note": f"no {GENAI_CONFIG}: {e}"}
     tok = parts["tokenizer"]
-    # the runtime's copies stay in tokenizer/ (docs/BUNDLE.md); GenAI reads the same bytes beside its config
-    _copy(stage / tok.file, stage / GENAI_TOKENIZER[0])
-    if tok.config_file:
+    # GenAI reads the tokenizer beside its config, where the bundle keeps the runtime's one copy (a bundle
+    # laid out otherwise gets byte copies there)
+    if tok.file != GENAI_TOKENIZER[0]:
+        _copy(stage / tok.file, stage / GENAI_TOKENIZER[0])
+    if tok.config_file and tok.config_file != GENAI_TOKENIZER[1]:
         _copy(stage / tok.config_file, stage / GENAI_TOKENIZER[1])
-    else:  # onnxruntime-extensions refuses a folder without one; an empty one defers to tokenizer.json
+    elif not tok.config_file:  # onnxruntime-extensions refuses a folder without one; an empty one defers to tokenizer.json
         (stage / GENAI_TOKENIZER[1]).write_text("{}\n", encoding="utf-8")
     (stage / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     return {"config": GENAI_CONFIG, "tokenizer": list(GENAI_TOKENIZER), "note": _note(parts["kernel"], parts["target"])}

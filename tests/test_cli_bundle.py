@@ -15,9 +15,9 @@ def test_inspect_summarizes_and_verifies(tmp_path):
     r = CliRunner().invoke(app, ["inspect", str(b)], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     assert "hashes ok" in r.output and "model.layers.0.mlp.experts" in r.output and "decoder.onnx.data" in r.output
-    (b / "tokenizer" / "tokenizer.json").write_text("{}")
+    (b / "tokenizer.json").write_text("{}")
     r = CliRunner().invoke(app, ["inspect", str(b)], env={"COLUMNS": "200"})
-    assert "FAILED" in r.output and "tokenizer/tokenizer.json" in r.output
+    assert "FAILED" in r.output and "tokenizer.json" in r.output
 
 
 def test_run_streams_text_and_refuses_foreign_bundle(tmp_path):

@@ -232,10 +232,10 @@ def test_os_errors_become_one_line(tmp_path, capsys, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
 
-    monkeypatch.setattr("mopeq_export.commands.plan.plan_from_file", full)
+    monkeypatch.setattr("mopeq_export.sensitivity.load_report", full)
     code, err = main(["plan", "--sensitivity", b / "manifest.json", "--out", tmp_path / "p.json"], capsys)
     assert code == 2 and "No space left on device" in err and "free some space" in err and "Traceback" not in err
-    monkeypatch.setattr("mopeq_export.commands.plan.plan_from_file",
+    monkeypatch.setattr("mopeq_export.sensitivity.load_report",
                         lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system")))
     code, err = main(["plan", "--sensitivity", b / "manifest.json", "--out", tmp_path / "p.json"], capsys)
     assert code == 2 and "read-only" in err
@@ -327,11 +327,11 @@ def test_unvalidated_bundles_are_refused_unless_allowed(tmp_path, capsys):
 def test_inspect_and_verify_exit_nonzero_on_tampering(tmp_path, capsys):
     b = make_fake_bundle(tmp_path)
     assert main(["inspect", b], capsys)[0] == 0 and main(["verify", b], capsys)[0] == 0
-    (b / "tokenizer" / "tokenizer.json").write_text("{}")
+    (b / "tokenizer.json").write_text("{}")
     code, err = main(["inspect", b], capsys)
-    assert code == 2 and "tokenizer/tokenizer.json" in err
+    assert code == 2 and "tokenizer.json" in err
     code, err = main(["verify", b], capsys)
-    assert code == 2 and "tokenizer/tokenizer.json" in err
+    assert code == 2 and "tokenizer.json" in err
 
 
 def test_manifest_without_graphs_is_one_line(tmp_path, capsys):
