@@ -160,16 +160,23 @@ def test_manifest_dense_record_is_typed():
 
 # -- acceptance on the reference text model ---------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not met yet (docs/RESULTS.md 'Whole-bundle size'): measured 9.44 MB "
-                   "(9.18 MB without the GenAI tokenizer copy) and x1.0394")
-def test_text_moe_cpu_bundle_is_small_and_accurate(text_cpu_bundle):
-    """The issue's bar: the cpu bundle of text-moe at --avg-bits 2.5 is at most 9.2 MB (10^6 bytes) in total,
-    with held-out perplexity at most x1.035 of float16 (the gate's record), i.e. smaller than llama.cpp's
-    Q3_K_M file (9.16 MB, x1.039) and more accurate."""
+def test_text_moe_cpu_bundle_is_at_most_llama_cpp_q3_k_m_size(text_cpu_bundle):
+    """The issue's size bar: the cpu bundle of text-moe at --avg-bits 2.5 is at most 9.2 MB (10^6 bytes) in
+    total, every file counted (llama.cpp's Q3_K_M file of the same model: 9.16 MB)."""
     import mopeq_runtime
 
     total = sum(p.stat().st_size for p in Path(text_cpu_bundle).rglob("*") if p.is_file())
     m = mopeq_runtime.load(text_cpu_bundle).manifest
     assert m.dense is not None and m.dense.widths == DEFAULT_DENSE
     assert total <= 9_200_000, total
-    assert m.validation["metrics"]["ppl_ratio"] <= 1.035
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="not met yet (docs/RESULTS.md 'Whole-bundle size'): measured x1.0394 of "
+                   "float16 at 2.5 bits with 4-bit dense weights; the bar is x1.035")
+def test_text_moe_cpu_bundle_beats_llama_cpp_q3_k_m_accuracy(text_cpu_bundle):
+    """The issue's accuracy bar: held-out perplexity at most x1.035 of float16 (the gate's record), better
+    than llama.cpp's Q3_K_M (x1.039)."""
+    import mopeq_runtime
+
+    assert mopeq_runtime.load(text_cpu_bundle).manifest.validation["metrics"]["ppl_ratio"] <= 1.035
