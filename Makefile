@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml runtime/pyproject.toml
 	touch $@
 
 $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h:
-	bash runtime/csrc/fetch_ort_headers.sh $(BUILD)/ort-headers
+	bash runtime/csrc/fetch_debian_headers.sh $(BUILD)/ort-headers libonnxruntime-dev onnxruntime/onnxruntime_cxx_api.h
 
 kernels: $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h
 	cmake -S runtime/csrc -B $(BUILD)/kernels -DCMAKE_BUILD_TYPE=Release -DORT_INCLUDE_DIR=$(ORT_INCLUDE_DIR) >/dev/null
