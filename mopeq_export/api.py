@@ -124,7 +124,8 @@ def plan(sensitivity: PathLike | SensitivityReport, config: PlanConfig | None = 
 
 
 def quantize(model: PathLike, bitplan: PathLike | BitPlan, out: PathLike, config: QuantizeConfig | None = None, *,
-             calib: PathLike | None = None, samples: int = 32, seq_len: int = 256, dense_bits: int | None = None,
+             calib: PathLike | None = None, samples: int | None = None, seq_len: int = 256,
+             dense_bits: int | None = None,
              dense_attention: bool = False, force: bool = False, device: str = "auto", dtype: str = "float32",
              trust_remote_code: bool = False, progress: Progress = _quiet) -> QuantizedCheckpoint:
     """Quantize and pack every routed expert at its planned width into OUT (a QDIR); returns its record."""
@@ -138,7 +139,7 @@ def quantize(model: PathLike, bitplan: PathLike | BitPlan, out: PathLike, config
     from .quantization.stage import run_quantize
 
     cfg = config or QuantizeConfig()
-    if calib is None and cfg.method == "gptq":
+    if calib is None and cfg.uses_calibration:
         calib = default_calib(model_info(model).is_vlm)
     counted = [0]
 

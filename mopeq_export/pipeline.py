@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +34,9 @@ from .targets import Target, get_target
 from .validate import GateConfig, GateReport, plot_report, run_gate
 
 Say = Callable[[str, str], None]  # (stage, status: "run" | "cached" | "done")
+# the build's expert quantizer per model kind, chosen by measurement (docs/DECISIONS.md, docs/RESULTS.md
+# "Quantizers"): learned rounding on text models; GPTQ on vision-language ones until measured there
+BUILD_METHOD = {"text": "signround", "vlm": "gptq"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class BuildConfig:
     context: int | None = None  # tokens for the memory check and the runtime's limit; None: model maximum
     gate: GateConfig = field(default_factory=GateConfig)
     group_size: int = 32
-    method: str = "gptq"
+    method: str | None = None  # gptq | signround | rtn; None: BUILD_METHOD for the model's kind
     probes: int = 32  # = EstimatorConfig().max_probes (kept import-free)
     kernel_library: Path | None = None  # None: runtime/lib for x86-64 targets when built
     device: str = "auto"  # analyze, quantize and the gate's float16 reference: auto | cpu | cuda | cuda:N
@@ -258,6 +261,11 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
     calib = Path(cfg.calib or default_calib(info.is_vlm))
     if not calib.exists():
         raise MopeqError(f"calibration data not found: {calib}")
+    if cfg.method is None:
+        cfg = replace(cfg, method=BUILD_METHOD["vlm" if info.is_vlm else "text"])
+    from .quantization.pipeline import METHODS
+    if cfg.method not in METHODS:
+        raise MopeqError(f"unknown --method '{cfg.method}'; use one of {', '.join(METHODS)}")
     avg_bits = cfg.avg_bits if cfg.avg_bits is not None else target.default_avg_bits
     if cfg.plan is not None:  # the plan decides the widths; its realized average sizes the estimate
         avg_bits = float(read_json(cfg.plan, "bit plan").get("avg_bits") or avg_bits)

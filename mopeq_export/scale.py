@@ -72,16 +72,20 @@ def analyze_bytes(s: ModelShape, dtype: torch.dtype, batch_tokens: int, curvatur
     return s.params * b + s.layers * per_layer + grad + logits + extra
 
 
-def quantize_bytes(s: ModelShape, samples_tokens: int, avg_bits: float, work_bytes: int) -> int:
+def quantize_bytes(s: ModelShape, samples_tokens: int, avg_bits: float, work_bytes: int,
+                   learned: bool = False) -> int:
     """one decoder layer in float32 (and one parameter's checkpoint copies while converting) + the modules
     outside the decoder layers in float32 while layer 0's inputs are captured (a VLM's vision tower) + the
     calibration hidden states of every batch (float32, twice while a layer runs) + one MoE layer's routed
-    inputs + the GPTQ working set + one layer's codes (uint8, then packed) until its file is written."""
+    inputs + the GPTQ (or learned rounding) working set + one layer's codes (uint8, then packed) until its
+    file is written. Learned rounding on float targets (`learned`) adds the float stream of hidden states
+    (twice while a layer runs) and the layer's outputs, delta and target [tokens, hidden] (float32)."""
     layer = s.largest_layer_params * 4 + 2 * s.experts * 2 * s.intermediate * s.hidden * 2
     hidden = 2 * samples_tokens * s.hidden * 4
     routed = samples_tokens * (s.hidden * 4 + s.top_k * 12)
     codes = s.experts * 3 * s.hidden * s.intermediate * (1 + (avg_bits + 0.75) / 8)
-    return int(layer + s.outside_params * 4 + hidden + routed + work_bytes + codes)
+    streams = (2 + 3) * samples_tokens * s.hidden * 4 if learned else 0
+    return int(layer + s.outside_params * 4 + hidden + routed + work_bytes + codes + streams)
 
 
 def export_bytes(s: ModelShape, activation_bytes: int, avg_bits: float) -> int:

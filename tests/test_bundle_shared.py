@@ -1,8 +1,8 @@
 """Acceptance on the reference models (slow: minutes from a cold cache, seconds from a warm one).
 
-The builds share one stage cache private to this module (not the user's ~/.cache/mopeq-export, which may
-hold checkpoints of older quantizer versions), so the jetson bundle reuses the cpu bundle's
-analyze/plan/quantize stages and only re-exports.
+The builds share the test session's stage cache (conftest.py; not the user's ~/.cache/mopeq-export, which may
+hold checkpoints of older quantizer versions), and the text cpu bundle is the session's (`text_cpu_bundle`), so
+the jetson bundle reuses its analyze/plan/quantize stages and only re-exports.
 """
 
 from __future__ import annotations
@@ -24,15 +24,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not TEXT.is_dir(), reason="ne
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("stage-cache")
+def cache(session_cache):
+    return session_cache
 
 
 @pytest.fixture(scope="module")
-def text_bundle(tmp_path_factory, cache):
-    out = tmp_path_factory.mktemp("text") / "B"
-    build(BuildConfig(model=TEXT, target="cpu", out=out, avg_bits=2.5, calib=DATA / "text_calib.txt", cache=cache))
-    return out
+def text_bundle(text_cpu_bundle):
+    return text_cpu_bundle
 
 
 def test_text_bundle_passes_gate_and_matches_pytorch_quantized(text_bundle, cache):

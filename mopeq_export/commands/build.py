@@ -25,6 +25,8 @@ def build(
                                              "lm_head, embeddings): 4 = quantized (default; embeddings 8), 16 = float"),
     plan: Optional[Path] = typer.Option(None, "--plan", help="use this plan.json instead of analyze + plan"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration data (default: calibration_data/)"),
+    method: Optional[str] = typer.Option(None, "--method", help="expert quantizer: signround (learned rounding) | "
+                                         "gptq | rtn (default: signround for text models, gptq for VLMs)"),
     eval_data: Optional[Path] = typer.Option(None, "--eval", help="held-out data for the gate (default: evaluation_data/)"),
     seed: int = typer.Option(0, "--seed", help="seed of the sensitivity probes and of everything random"),
     tar: bool = typer.Option(False, "--tar", help="write one deterministic .tar instead of a folder"),
@@ -63,7 +65,7 @@ def build(
                       eval=eval_data, seed=seed, tar=tar, cache=cache, use_cache=not no_cache, context=context,
                       gate=GateConfig(max_ppl_ratio, min_vqa_retention, eval_windows or None, eval_samples or None),
                       device=device, dtype=dtype, trust_remote_code=trust_remote_code, force=force, sign_key=sign_key,
-                      dense_bits=dense_bits)
+                      dense_bits=dense_bits, method=method)
     if summary is not None:
         from ..fsutil import check_out
 

@@ -13,6 +13,7 @@ from rich.table import Table
 from ..cli import app, console
 from ..quantization.gptq import GPTQConfig
 from ..quantization.pipeline import QuantizeConfig
+from ..quantization.signround import SignRoundConfig
 
 
 @app.command()
@@ -21,9 +22,12 @@ def quantize(
     plan: Path = typer.Option(..., "--plan", help="plan.json from `mopeq-export plan`"),
     out: Path = typer.Option(..., "--out", help="output folder (QDIR), written atomically"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration data (default: calibration_data/)"),
-    method: str = typer.Option("gptq", "--method", help="gptq | rtn"),
+    method: str = typer.Option("gptq", "--method",
+                               help="gptq | signround (learned rounding on each layer's output) | rtn"),
     group_size: int = typer.Option(32, "--group-size", help="quantization group size (multiple of 32)"),
-    samples: int = typer.Option(32, "--samples", help="calibration samples for GPTQ"),
+    samples: Optional[int] = typer.Option(None, "--samples",
+                                          help="calibration samples (default: 32 for gptq, 128 for signround)"),
+    iters: int = typer.Option(200, "--iters", help="signround: signed-gradient steps per layer"),
     seq_len: int = typer.Option(256, "--seq-len", help="text calibration window"),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by decreasing Hessian diagonal"),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening (fraction of mean diagonal)"),
@@ -42,7 +46,8 @@ def quantize(
 
     t0 = time.time()
     cfg = QuantizeConfig(method=method, group_size=group_size,
-                         gptq=GPTQConfig(damp=damp, act_order=act_order, min_tokens=min_tokens))
+                         gptq=GPTQConfig(damp=damp, act_order=act_order, min_tokens=min_tokens),
+                         signround=SignRoundConfig(iters=iters))
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"quantizing experts ({method})", total=None)
 

@@ -185,6 +185,23 @@ class SequentialRunner:
         return outs
 
 
+    def outputs(self, i: int, layer: nn.Module, hidden: list[torch.Tensor] | None = None,
+                on_batch: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+        """Layer i's outputs per batch (before what the model adds between layers) on `hidden` (default: the
+        current hidden states), without advancing: learned rounding compares two streams with it."""
+        outs = []
+        with torch.no_grad():
+            for b, (h, call) in enumerate(zip(self.hidden if hidden is None else hidden, self.calls[i])):
+                if on_batch is not None:
+                    on_batch(b)
+                outs.append(self.output.hidden(layer(h, *call.args, **call.kwargs)))
+        return outs
+
+    def chain(self, i: int, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Layer i+1's inputs from layer i's `outputs` (the between-layer additions added back)."""
+        return [o if a is None else o + a for o, a in zip(outputs, self.added[i])]
+
+
 _BIG = 1 << 24  # parameters above 16M elements (fused experts) are loaded one at a time
 
 

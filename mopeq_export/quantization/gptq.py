@@ -46,7 +46,7 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     mean_diag = torch.diag(h).mean().clamp_min(1e-8)
     for extra in (1.0, 10.0, 100.0):
         try:
-            hd = h + torch.eye(k, dtype=h.dtype) * damp * extra * mean_diag
+            hd = h + torch.eye(k, dtype=h.dtype, device=h.device) * damp * extra * mean_diag
             inv = torch.cholesky_inverse(torch.linalg.cholesky(hd))
             return torch.linalg.cholesky(inv, upper=True)
         except torch.linalg.LinAlgError:
@@ -58,25 +58,26 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 def gptq(w: torch.Tensor, gram: Gram, bits: int, group_size: int, cfg: GPTQConfig = GPTQConfig()) -> QuantizedMatrix:
     check_width(bits, group_size)
     rows, k = w.shape
-    h = (gram.xtx / max(gram.n, 1)).float()
+    dev = w.device
+    h = (gram.xtx / max(gram.n, 1)).float().to(dev)
     w = w.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     qmax = 2 ** bits - 1
 
-    perm = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(k)
-    group_of = torch.arange(k) // group_size  # group of each original column
+    perm = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(k, device=dev)
+    group_of = torch.arange(k, device=dev) // group_size  # group of each original column
     n_groups = num_groups(k, group_size)
-    scales = torch.zeros(rows, n_groups)
-    zeros = torch.zeros(rows, n_groups)
+    scales = torch.zeros(rows, n_groups, device=dev)
+    zeros = torch.zeros(rows, n_groups, device=dev)
     if cfg.act_order:  # static groups: parameters from the original weights
         scales, zeros = choose_params(w, bits, group_size, torch.diag(h) if cfg.hessian_clip else None)
 
     diag = torch.diag(h)[perm]
     w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_cholesky(h, cfg.damp)
-    codes = torch.zeros(rows, k)
+    codes = torch.zeros(rows, k, device=dev)
     block = max(_BLOCK_COLS, group_size)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)

@@ -7,6 +7,11 @@ routed to e; its ``w2`` with the Gram matrix of the intermediate activations com
 *quantized* ``w1``. All GPTQ experts of a layer run as one batched GPTQ (`gptq_batched`), in chunks that
 fit `work_bytes`.
 
+Learned rounding (`method="signround"`, signround.py) fits all experts of a layer together to the layer's
+output. Its target is the float model's: a second stream of hidden states runs through the float layers beside
+the quantized one, and `delta` (float layer output minus this model's with the layer's experts still float)
+is what the experts learn to offset besides their own error.
+
 With a `WeightSource` only one decoder layer holds weights at a time (sequential onloading): the stage's
 memory is one layer in float32 plus the calibration activations, not the model (docs/SCALE.md).
 """
@@ -25,19 +30,32 @@ from ..models.sequential import SequentialRunner
 from .gptq import GPTQConfig, Gram, gptq_batched
 from .packing import GROUP_SIZES
 from .primitives import QuantizedMatrix, check_width, rtn
+from .signround import SignRoundConfig, in_row_chunks, routed_sum, signround_experts, signround_layer
+
+METHODS = ("gptq", "signround", "rtn")
+# calibration samples (text windows of 256 tokens, or VQA samples) when the caller gives none: learned
+# rounding fits each layer's output and overfits 32 windows (text-moe, 2 bits: x1.0636 at 32, x1.0482 at 128)
+DEFAULT_SAMPLES = {"gptq": 32, "signround": 128, "rtn": 0}
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    method: str = "gptq"  # "gptq" | "rtn"
+    method: str = "gptq"  # "gptq" | "signround" (learned rounding, signround.py) | "rtn"
     group_size: int = 32
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    signround: SignRoundConfig = field(default_factory=SignRoundConfig)
     # scale each routed token by its routing weight in the Gram matrices (the expert's output is added
     # times that weight); measured on text-moe at 2 bits it did not help (x1.0980 vs x1.0900), so off
     routing_weighted: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @property
+    def uses_calibration(self) -> bool:
+        """GPTQ and learned rounding both work on the calibration activations; RTN needs none (the dense
+        weights are GPTQ-quantized under either calibrated method)."""
+        return self.method in ("gptq", "signround")
 
 
 @dataclass
@@ -46,7 +64,7 @@ class ExpertResult:
     layer: int
     expert: int
     bits: int
-    method: str  # what was actually used: "gptq" or "rtn" (fallback or by choice)
+    method: str  # what was actually used: "gptq", "signround" or "rtn" (fallback or by choice)
     tokens: int
     w1: QuantizedMatrix
     w2: QuantizedMatrix
@@ -94,25 +112,45 @@ class Routed:
                    torch.zeros(0, 1, device=device))
 
 
-def capture_routed(runner: SequentialRunner, i: int, decoder_layer, layer: MoELayer) -> Routed:
-    """Run decoder layer i up to its experts on every batch and keep what they receive."""
+def _keep(mask, device):
+    return mask.reshape(-1).bool().to(device) if mask is not None else slice(None)
+
+
+def capture_routed(runner: SequentialRunner, i: int, decoder_layer, layer: MoELayer,
+                   outputs: bool = False) -> Routed | tuple[Routed, torch.Tensor]:
+    """Run decoder layer i up to its experts on every batch and keep what they receive. With `outputs` the
+    layer runs to its end and its outputs [N, H] (the same tokens, padding dropped) come back too."""
     hidden, indices, weights, state = [], [], [], {}
 
     def hook(x, idx, w):
-        mask = state["mask"]
-        keep = mask.reshape(-1).bool().to(x.device) if mask is not None else slice(None)
+        keep = _keep(state["mask"], x.device)
         hidden.append(x.detach().reshape(-1, x.shape[-1])[keep].float())
         indices.append(idx.detach().reshape(x.shape[0], -1)[keep])
         weights.append(w.detach().reshape(x.shape[0], -1)[keep].float())
-        raise StopForward  # nothing after the experts' input is needed
+        if not outputs:
+            raise StopForward  # nothing after the experts' input is needed
 
     handle = layer.register_routing_hook(hook)
+    on_batch = lambda b: state.update(mask=runner.batches[b].get("attention_mask"))  # noqa: E731
     try:
-        runner.run(i, decoder_layer, stop_ok=True,
-                   on_batch=lambda b: state.update(mask=runner.batches[b].get("attention_mask")))
+        if outputs:
+            outs = runner.outputs(i, decoder_layer, on_batch=on_batch)
+        else:
+            runner.run(i, decoder_layer, stop_ok=True, on_batch=on_batch)
     finally:
         handle.remove()
-    return Routed(torch.cat(hidden), torch.cat(indices), torch.cat(weights))
+    routed = Routed(torch.cat(hidden), torch.cat(indices), torch.cat(weights))
+    if not outputs:
+        return routed
+    return routed, flat_outputs(runner, outs)
+
+
+def flat_outputs(runner: SequentialRunner, outs: list[torch.Tensor]) -> torch.Tensor:
+    """Per-batch layer outputs [b, s, H] -> [N, H] float32 with the padding dropped (capture_routed's order)."""
+    rows = []
+    for b, o in enumerate(outs):
+        rows.append(o.reshape(-1, o.shape[-1])[_keep(runner.batches[b].get("attention_mask"), o.device)].float())
+    return torch.cat(rows)
 
 
 def _chunks(items: list[int], per_item_bytes: int, work_bytes: int) -> list[list[int]]:
@@ -133,12 +171,15 @@ def _gptq_many(mats: list[torch.Tensor], grams: list[torch.Tensor], bits: list[i
 
 
 def quantize_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: QuantizeConfig,
-                   work_bytes: int = 1 << 30, progress: Callable[[], None] | None = None) -> list[ExpertResult]:
+                   work_bytes: int = 1 << 30, progress: Callable[[], None] | None = None,
+                   delta: torch.Tensor | None = None) -> list[ExpertResult]:
     """Every expert of one MoE layer: batched GPTQ for those with at least `min_tokens` routed tokens, RTN
     (with the clipping search) for the others and for `--method rtn`. An expert's routed inputs are taken
     out of the layer's only while its chunk is worked on (with top-k routing they are k times the layer's)."""
     counts = torch.bincount(routed.idx.flatten(), minlength=layer.num_experts)[:layer.num_experts].tolist()
     use_gptq = [cfg.method == "gptq" and counts[e] >= cfg.gptq.min_tokens for e in range(layer.num_experts)]
+    use_sr = [cfg.method == "signround" and cfg.signround.scope == "expert" and counts[e] >= cfg.gptq.min_tokens
+              for e in range(layer.num_experts)]
     h, i2 = layer.hidden_size, 2 * layer.intermediate_size
     # per expert in one batched GPTQ: float32 weights, Gram, their permuted copies, the Cholesky factors and
     # working copies: about 14 matrices of the larger of w1 (2I x H) and its Gram (H x H), measured
@@ -167,6 +208,19 @@ def quantize_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: Quanti
         for e, (x, _), q1, q2 in zip(chunk, inputs, first, second):
             finish(e, x, q1, q2, "gptq")
         del inputs, grams2
+    # learned rounding: per expert in one chunk the weights, V and their gradients, the optimiser's
+    # minibatch activations; about 12 copies of w1 and w2, plus the routed tokens held for the chunk
+    sr_bytes = 4 * 12 * (i2 * h + h * layer.intermediate_size) + 4 * 8 * cfg.signround.batch_tokens * i2
+    for chunk in _chunks([e for e in range(layer.num_experts) if use_sr[e]], sr_bytes, work_bytes):
+        xs, rs = zip(*[routed.of(e) for e in chunk])
+        done = signround_experts(torch.stack([layer.get_w1(e) for e in chunk]),
+                                 torch.stack([layer.get_w2(e) for e in chunk]), list(xs), [bits[e] for e in chunk],
+                                 cfg.group_size, layer.act, cfg.signround, list(rs))
+        for e, x, (q1, q2, _, _) in zip(chunk, xs, done):
+            finish(e, x, q1, q2, "signround")
+        del xs, rs, done
+    if cfg.method == "signround" and cfg.signround.scope == "layer" and routed.x.shape[0]:
+        _signround_layer(layer, routed, bits, cfg, work_bytes, delta, finish)
     for e in range(layer.num_experts):
         if e not in results:
             x = routed.of(e)[0]
@@ -175,16 +229,61 @@ def quantize_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: Quanti
     return [results[e] for e in range(layer.num_experts)]
 
 
+def _signround_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: QuantizeConfig, work_bytes: int,
+                     delta: torch.Tensor | None, finish) -> None:
+    """Learned rounding on the layer's output, in chunks of experts that fit `work_bytes`. Chunks go one after
+    the other: the change the quantized experts of the chunks before made to the layer's output is added to
+    the target of the next (delta -= their change), so later chunks also offset earlier ones' error."""
+    e_all = layer.num_experts
+    h, i2, inter = layer.hidden_size, 2 * layer.intermediate_size, layer.intermediate_size
+    # per expert: float32 weights, rounding offsets, their gradients and about 9 autograd temporaries of
+    # both matrices; plus its share of a step's activations
+    per_bytes = 4 * 12 * (i2 * h + h * inter) + 4 * 6 * cfg.signround.batch_tokens * (i2 + h)
+    chunks = _chunks(list(range(e_all)), per_bytes, work_bytes)
+    x, idx, rw = routed.x, routed.idx, routed.w
+    for chunk in chunks:
+        lut = torch.full((e_all + 1,), -1, dtype=torch.long, device=idx.device)
+        lut[torch.tensor(chunk, device=idx.device)] = torch.arange(len(chunk), device=idx.device)
+        local = lut[idx]
+        sel = (local >= 0).any(-1)
+        w1 = torch.stack([layer.get_w1(e) for e in chunk])
+        w2 = torch.stack([layer.get_w2(e) for e in chunk])
+        d = None if delta is None else delta[sel]
+        if d is None and len(chunks) > 1:
+            d = torch.zeros(int(sel.sum()), h, device=x.device)
+        mats, _ = signround_layer(w1, w2, x[sel], local[sel], rw[sel], d, [bits[e] for e in chunk], cfg.group_size,
+                                  layer.act, cfg.signround)
+        for e, (q1, q2) in zip(chunk, mats):
+            finish(e, routed.of(e)[0], q1, q2, "signround")
+        if len(chunks) > 1:  # the next chunks' target: what this chunk's quantized experts changed
+            q1 = torch.stack([a.dequantize() for a, _ in mats]).to(w1.device)
+            q2 = torch.stack([b.dequantize() for _, b in mats]).to(w1.device)
+            xs, ls, rs = x[sel], local[sel], rw[sel]
+            with torch.no_grad():
+                change = in_row_chunks(xs.shape[0], xs.device,
+                                    lambda r: routed_sum(xs[r], ls[r], rs[r], q1, q2, layer.act)
+                                    - routed_sum(xs[r], ls[r], rs[r], w1.float(), w2.float(), layer.act))
+            if delta is None:
+                delta = torch.zeros_like(x)
+            delta = delta.clone()
+            delta[sel] -= change
+        del w1, w2, mats
+
+
 def check_config(bits: dict[str, int], calib: CalibrationSet | None, cfg: QuantizeConfig) -> None:
-    if cfg.method not in ("gptq", "rtn"):
-        raise MopeqError(f"unknown quantization method '{cfg.method}'; use gptq or rtn")
+    if cfg.method not in METHODS:
+        raise MopeqError(f"unknown quantization method '{cfg.method}'; use one of {', '.join(METHODS)}")
     if cfg.group_size not in GROUP_SIZES:
         raise MopeqError(f"--group-size {cfg.group_size} is not offered; the quantizer uses one of "
                          f"{', '.join(map(str, GROUP_SIZES))} (docs/FORMAT.md)")
     for b in set(bits.values()):
         check_width(b, cfg.group_size)
-    if cfg.method == "gptq" and calib is None:
-        raise MopeqError("GPTQ needs calibration data (--calib), or use --method rtn")
+    sr = cfg.signround
+    if cfg.method == "signround" and (sr.iters < 0 or sr.batch_tokens < 1 or sr.scope not in ("layer", "expert")):
+        raise MopeqError(f"signround needs --iters >= 0, batch_tokens >= 1 and scope layer or expert (got "
+                         f"{sr.iters}, {sr.batch_tokens}, {sr.scope!r})")
+    if cfg.uses_calibration and calib is None:
+        raise MopeqError(f"--method {cfg.method} needs calibration data (--calib), or use --method rtn")
 
 
 LayerDone = Callable[[int, torch.nn.Module], None]  # (decoder layer index, the loaded layer) after its turn
@@ -207,15 +306,28 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
         prefix = layer.block_path[len(runner.stack_path) + 1:].split(".")[0]
         by_index[int(prefix)] = layer
     results: list[list[ExpertResult]] = []
+    layer_scope = cfg.method == "signround" and cfg.signround.scope == "layer"
+    # learned rounding on float targets: a second stream of hidden states through the float layers
+    float_hidden = list(runner.hidden) if layer_scope and cfg.signround.float_targets and runner.batches else None
     for i in range(len(runner.stack)):
         with runner.loaded(i) as decoder_layer:
+            float_out = runner.outputs(i, decoder_layer, float_hidden) if float_hidden is not None else None
             if before_layer is not None:
                 before_layer(i, decoder_layer)
             moe = by_index.get(i)
             if moe is not None:
-                routed = (capture_routed(runner, i, decoder_layer, moe) if cfg.method == "gptq"
-                          else Routed.empty(moe.hidden_size, runner.device))
-                done = quantize_layer(moe, routed, [bits[n] for n in moe.expert_names], cfg, work_bytes, progress)
+                delta = None
+                if not cfg.uses_calibration:
+                    routed = Routed.empty(moe.hidden_size, runner.device)
+                elif layer_scope and float_out is not None:
+                    routed, out_q = capture_routed(runner, i, decoder_layer, moe, outputs=True)
+                    delta = flat_outputs(runner, float_out) - out_q
+                    del out_q
+                else:
+                    routed = capture_routed(runner, i, decoder_layer, moe)
+                done = quantize_layer(moe, routed, [bits[n] for n in moe.expert_names], cfg, work_bytes, progress,
+                                      delta)
+                del delta
                 for r in done:  # after the whole layer: its experts saw the same (unquantized-layer) inputs
                     moe.set_weights(r.expert, r.w1.dequantize(), r.w2.dequantize())
                 done = [r.cpu() for r in done]
@@ -226,8 +338,11 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
                 del routed, done
             if after_experts is not None:
                 after_experts(i, decoder_layer)
-            if cfg.method == "gptq" and i + 1 < len(runner.stack):
+            if cfg.uses_calibration and i + 1 < len(runner.stack):
                 runner.run(i, decoder_layer)
+                if float_out is not None:
+                    float_hidden = runner.chain(i, float_out)
+            del float_out
             if after_layer is not None:
                 after_layer(i, decoder_layer)
     return results
@@ -239,5 +354,5 @@ def quantize_layers(model, layers: list[MoELayer], bits: dict[str, int], calib: 
     dequantized values as each layer completes, so later layers calibrate on quantized earlier layers)."""
     check_config(bits, calib, cfg)
     device = next(model.parameters()).device
-    runner = SequentialRunner(model, calib.batches if cfg.method == "gptq" else [], device)
+    runner = SequentialRunner(model, calib.batches if cfg.uses_calibration else [], device)
     return quantize_sequential(runner, layers, bits, cfg, progress)

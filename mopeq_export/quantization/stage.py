@@ -28,7 +28,7 @@ from .checkpoint import (SCHEMA_VERSION, DenseRecord, dense_tensors, layer_recor
 from .dense import EMBEDDING_GROUP, FLOAT, OUTPUT_PROJECTIONS, dense_linears, module_path
 from .gptq import Gram, gptq
 from .packing import LAYOUT_VERSION
-from .pipeline import QuantizeConfig, check_config, quantize_sequential, results_summary
+from .pipeline import DEFAULT_SAMPLES, QuantizeConfig, check_config, quantize_sequential, results_summary
 from .plan_io import PlanBits, read_plan_bits
 from .primitives import check_width, rtn
 
@@ -60,7 +60,7 @@ def _quantize_dense(model, paths: dict[str, int], cfg: QuantizeConfig, grams: di
         lin = model.get_submodule(p)
         gram = (grams or {}).get(p)
         w = lin.weight.detach().float()
-        if cfg.method == "gptq" and gram is not None and gram.n > 0:
+        if cfg.uses_calibration and gram is not None and gram.n > 0:
             q = gptq(w, gram, bits, cfg.group_size, cfg.gptq)
         else:
             q = rtn(w, bits, cfg.group_size)
@@ -123,23 +123,24 @@ def expected_bytes(plan: PlanBits, layers, group_size: int, dense_params: int = 
 
 
 def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, *, calib: str | Path | None,
-                 cfg: QuantizeConfig, samples: int = 32, seq_len: int = 256, dense_bits: int | None = None,
+                 cfg: QuantizeConfig, samples: int | None = None, seq_len: int = 256, dense_bits: int | None = None,
                  dense_attention: bool = False, trust_remote_code: bool = False, progress=None,
                  device: str | torch.device = "auto", dtype: torch.dtype = torch.float32,
                  work_bytes: int | None = None, say=lambda s: None, force: bool = False) -> QuantizeResult:
     t0 = time.time()
+    samples = DEFAULT_SAMPLES.get(cfg.method, 32) if samples is None else samples
     inputs = (model_dir, plan_path, calib)
     check_out(out, "quantize", force=force, inputs=inputs)
     # -- checks that need no model ---------------------------------------------------------------------
     plan: PlanBits = read_plan_bits(plan_path)
     info = model_info(model_dir)
     plan.check_model(info)
-    check_config(plan.bits, calib if cfg.method == "gptq" else None, cfg)
+    check_config(plan.bits, calib if cfg.uses_calibration else None, cfg)
     if dense_bits is not None:
         check_width(dense_bits, cfg.group_size)
         if dense_bits not in (4, 8):
             raise MopeqError("--quantize-dense takes 4 or 8 bits")
-    if cfg.method == "gptq" and not Path(calib).exists():
+    if cfg.uses_calibration and not Path(calib).exists():
         raise MopeqError(f"calibration data not found: {calib}")
     dev = resolve_device(device)
     check_weights(model_dir)
@@ -151,13 +152,13 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
     require_free_space(Path(out).resolve().parent, expected_bytes(plan, layers, cfg.group_size, dense_params,
                                                                  dense_bits or 8), "the quantized checkpoint")
     calib_set = None
-    if cfg.method == "gptq":
+    if cfg.uses_calibration:
         calib_set = load_calibration(calib, load_tokenizer(model_dir, trust_remote_code), model.config,
                                      samples=samples, seq_len=seq_len)
     work_bytes = work_bytes or default_work_bytes(dev)
     tokens = calib_set.num_tokens if calib_set else 0
     avg = sum(plan.bits.values()) / len(plan.bits)
-    need = quantize_bytes(ModelShape.of(model), tokens, avg, work_bytes)
+    need = quantize_bytes(ModelShape.of(model), tokens, avg, work_bytes, learned=cfg.method == "signround")
     check_fits(need, dev, "quantize", "use --device cuda or fewer --samples")
     say(f"quantize: one decoder layer at a time on {dev}, about {gib(need)} at peak (estimate)")
     meter = Meter(dev, dtype, estimate_bytes=need)
@@ -181,7 +182,7 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
             if not part:
                 continue
             grams = None
-            if cfg.method == "gptq" and runner.batches:
+            if cfg.uses_calibration and runner.batches:
                 grams, handles = _input_grams(model, part)
                 try:
                     runner.run(i, decoder_layer, stop_ok=True)

@@ -1,0 +1,280 @@
+"""Learned rounding and clipping for routed experts: signed-gradient descent on each expert's output error.
+
+For expert e with routed inputs X_e, the float expert's output Y_e = w2 · (act(X_e w1_gate^T) * X_e w1_up^T)
+is the target. Each matrix gets per-weight rounding offsets V in [-0.5, 0.5] and per-group shrink factors
+alpha (of the group's max) and beta (of its min) in [0.5, 1]:
+
+    lo = beta * min(w_g),  hi = alpha * max(w_g),  s = (hi - lo) / qmax,  z = clamp(round(-lo / s), 0, qmax)
+    q  = clamp(round(w / s + V) + z, 0, qmax),  w' = (q - z) * s
+
+V, alpha and beta minimise ||expert(X_e; w1', w2') - Y_e||^2 on minibatches of the routed tokens by signed
+gradient steps (rounding through the straight-through estimator), with a learning rate that decays linearly
+to zero: the SignRound algorithm (Cheng et al., "Optimize Weight Rounding via Signed Gradient Descent for the
+Quantization of LLMs", 2023), here per expert and with both of its matrices optimised together. The start is
+round-to-nearest with the clipping search's factor, so the result is kept only where it lowers the output
+error on all routed tokens; otherwise that start is. The codes, scales and zeros are the packed format's
+(docs/FORMAT.md §2): nothing downstream changes.
+
+Every expert of a chunk is optimised at once (batched matrix products over [E, ...]); each step draws the
+same number of tokens for every expert (with replacement where an expert has fewer), and the signed step
+makes each expert's update independent of how its loss is scaled against the others'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .primitives import CLIP_GRID, QuantizedMatrix, _pad_groups, _params_from_range, qmax_of
+
+_MIN_SCALE = 1e-6
+
+
+@dataclass(frozen=True)
+class SignRoundConfig:
+    iters: int = 200
+    lr: float | None = None  # None: 1 / iters, for the offsets and the clipping factors alike
+    batch_tokens: int = 128  # tokens per expert per step (measured: 128 no worse than 256 at 2 bits, faster)
+    seed: int = 0
+    # weigh each token's squared error by its routing weight squared (the expert's output enters the layer's
+    # output times that weight)
+    routing_weighted: bool = False
+    # "layer": all experts of a layer on the layer's output (signround_layer); "expert": each expert on its
+    # own output (signround_experts)
+    scope: str = "layer"
+    # with scope "layer": the target is the float model's layer output (a second, float stream of hidden
+    # states through the layers), so the experts also offset the error of the layers before them
+    float_targets: bool = True
+
+
+def _ste_round(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class _Learned:
+    """One batch of matrices [E, rows, K] at widths bits [E], with their learnable V, alpha, beta."""
+
+    def __init__(self, w: torch.Tensor, bits: torch.Tensor, group_size: int):
+        self.w, self.group_size = w.float(), group_size
+        self.k = w.shape[-1]
+        vals, mask = _pad_groups(self.w, group_size)
+        big = torch.finfo(torch.float32).max
+        self.lo = torch.where(mask, vals, torch.full_like(vals, big)).amin(-1)  # [E, rows, G]
+        self.hi = torch.where(mask, vals, torch.full_like(vals, -big)).amax(-1)
+        self.qmax = qmax_of(bits, 3, w.device)  # [E, 1, 1]
+        f = _best_clip(vals, mask, self.lo, self.hi, self.qmax)
+        self.alpha = f.clone().requires_grad_(True)
+        self.beta = f.clone().requires_grad_(True)
+        self.v = torch.zeros_like(self.w, requires_grad=True)
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.v, self.alpha, self.beta]
+
+    def _scale_zero(self, hard: bool):
+        lo, hi = self.lo * self.beta, self.hi * self.alpha
+        flat = (hi - lo) < _MIN_SCALE * self.qmax
+        lo = torch.where(flat, torch.minimum(lo, torch.zeros_like(lo)), lo)
+        hi = torch.where(flat, torch.maximum(hi, torch.zeros_like(hi)), hi)
+        s = ((hi - lo) / self.qmax).clamp_min(_MIN_SCALE)
+        if hard:
+            s = s.half().float()
+        rz = torch.round if hard else _ste_round
+        z = torch.minimum(rz(-lo / s).clamp_min(0), self.qmax)
+        return s, z
+
+    def _expand(self, t: torch.Tensor) -> torch.Tensor:
+        return t[..., torch.arange(self.k, device=t.device) // self.group_size]
+
+    def forward(self) -> torch.Tensor:
+        """The dequantized weights, differentiable in V, alpha and beta."""
+        s, z = self._scale_zero(hard=False)
+        if self.k % self.group_size == 0:  # whole groups: broadcast over a [.., G, g] view, no gather
+            shape = (*self.w.shape[:-1], self.k // self.group_size, self.group_size)
+            s, z = s[..., None], z[..., None]
+            q = torch.minimum((_ste_round(self.w.view(shape) / s + self.v.view(shape)) + z).clamp_min(0),
+                              self.qmax[..., None])
+            return ((q - z) * s).view(self.w.shape)
+        s, z = self._expand(s), self._expand(z)
+        q = torch.minimum((_ste_round(self.w / s + self.v) + z).clamp_min(0), self.qmax)
+        return (q - z) * s
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.v.clamp_(-0.5, 0.5)
+        self.alpha.clamp_(0.5, 1.0)
+        self.beta.clamp_(0.5, 1.0)
+
+    @torch.no_grad()
+    def export(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """codes uint8 [E, rows, K], scales float16 and zeros uint8 [E, rows, G] of the current parameters."""
+        s, z = self._scale_zero(hard=True)
+        q = torch.minimum((torch.round(self.w / self._expand(s) + self.v) + self._expand(z)).clamp_min(0), self.qmax)
+        return q.to(torch.uint8), s.half(), z.to(torch.uint8)
+
+
+def _best_clip(vals, mask, lo, hi, qmax) -> torch.Tensor:
+    """Per group, the clipping search's shrink factor (primitives.choose_params' grid, unweighted)."""
+    best_f = torch.ones_like(lo)
+    best_err = None
+    for f in CLIP_GRID:
+        s, z = _params_from_range(lo * f, hi * f, qmax)
+        q = torch.minimum((torch.round(vals / s[..., None]) + z[..., None]).clamp_min(0), qmax[..., None])
+        err = ((((q - z[..., None]) * s[..., None]) - vals) ** 2 * mask).sum(-1)
+        if best_err is None:
+            best_err = err
+        else:
+            better = err < best_err
+            best_f = torch.where(better, torch.full_like(best_f, f), best_f)
+            best_err = torch.minimum(err, best_err)
+    return best_f
+
+
+def _expert_out(x, w1, w2, inter: int, act: Callable) -> torch.Tensor:
+    """x [E, n, H], w1 [E, 2I, H], w2 [E, H, I] -> [E, n, H]."""
+    a = torch.bmm(x, w1.transpose(1, 2))
+    return torch.bmm(act(a[..., :inter]) * a[..., inter:], w2.transpose(1, 2))
+
+
+def signround_experts(w1: torch.Tensor, w2: torch.Tensor, xs: list[torch.Tensor], bits: list[int], group_size: int,
+                      act: Callable, cfg: SignRoundConfig = SignRoundConfig(),
+                      rs: list[torch.Tensor] | None = None
+                      ) -> list[tuple[QuantizedMatrix, QuantizedMatrix, float, float]]:
+    """Learned rounding for E experts: w1 [E, 2I, H], w2 [E, H, I], xs their routed inputs (each [n_e, H],
+    n_e >= 1). Returns per expert (q1, q2, output error of the result, output error of the start), the errors
+    relative (||Y' - Y|| / ||Y||) on all of the expert's routed tokens."""
+    dev = w1.device
+    e_count, inter = w1.shape[0], w2.shape[-1]
+    b = torch.tensor(bits, device=dev)
+    m1, m2 = _Learned(w1, b, group_size), _Learned(w2, b, group_size)
+    w1f, w2f = w1.float(), w2.float()
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    lr0 = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
+    params = m1.params() + m2.params()
+
+    def full_errors(q1, q2) -> list[float]:
+        out = []
+        with torch.no_grad():
+            for e, x in enumerate(xs):
+                ref = _expert_out(x[None], w1f[e:e + 1], w2f[e:e + 1], inter, act)
+                got = _expert_out(x[None], q1[e:e + 1], q2[e:e + 1], inter, act)
+                out.append(float((got - ref).norm() / ref.norm().clamp_min(1e-12)))
+        return out
+
+    start = [m.export() for m in (m1, m2)]
+    for step in range(cfg.iters):
+        idx = torch.stack([torch.randint(0, x.shape[0], (cfg.batch_tokens,), generator=gen, device=dev) for x in xs])
+        xb = torch.stack([x[i] for x, i in zip(xs, idx)])  # [E, B, H]
+        with torch.no_grad():
+            ref = _expert_out(xb, w1f, w2f, inter, act)
+        sq = (_expert_out(xb, m1.forward(), m2.forward(), inter, act) - ref) ** 2
+        if cfg.routing_weighted and rs is not None:
+            sq = sq * torch.stack([r[i] for r, i in zip(rs, idx)])[..., None] ** 2
+        loss = sq.sum()
+        grads = torch.autograd.grad(loss, params)
+        lr = lr0 * (1.0 - step / cfg.iters)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(lr * torch.sign(g))
+        m1.clamp_()
+        m2.clamp_()
+    learned = [m1.export(), m2.export()]
+
+    def deq(m: _Learned, c) -> torch.Tensor:
+        codes, s, z = c
+        return (codes.float() - m._expand(z.float())) * m._expand(s.float())
+
+    err_new = full_errors(deq(m1, learned[0]), deq(m2, learned[1]))
+    err_old = full_errors(deq(m1, start[0]), deq(m2, start[1]))
+    out = []
+    for e in range(e_count):
+        pick = learned if err_new[e] <= err_old[e] else start
+        q1 = QuantizedMatrix(bits[e], group_size, *(t[e] for t in pick[0]))
+        q2 = QuantizedMatrix(bits[e], group_size, *(t[e] for t in pick[1]))
+        out.append((q1, q2, min(err_new[e], err_old[e]), err_old[e]))
+    return out
+
+
+def routed_sum(x: torch.Tensor, idx: torch.Tensor, rw: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+               act: Callable) -> torch.Tensor:
+    """sum_j rw_j E_j(x) per token: x [n, H], idx/rw [n, k] (an index of -1 is a slot outside this call),
+    w1 [E, 2I, H], w2 [E, H, I] -> [n, H]. The (token, expert) pairs are dispatched into one padded
+    [E, m, H] batch: one batched product per matrix, differentiable in w1 and w2."""
+    dev, (n, k), e_count = x.device, idx.shape, w1.shape[0]
+    tok = torch.arange(n, device=dev).repeat_interleave(k)
+    exp, wt = idx.reshape(-1), rw.reshape(-1)
+    valid = exp >= 0
+    tok, exp, wt = tok[valid], exp[valid], wt[valid]
+    order = torch.argsort(exp, stable=True)
+    tok, exp, wt = tok[order], exp[order], wt[order]
+    counts = torch.bincount(exp, minlength=e_count)
+    pos = torch.arange(len(exp), device=dev) - (torch.cumsum(counts, 0) - counts)[exp]
+    xp = x.new_zeros(e_count, int(counts.max()) if len(exp) else 0, x.shape[1])
+    xp[exp, pos] = x[tok]
+    y = _expert_out(xp, w1, w2, w2.shape[-1], act)[exp, pos] * wt[:, None]
+    return x.new_zeros(n, x.shape[1]).index_add(0, tok, y)
+
+
+def in_row_chunks(n: int, dev, fn, rows_per: int = 4096) -> torch.Tensor:
+    return torch.cat([fn(rows) for rows in torch.arange(n, device=dev).split(rows_per)])
+
+
+def signround_layer(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, rw: torch.Tensor,
+                    delta: torch.Tensor | None, bits: list[int], group_size: int, act: Callable,
+                    cfg: SignRoundConfig = SignRoundConfig()) -> tuple[list[tuple[QuantizedMatrix, QuantizedMatrix]], dict]:
+    """Learned rounding for E experts of one MoE layer on the layer's own output.
+
+    x [N, H] the tokens entering the experts, idx/rw [N, k] their routing (-1: an expert outside this call,
+    see `quantize_layer`'s chunks); the loss of a token is ||sum_j rw_j (E_j'(x) - E_j(x)) - delta||^2: the
+    change the quantized experts make to the layer's output, against `delta` [N, H] (the float model's layer
+    output minus this model's with float experts: the error the layers before introduced, which the experts
+    then also learn to offset) or zero. Each step draws about `batch_tokens` tokens per expert. Experts no
+    token reaches keep the start. Returns the matrices and {"loss_start", "loss_learned"} (mean squared,
+    over every token)."""
+    dev = w1.device
+    e_count = w1.shape[0]
+    n = idx.shape[0]
+    b = torch.tensor(bits, device=dev)
+    m1, m2 = _Learned(w1, b, group_size), _Learned(w2, b, group_size)
+    w1f, w2f = w1.float(), w2.float()
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    lr0 = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
+    params = m1.params() + m2.params()
+    hits = max(float((idx >= 0).sum()) / max(n, 1), 1.0)  # routed slots per token in this call
+    per_step = max(1, min(n, int(cfg.batch_tokens * e_count / hits)))
+
+    # the target of every token, once: the float experts' routed sum plus delta
+    with torch.no_grad():
+        target = in_row_chunks(n, dev, lambda r: routed_sum(x[r], idx[r], rw[r], w1f, w2f, act))
+        if delta is not None:
+            target += delta
+
+    def full_loss(q1, q2) -> float:
+        with torch.no_grad():
+            return float(in_row_chunks(n, dev, lambda r: ((routed_sum(x[r], idx[r], rw[r], q1, q2, act) - target[r]) ** 2)
+                                    .sum(-1)).sum()) / max(n, 1)
+
+    def deq(m: _Learned, c) -> torch.Tensor:
+        codes, s, z = c
+        return (codes.float() - m._expand(z.float())) * m._expand(s.float())
+
+    start = [m1.export(), m2.export()]
+    for step in range(cfg.iters):
+        rows = torch.randint(0, n, (per_step,), generator=gen, device=dev)
+        r = routed_sum(x[rows], idx[rows], rw[rows], m1.forward(), m2.forward(), act) - target[rows]
+        grads = torch.autograd.grad((r ** 2).sum(), params, allow_unused=True)
+        lr = lr0 * (1.0 - step / cfg.iters)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.sub_(lr * torch.sign(g))
+        m1.clamp_()
+        m2.clamp_()
+    learned = [m1.export(), m2.export()]
+    loss_learned = full_loss(deq(m1, learned[0]), deq(m2, learned[1]))
+    loss_start = full_loss(deq(m1, start[0]), deq(m2, start[1]))
+    pick = learned if loss_learned <= loss_start else start
+    mats = [(QuantizedMatrix(bits[e], group_size, *(t[e] for t in pick[0])),
+             QuantizedMatrix(bits[e], group_size, *(t[e] for t in pick[1]))) for e in range(e_count)]
+    return mats, {"loss_start": loss_start, "loss_learned": loss_learned}

@@ -1,0 +1,154 @@
+"""Learned rounding (quantization/signround.py): its start, its loss, that it learns, and the pipeline's use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny_models as tm
+from mopeq_export.calibration import CalibrationInfo, CalibrationSet
+from mopeq_export.models.adapters import find_moe_layers
+from mopeq_export.quantization.gptq import GPTQConfig
+from mopeq_export.quantization.pipeline import QuantizeConfig, quantize_layers
+from mopeq_export.quantization.primitives import rtn
+from mopeq_export.quantization.signround import SignRoundConfig, signround_experts, signround_layer
+
+act = torch.nn.functional.silu
+
+
+def _problem(seed: int, e=4, h=64, inter=48, n=400, k=2):
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(e, 2 * inter, h, generator=g) * 0.1
+    w2 = torch.randn(e, h, inter, generator=g) * 0.1
+    x = torch.randn(n, h, generator=g)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+    rw = torch.rand(n, k, generator=g)
+    return w1, w2, x, idx, rw
+
+
+def _expert(x, a, b, inter):
+    y = x @ a.t()
+    return (act(y[:, :inter]) * y[:, inter:]) @ b.t()
+
+
+def _reference_loss(w1, w2, q1, q2, x, idx, rw, delta) -> float:
+    """Per token, one expert at a time: ||sum_j rw_j (E_j'(x) - E_j(x)) - delta||^2, averaged."""
+    inter = w2.shape[-1]
+    total = 0.0
+    for t in range(x.shape[0]):
+        change = torch.zeros(x.shape[1])
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            change += rw[t, j] * (_expert(x[t:t + 1], q1[e], q2[e], inter) - _expert(x[t:t + 1], w1[e], w2[e], inter))[0]
+        total += float(((change - (delta[t] if delta is not None else 0)) ** 2).sum())
+    return total / x.shape[0]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_start_is_round_to_nearest_with_the_clipping_search(bits):
+    w1, w2, x, idx, rw = _problem(bits)
+    mats, info = signround_layer(w1, w2, x, idx, rw, None, [bits] * 4, 32, act, SignRoundConfig(iters=0))
+    for e, (q1, q2) in enumerate(mats):
+        for q, w in ((q1, w1[e]), (q2, w2[e])):
+            r = rtn(w, bits, 32)
+            assert torch.equal(q.codes, r.codes) and torch.equal(q.scales, r.scales) and torch.equal(q.zeros, r.zeros)
+    assert info["loss_learned"] == info["loss_start"]
+
+
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_reported_loss_is_the_layer_output_change(with_delta):
+    w1, w2, x, idx, rw = _problem(7, n=60)
+    delta = torch.randn(60, 64, generator=torch.Generator().manual_seed(1)) * 0.01 if with_delta else None
+    mats, info = signround_layer(w1, w2, x, idx, rw, delta, [2, 3, 4, 2], 32, act, SignRoundConfig(iters=5))
+    q1 = torch.stack([a.dequantize() for a, _ in mats])
+    q2 = torch.stack([b.dequantize() for _, b in mats])
+    ref = _reference_loss(w1, w2, q1, q2, x, idx, rw, delta)
+    chosen = min(info["loss_learned"], info["loss_start"])
+    assert chosen == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_learning_lowers_the_layer_loss_at_two_bits(seed):
+    w1, w2, x, idx, rw = _problem(100 + seed)
+    _, info = signround_layer(w1, w2, x, idx, rw, None, [2] * 4, 32, act, SignRoundConfig(iters=60, batch_tokens=64))
+    assert info["loss_learned"] < 0.95 * info["loss_start"]
+
+
+def test_the_learned_experts_offset_a_target_shift():
+    """With delta the target moves; the learned experts move towards it (lower loss against delta than the
+    round-to-nearest start), and the start's loss against delta is what the reference says."""
+    w1, w2, x, idx, rw = _problem(5)
+    delta = 0.02 * _expert(x, w1[0], w2[0], 48)  # a shift the experts can partly represent
+    _, info = signround_layer(w1, w2, x, idx, rw, delta, [4] * 4, 32, act, SignRoundConfig(iters=60, batch_tokens=64))
+    assert info["loss_learned"] < 0.9 * info["loss_start"]
+
+
+def test_per_expert_scope_never_worse_than_its_start():
+    w1, w2, x, _, _ = _problem(3)
+    xs = [x[i::4] for i in range(4)]
+    out = signround_experts(w1, w2, xs, [2, 2, 3, 3], 32, act, SignRoundConfig(iters=30, batch_tokens=64))
+    assert all(new <= old for _, _, new, old in out)
+    assert sum(new for _, _, new, _ in out) < sum(old for _, _, _, old in out)
+
+
+def _calib(n=6, t=24) -> CalibrationSet:
+    ids = torch.randint(3, tm.V, (n, t), generator=torch.Generator().manual_seed(0))
+    return CalibrationSet(CalibrationInfo("synthetic", "0" * 64, "text", n, t, n * t),
+                          [{"input_ids": b, "labels": b} for b in ids.split(3)])
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "modulelist"])
+@pytest.mark.parametrize("scope,float_targets", [("layer", True), ("layer", False), ("expert", False)])
+def test_pipeline_signround_quantizes_every_expert_closer_than_rtn(arch, scope, float_targets):
+    """Learned rounding through the layer walk (with the float stream for float targets): every expert gets
+    its width, and on the calibration tokens (what it fits; a tiny random model generalises nothing) the
+    model's logits are closer to the float model's than with round-to-nearest."""
+    torch.manual_seed(0)
+    ref = tm.ALL_MOE[arch]()
+    x = torch.cat([b["input_ids"] for b in _calib().batches])
+    with torch.no_grad():
+        want = ref(input_ids=x).logits
+    errs = {}
+    for method in ("rtn", "signround"):
+        model = tm.ALL_MOE[arch]()
+        model.load_state_dict(ref.state_dict())
+        layers = find_moe_layers(model)
+        bits = {n: 2 for l in layers for n in l.expert_names}
+        cfg = QuantizeConfig(method=method, gptq=GPTQConfig(min_tokens=4),
+                             signround=SignRoundConfig(iters=40, batch_tokens=32, scope=scope,
+                                                       float_targets=float_targets))
+        results = quantize_layers(model, layers, bits, _calib(), cfg)
+        assert [r.bits for rs in results for r in rs] == list(bits.values())
+        if method == "signround":
+            assert any(r.method == "signround" for rs in results for r in rs)
+        with torch.no_grad():
+            errs[method] = float((model(input_ids=x).logits - want).norm())
+    assert errs["signround"] < errs["rtn"]
+
+
+def test_layer_in_expert_chunks_still_beats_rtn():
+    """With too little working memory for a whole layer the experts are learned in chunks (one expert each
+    here), each chunk's target carrying the change of the chunks before it."""
+    from mopeq_export.models.sequential import SequentialRunner
+    from mopeq_export.quantization.pipeline import quantize_sequential
+
+    torch.manual_seed(0)
+    ref = tm.qwen2_moe()
+    calib = _calib()
+    x = torch.cat([b["input_ids"] for b in calib.batches])
+    with torch.no_grad():
+        want = ref(input_ids=x).logits
+    errs = {}
+    for method, work in (("rtn", 1 << 30), ("signround", 1)):
+        model = tm.qwen2_moe()
+        model.load_state_dict(ref.state_dict())
+        layers = find_moe_layers(model)
+        bits = {n: 2 for l in layers for n in l.expert_names}
+        cfg = QuantizeConfig(method=method, gptq=GPTQConfig(min_tokens=4),
+                             signround=SignRoundConfig(iters=40, batch_tokens=32))
+        runner = SequentialRunner(model, calib.batches if method != "rtn" else [], torch.device("cpu"))
+        results = quantize_sequential(runner, layers, bits, cfg, work_bytes=work)
+        assert all(r.bits == 2 for rs in results for r in rs)
+        with torch.no_grad():
+            errs[method] = float((model(input_ids=x).logits - want).norm())
+    assert errs["signround"] < errs["rtn"]
