@@ -106,6 +106,11 @@ class _Learned:
         self.alpha.clamp_(0.5, 1.0)
         self.beta.clamp_(0.5, 1.0)
 
+    def dequantize(self, exported) -> torch.Tensor:
+        """The weights of `export()`'s (codes, scales, zeros)."""
+        codes, s, z = exported
+        return (codes.float() - self._expand(z.float())) * self._expand(s.float())
+
     @torch.no_grad()
     def export(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """codes uint8 [E, rows, K], scales float16 and zeros uint8 [E, rows, G] of the current parameters."""
@@ -131,6 +136,23 @@ def _best_clip(vals, mask, lo, hi, qmax) -> torch.Tensor:
     return best_f
 
 
+def _descend(m1: _Learned, m2: _Learned, loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+             cfg: SignRoundConfig) -> None:
+    """cfg.iters signed-gradient steps on loss_of(w1', w2') (each call draws its own minibatch), the step
+    decaying linearly from lr to zero, the parameters clamped to their ranges after each."""
+    params = m1.params() + m2.params()
+    lr0 = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
+    for step in range(cfg.iters):
+        grads = torch.autograd.grad(loss_of(m1.forward(), m2.forward()), params, allow_unused=True)
+        lr = lr0 * (1.0 - step / cfg.iters)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.sub_(lr * torch.sign(g))
+        m1.clamp_()
+        m2.clamp_()
+
+
 def _expert_out(x, w1, w2, inter: int, act: Callable) -> torch.Tensor:
     """x [E, n, H], w1 [E, 2I, H], w2 [E, H, I] -> [E, n, H]."""
     a = torch.bmm(x, w1.transpose(1, 2))
@@ -150,8 +172,6 @@ def signround_experts(w1: torch.Tensor, w2: torch.Tensor, xs: list[torch.Tensor]
     m1, m2 = _Learned(w1, b, group_size), _Learned(w2, b, group_size)
     w1f, w2f = w1.float(), w2.float()
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    lr0 = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
-    params = m1.params() + m2.params()
 
     def full_errors(q1, q2) -> list[float]:
         out = []
@@ -162,31 +182,21 @@ def signround_experts(w1: torch.Tensor, w2: torch.Tensor, xs: list[torch.Tensor]
                 out.append(float((got - ref).norm() / ref.norm().clamp_min(1e-12)))
         return out
 
-    start = [m.export() for m in (m1, m2)]
-    for step in range(cfg.iters):
+    def loss_of(q1, q2):
         idx = torch.stack([torch.randint(0, x.shape[0], (cfg.batch_tokens,), generator=gen, device=dev) for x in xs])
         xb = torch.stack([x[i] for x, i in zip(xs, idx)])  # [E, B, H]
         with torch.no_grad():
             ref = _expert_out(xb, w1f, w2f, inter, act)
-        sq = (_expert_out(xb, m1.forward(), m2.forward(), inter, act) - ref) ** 2
+        sq = (_expert_out(xb, q1, q2, inter, act) - ref) ** 2
         if cfg.routing_weighted and rs is not None:
             sq = sq * torch.stack([r[i] for r, i in zip(rs, idx)])[..., None] ** 2
-        loss = sq.sum()
-        grads = torch.autograd.grad(loss, params)
-        lr = lr0 * (1.0 - step / cfg.iters)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.sub_(lr * torch.sign(g))
-        m1.clamp_()
-        m2.clamp_()
+        return sq.sum()
+
+    start = [m1.export(), m2.export()]
+    _descend(m1, m2, loss_of, cfg)
     learned = [m1.export(), m2.export()]
-
-    def deq(m: _Learned, c) -> torch.Tensor:
-        codes, s, z = c
-        return (codes.float() - m._expand(z.float())) * m._expand(s.float())
-
-    err_new = full_errors(deq(m1, learned[0]), deq(m2, learned[1]))
-    err_old = full_errors(deq(m1, start[0]), deq(m2, start[1]))
+    err_new = full_errors(m1.dequantize(learned[0]), m2.dequantize(learned[1]))
+    err_old = full_errors(m1.dequantize(start[0]), m2.dequantize(start[1]))
     out = []
     for e in range(e_count):
         pick = learned if err_new[e] <= err_old[e] else start
@@ -239,8 +249,6 @@ def signround_layer(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, idx: to
     m1, m2 = _Learned(w1, b, group_size), _Learned(w2, b, group_size)
     w1f, w2f = w1.float(), w2.float()
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    lr0 = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
-    params = m1.params() + m2.params()
     hits = max(float((idx >= 0).sum()) / max(n, 1), 1.0)  # routed slots per token in this call
     per_step = max(1, min(n, int(cfg.batch_tokens * e_count / hits)))
 
@@ -255,25 +263,15 @@ def signround_layer(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, idx: to
             return float(in_row_chunks(n, dev, lambda r: ((routed_sum(x[r], idx[r], rw[r], q1, q2, act) - target[r]) ** 2)
                                     .sum(-1)).sum()) / max(n, 1)
 
-    def deq(m: _Learned, c) -> torch.Tensor:
-        codes, s, z = c
-        return (codes.float() - m._expand(z.float())) * m._expand(s.float())
+    def loss_of(q1, q2):
+        rows = torch.randint(0, n, (per_step,), generator=gen, device=dev)
+        return ((routed_sum(x[rows], idx[rows], rw[rows], q1, q2, act) - target[rows]) ** 2).sum()
 
     start = [m1.export(), m2.export()]
-    for step in range(cfg.iters):
-        rows = torch.randint(0, n, (per_step,), generator=gen, device=dev)
-        r = routed_sum(x[rows], idx[rows], rw[rows], m1.forward(), m2.forward(), act) - target[rows]
-        grads = torch.autograd.grad((r ** 2).sum(), params, allow_unused=True)
-        lr = lr0 * (1.0 - step / cfg.iters)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                if g is not None:
-                    p.sub_(lr * torch.sign(g))
-        m1.clamp_()
-        m2.clamp_()
+    _descend(m1, m2, loss_of, cfg)
     learned = [m1.export(), m2.export()]
-    loss_learned = full_loss(deq(m1, learned[0]), deq(m2, learned[1]))
-    loss_start = full_loss(deq(m1, start[0]), deq(m2, start[1]))
+    loss_learned = full_loss(m1.dequantize(learned[0]), m2.dequantize(learned[1]))
+    loss_start = full_loss(m1.dequantize(start[0]), m2.dequantize(start[1]))
     pick = learned if loss_learned <= loss_start else start
     mats = [(QuantizedMatrix(bits[e], group_size, *(t[e] for t in pick[0])),
              QuantizedMatrix(bits[e], group_size, *(t[e] for t in pick[1]))) for e in range(e_count)]
