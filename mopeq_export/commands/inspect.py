@@ -50,6 +50,9 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
     t.add_row("dense weights", "float (bundle of an older toolchain)" if dense is None else
               ", ".join(f"{c} {'float' if b == 16 else f'{b}-bit'}" for c, b in dense.widths.items()))
     t.add_row("kernel", f"{m.kernel.status}: {m.kernel.library or m.kernel.source or '-'} ({m.kernel.note})")
+    g = m.genai
+    t.add_row("ONNX Runtime GenAI", "no record (bundle of an older toolchain)" if g is None else
+              f"{g.get('config') or 'no config'}: {g.get('note', '')}")
     v = m.validation
     met = v.get("metrics", {})
     fid = (f"ppl x{met['ppl_ratio']:.4f}, KL {met['kl']:.4f}, top-1 {met['top1_agreement']:.4f}" if "ppl_ratio" in met
