@@ -1,23 +1,25 @@
-"""Learned rounding and clipping for routed experts: signed-gradient descent on each expert's output error.
+"""Learned rounding and clipping for routed experts: signed-gradient descent on the quantization's output error.
 
-For expert e with routed inputs X_e, the float expert's output Y_e = w2 · (act(X_e w1_gate^T) * X_e w1_up^T)
-is the target. Each matrix gets per-weight rounding offsets V in [-0.5, 0.5] and per-group shrink factors
-alpha (of the group's max) and beta (of its min) in [0.5, 1]:
+Each matrix gets per-weight rounding offsets V in [-0.5, 0.5] and per-group shrink factors alpha (of the
+group's max) and beta (of its min) in [0.5, 1]:
 
     lo = beta * min(w_g),  hi = alpha * max(w_g),  s = (hi - lo) / qmax,  z = clamp(round(-lo / s), 0, qmax)
     q  = clamp(round(w / s + V) + z, 0, qmax),  w' = (q - z) * s
 
-V, alpha and beta minimise ||expert(X_e; w1', w2') - Y_e||^2 on minibatches of the routed tokens by signed
-gradient steps (rounding through the straight-through estimator), with a learning rate that decays linearly
-to zero: the SignRound algorithm (Cheng et al., "Optimize Weight Rounding via Signed Gradient Descent for the
-Quantization of LLMs", 2023), here per expert and with both of its matrices optimised together. The start is
-round-to-nearest with the clipping search's factor, so the result is kept only where it lowers the output
-error on all routed tokens; otherwise that start is. The codes, scales and zeros are the packed format's
-(docs/FORMAT.md §2): nothing downstream changes.
+V, alpha and beta minimise a squared output error on minibatches of calibration tokens by signed gradient
+steps (rounding through the straight-through estimator), with a learning rate that decays linearly to zero: the
+SignRound algorithm (Cheng et al., "Optimize Weight Rounding via Signed Gradient Descent for the Quantization
+of LLMs", 2023), with both matrices of each expert optimised together. Two objectives:
 
-Every expert of a chunk is optimised at once (batched matrix products over [E, ...]); each step draws the
-same number of tokens for every expert (with replacement where an expert has fewer), and the signed step
-makes each expert's update independent of how its loss is scaled against the others'.
+    signround_layer    (the default) all experts of a layer on the layer's routing-weighted output, against a
+                       target that can carry the float model's output (delta; quantization/pipeline.py)
+    signround_experts  each expert on its own output ||expert(X_e; w1', w2') - expert(X_e; w1, w2)||^2
+
+The start is round-to-nearest with the clipping search's factor, and the result is kept only where it lowers
+the loss on all calibration tokens; otherwise that start is. The codes, scales and zeros are the packed
+format's (docs/FORMAT.md §2): nothing downstream changes. Every expert of a call is optimised at once
+(batched matrix products over [E, ...]), and the signed step makes each expert's update independent of how
+its loss is scaled against the others'.
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ from typing import Callable
 
 import torch
 
-from .primitives import CLIP_GRID, QuantizedMatrix, _pad_groups, _params_from_range, qmax_of
-
-_MIN_SCALE = 1e-6
+from .primitives import (_MIN_SCALE, CLIP_GRID, QuantizedMatrix, _candidate_error, _pad_groups, _params_from_range,
+                         qmax_of)
 
 
 @dataclass(frozen=True)
@@ -123,10 +124,10 @@ def _best_clip(vals, mask, lo, hi, qmax) -> torch.Tensor:
     """Per group, the clipping search's shrink factor (primitives.choose_params' grid, unweighted)."""
     best_f = torch.ones_like(lo)
     best_err = None
+    weight, work = mask.float(), torch.empty_like(vals)
     for f in CLIP_GRID:
         s, z = _params_from_range(lo * f, hi * f, qmax)
-        q = torch.minimum((torch.round(vals / s[..., None]) + z[..., None]).clamp_min(0), qmax[..., None])
-        err = ((((q - z[..., None]) * s[..., None]) - vals) ** 2 * mask).sum(-1)
+        err = _candidate_error(vals, s, z, qmax, weight, work)
         if best_err is None:
             best_err = err
         else:
