@@ -11,7 +11,7 @@ from mopeq_export.models.adapters import find_moe_layers
 from mopeq_export.quantization.gptq import GPTQConfig
 from mopeq_export.quantization.pipeline import QuantizeConfig, quantize_layers
 from mopeq_export.quantization.primitives import rtn
-from mopeq_export.quantization.signround import SignRoundConfig, signround_experts, signround_layer
+from mopeq_export.quantization.signround import SignRoundConfig, _Learned, signround_experts, signround_layer
 
 act = torch.nn.functional.silu
 
@@ -53,6 +53,34 @@ def test_start_is_round_to_nearest_with_the_clipping_search(bits):
             r = rtn(w, bits, 32)
             assert torch.equal(q.codes, r.codes) and torch.equal(q.scales, r.scales) and torch.equal(q.zeros, r.zeros)
     assert info["loss_learned"] == info["loss_start"]
+
+
+def _autograd_fake_quant(m: _Learned) -> torch.Tensor:
+    """The plain composition of torch operations the fused forward/backward must equal."""
+    s, z = m._scale_zero(hard=False)
+    s, z = m._expand(s), m._expand(z)
+    u = m.w / s + m.v
+    q = torch.minimum((u + (torch.round(u) - u).detach() + z).clamp_min(0), m.qmax)
+    return (q - z) * s
+
+
+@pytest.mark.parametrize("k", [256, 80])  # whole groups (the [.., G, g] view) and a partial last group
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fused_fake_quant_matches_autograd(k, seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    w = torch.randn(6, 40, k, generator=g) * 0.05
+    m = _Learned(w, torch.tensor([2, 3, 4, 2, 3, 4]), 32)
+    with torch.no_grad():  # move off the start so that clipping and offsets are all in play
+        m.v.copy_(torch.rand(m.v.shape, generator=g) - 0.5)
+        m.alpha.copy_(0.5 + 0.5 * torch.rand(m.alpha.shape, generator=g))
+        m.beta.copy_(0.5 + 0.5 * torch.rand(m.beta.shape, generator=g))
+    up = torch.randn(w.shape, generator=g)
+    got, want = m.forward(), _autograd_fake_quant(m)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    for a, b in zip(torch.autograd.grad((got * up).sum(), m.params()),
+                    torch.autograd.grad((want * up).sum(), m.params())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert (torch.sign(a) == torch.sign(b)).float().mean() > 0.999  # the step uses the signs
 
 
 @pytest.mark.parametrize("with_delta", [False, True])
@@ -152,3 +180,26 @@ def test_layer_in_expert_chunks_still_beats_rtn():
         with torch.no_grad():
             errs[method] = float((model(input_ids=x).logits - want).norm())
     assert errs["signround"] < errs["rtn"]
+
+
+def test_runner_capture_of_the_first_batches():
+    """`run(first=k)` (the dense weights' GPTQ capture) sends only the first k batches through the layer and
+    does not advance the stream; a pass that advances refuses it."""
+    from mopeq_export.models.sequential import SequentialRunner
+
+    model = tm.qwen2_moe()
+    calib = _calib(n=9, t=16)  # three batches of three
+    runner = SequentialRunner(model, calib.batches, torch.device("cpu"))
+    before = [h.clone() for h in runner.hidden]
+    seen = []
+    with runner.loaded(0) as layer:
+        handle = layer.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
+            (args[0] if args else kwargs["hidden_states"]).clone()), with_kwargs=True)
+        try:
+            assert runner.run(0, layer, stop_ok=True, first=2) is None
+        finally:
+            handle.remove()
+        with pytest.raises(ValueError):
+            runner.run(0, layer, first=2)
+    assert len(seen) == 2 and all(torch.equal(s, b) for s, b in zip(seen, before[:2]))
+    assert all(torch.equal(h, b) for h, b in zip(runner.hidden, before))

@@ -27,7 +27,7 @@ def quantize(
     group_size: int = typer.Option(32, "--group-size", help="quantization group size (multiple of 32)"),
     samples: Optional[int] = typer.Option(None, "--samples",
                                           help="calibration samples (default: 32 for gptq, 128 for signround)"),
-    iters: int = typer.Option(200, "--iters", help="signround: signed-gradient steps per layer"),
+    iters: int = typer.Option(SignRoundConfig.iters, "--iters", help="signround: signed-gradient steps per layer"),
     seq_len: int = typer.Option(256, "--seq-len", help="text calibration window"),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by decreasing Hessian diagonal"),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening (fraction of mean diagonal)"),
@@ -41,7 +41,7 @@ def quantize(
                                                           "(one layer is resident, so it costs little) or bfloat16"),
     force: bool = typer.Option(False, "--force", help="replace a previous quantize output at --out (nothing else)"),
 ) -> None:
-    """Quantize routed experts (GPTQ per expert on its own routed tokens, or RTN) into the packed format."""
+    """Quantize routed experts (GPTQ per expert on its own routed tokens, learned rounding on each layer's output, or RTN) into the packed format."""
     from ..api import quantize as run
 
     t0 = time.time()

@@ -162,13 +162,16 @@ class SequentialRunner:
                 trim_host_heap()
 
     def run(self, i: int, layer: nn.Module, *, stop_ok: bool = False,
-            on_batch: Callable[[int], None] | None = None) -> list[torch.Tensor] | None:
+            on_batch: Callable[[int], None] | None = None, first: int | None = None) -> list[torch.Tensor] | None:
         """Layer i on every batch's current hidden states. Returns the next layer's inputs (and advances to
-        them), or None when hooks stop the layer early (`stop_ok`: a capture of what reaches a sub-module).
+        them), or None when hooks stop the layer early (`stop_ok`: a capture of what reaches a sub-module;
+        `first`: only the first that many batches, for such a capture).
         `on_batch(b)` is called before batch b goes in (hooks use it to know the batch's padding)."""
+        if first is not None and not stop_ok:
+            raise ValueError("first= is for captures (stop_ok=True): a pass that advances needs every batch")
         outs = []
         with torch.no_grad():
-            for b, (h, call) in enumerate(zip(self.hidden, self.calls[i])):
+            for b, (h, call) in enumerate(zip(self.hidden[:first], self.calls[i][:first])):
                 if on_batch is not None:
                     on_batch(b)
                 try:

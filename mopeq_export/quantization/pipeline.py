@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ..calibration import CalibrationSet
+from ..devices import heap_reuse
 from ..errors import MopeqError
 from ..models.adapters import MoELayer, StopForward
 from ..models.sequential import SequentialRunner
@@ -47,6 +48,10 @@ class QuantizeConfig:
     # scale each routed token by its routing weight in the Gram matrices (the expert's output is added
     # times that weight); measured on text-moe at 2 bits it did not help (x1.0980 vs x1.0900), so off
     routing_weighted: bool = False
+    # calibration windows the dense weights' GPTQ sees (their input Gram matrices; None: all): the GPTQ
+    # default, also under learned rounding's 128, where the extra captures were a third of the stage's time
+    # on text-moe (measured in docs/RESULTS.md)
+    dense_samples: int | None = 32
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -325,8 +330,9 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
                     del out_q
                 else:
                     routed = capture_routed(runner, i, decoder_layer, moe)
-                done = quantize_layer(moe, routed, [bits[n] for n in moe.expert_names], cfg, work_bytes, progress,
-                                      delta)
+                with heap_reuse():
+                    done = quantize_layer(moe, routed, [bits[n] for n in moe.expert_names], cfg, work_bytes,
+                                          progress, delta)
                 del delta
                 for r in done:  # after the whole layer: its experts saw the same (unquantized-layer) inputs
                     moe.set_weights(r.expert, r.w1.dequantize(), r.w2.dequantize())

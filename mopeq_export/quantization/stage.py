@@ -167,6 +167,11 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
     expert_count = sum(p.numel() for n, p in model.named_parameters() if n in expert_params)
 
     dense_recs, dense = [], {}
+    dense_batches = None  # the first batches holding cfg.dense_samples windows
+    if cfg.dense_samples is not None and calib_set is not None:
+        per_batch = [int(b["input_ids"].shape[0]) for b in calib_set.batches]
+        dense_batches = next((k + 1 for k in range(len(per_batch)) if sum(per_batch[:k + 1]) >= cfg.dense_samples),
+                             len(per_batch))
     lrecs, summaries, expert_bytes = [], [], [0]
     classes = dense_linears(model, layers, decoder_layer_paths(model))
 
@@ -185,7 +190,7 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
             if cfg.uses_calibration and runner.batches:
                 grams, handles = _input_grams(model, part)
                 try:
-                    runner.run(i, decoder_layer, stop_ok=True)
+                    runner.run(i, decoder_layer, stop_ok=True, first=dense_batches)
                 finally:
                     for h in handles:
                         h.remove()
