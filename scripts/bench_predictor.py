@@ -4,8 +4,10 @@ increase of quantizing one routed expert alone? (issue "Quality per byte").
 
 Truth (held-out text only, evaluation_data/text_eval.txt): for every routed expert e and width b, quantize
 only e with RTN (group 32, the clipping search of quantization.primitives.rtn, i.e. exactly the
-quantization whose error `analyze` records), measure the mean next-token NLL on W fixed windows of 256
-tokens (float32, CPU) minus the float model's, restore e. Decoder-layer inputs of the float model are
+quantization whose error `analyze` records), measure on W fixed windows of 256 tokens (float32, --device)
+two truths: the mean next-token KL(float || quantized), and the mean next-token NLL minus the float
+model's; restore e. (The NLL increase of one expert is mostly noise: it has a first-order term of either
+sign; the KL is second order and what the Gauss-Newton predictors estimate.) Decoder-layer inputs of the float model are
 cached per batch, so an expert of layer L re-runs layers L.. only (checked against a full forward).
 
 Predictors (all from the sensitivity report or from CALIBRATION data; never the held-out text):
@@ -34,8 +36,10 @@ windows-only interval is in the JSON). Noise: a no-op "quantization" (weights re
 the per-expert standard error over windows, and the split-half (even/odd windows) rank reliability of the
 measurement itself, the ceiling any predictor can reach.
 
-    nice -n 15 .venv/bin/python scripts/bench_predictor.py --sens /tmp/pred/sens/sensitivity.json \
-        --windows 32 --out docs/predictor.json
+    python scripts/bench_predictor.py --sens S --windows 128 --bits 2,3,4 --device cuda --out docs/predictor.json
+
+The JSON also holds every expert's prediction at every width ("predictions"), which
+scripts/compare_allocations.py --predictions turns into budget plans.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import numpy as np
 import torch
 from scipy.stats import kendalltau, spearmanr
 
-from mopeq_export.calibration import labelled_predictions, load_calibration, model_inputs
+from mopeq_export.calibration import labelled_predictions, load_calibration, model_inputs, to_device
 from mopeq_export.evaluate import text_windows
 from mopeq_export.models.adapters import decoder_stack, find_moe_layers
 from mopeq_export.models.loading import load_model, load_tokenizer
@@ -74,6 +78,7 @@ class Cached:
 
     def __init__(self, model, windows: torch.Tensor, batch: int):
         self.model = model
+        self.ref_logp = []  # the float model's log-probabilities per batch (float16), for the KL truth
         _, self.stack = decoder_stack(model)
         self.batches = list(windows.split(batch))
         self.inputs, self.kwargs = [], []
@@ -94,7 +99,8 @@ class Cached:
                     h.remove()
             self.inputs.append([g.detach() for g in got])
             self.kwargs.append(kw)
-        self.base = self.nll_from(0)
+            self.ref_logp.append(torch.log_softmax(logits[:, :-1].float(), -1).half())
+        self.base, _ = self.nll_from(0)
 
     def head(self, h):
         return self.model.lm_head(self.model.model.norm(h))
@@ -105,20 +111,24 @@ class Cached:
         return -lp.gather(-1, ids[:, 1:, None]).squeeze(-1).mean(-1)  # [B] mean NLL per window
 
     @torch.no_grad()
-    def nll_from(self, start: int) -> np.ndarray:
-        out = []
-        for ids, hs, kw in zip(self.batches, self.inputs, self.kwargs):
+    def nll_from(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per window: mean next-token NLL, and mean KL(float || this model) over its positions."""
+        nll, kl = [], []
+        for ids, hs, kw, ref in zip(self.batches, self.inputs, self.kwargs, self.ref_logp):
             h = hs[start]
             for layer in self.stack[start:]:
                 h = layer(h, **kw)
                 h = h[0] if isinstance(h, tuple) else h
-            out.append(self.window_nll(self.head(h), ids))
-        return torch.cat(out).numpy()
+            logits = self.head(h)
+            nll.append(self.window_nll(logits, ids))
+            lq, lr = torch.log_softmax(logits[:, :-1].float(), -1), ref.float()
+            kl.append((lr.exp() * (lr - lq)).sum(-1).double().mean(-1))
+        return torch.cat(nll).cpu().numpy(), torch.cat(kl).cpu().numpy()
 
     @torch.no_grad()
     def nll_full(self) -> np.ndarray:
         return torch.cat([self.window_nll(self.model(input_ids=ids, use_cache=False).logits, ids)
-                          for ids in self.batches]).numpy()
+                          for ids in self.batches]).cpu().numpy()
 
 
 # -- predictors from calibration data -----------------------------------------------------------------
@@ -130,7 +140,9 @@ def calibration_predictors(model, layers, calib, quantized, probes_per_batch: in
     gen = torch.Generator().manual_seed(seed)
     total_preds = 0
     nb = len(calib.batches)
+    dev = next(model.parameters()).device
     for batch in calib.batches:
+        batch = to_device(batch, dev)
         routed, zs = {}, []
 
         def route_cb(li):
@@ -160,7 +172,7 @@ def calibration_predictors(model, layers, calib, quantized, probes_per_batch: in
         p = lab_logits.detach().double().softmax(-1)
         vs = []
         for _ in range(probes_per_batch):
-            u = (torch.randint(0, 2, p.shape, generator=gen, dtype=p.dtype) * 2 - 1)
+            u = (torch.randint(0, 2, p.shape, generator=gen, dtype=p.dtype) * 2 - 1).to(dev)
             sp = p.sqrt()
             w = ((sp * u - p * (sp * u).sum(-1, keepdim=True)) / math.sqrt(n)).float()
             vs.append([v.detach() for v in torch.autograd.grad(lab_logits, zs, grad_outputs=w, retain_graph=True)])
@@ -235,6 +247,7 @@ def main():
     ap.add_argument("--probes-per-batch", type=int, default=8)
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (float32 either way)")
     ap.add_argument("--truth-budget", type=float, default=None, help="stop measuring after this many seconds")
     ap.add_argument("--limit", type=int, default=None, help="only the first N experts (smoke test)")
     ap.add_argument("--out", default="docs/predictor.json")
@@ -250,7 +263,7 @@ def main():
     bits = [int(b) for b in a.bits.split(",")]
 
     report = load_report(a.sens)
-    model, _ = load_model(a.model, dtype=torch.float32, device="cpu")
+    model, _ = load_model(a.model, dtype=torch.float32, device=a.device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -279,7 +292,7 @@ def main():
     # held-out windows, spread evenly over the file (fixed by --windows only)
     allw = text_windows(a.eval, tok, 256)
     pick = np.unique(np.linspace(0, len(allw) - 1, a.windows).round().astype(int))
-    windows = allw[pick]
+    windows = allw[pick].to(a.device)
     t1 = time.perf_counter()
     cache = Cached(model, windows, a.batch)
     base = cache.base
@@ -291,14 +304,14 @@ def main():
     w1, w2 = L0.get_w1(e0), L0.get_w2(e0)
     L0.set_weights(e0, *quantized[bits[0]][16 + e0])
     start = L0.layer
-    cached_nll, full_nll = cache.nll_from(start), cache.nll_full()
+    cached_nll, full_nll = cache.nll_from(start)[0], cache.nll_full()
     L0.set_weights(e0, w1, w2)
     check_full = float(np.abs(cached_nll - full_nll).max())
     noop = []
     for li in (len(layers) - 1,):
         L = layers[li]
         L.set_weights(3, L.get_w1(3), L.get_w2(3))
-        noop.append(float(np.abs(cache.nll_from(L.layer) - base).max()))
+        noop.append(float(np.abs(cache.nll_from(L.layer)[0] - base).max()))
     print(f"cached-vs-full max |dNLL| {check_full:.2e}; no-op max |dNLL| {max(noop):.2e}")
 
     # calibration-side predictors
@@ -319,6 +332,7 @@ def main():
     order_idx = [int(offs[li] + e) for e in range(max(l.num_experts for l in layers))
                  for li, l in enumerate(layers) if e < l.num_experts][: a.limit or len(names)]
     per_window = {b: np.full((len(names), len(windows)), np.nan) for b in bits}
+    per_window_kl = {b: np.full((len(names), len(windows)), np.nan) for b in bits}
     done = []
     for i in order_idx:
         li = int(np.searchsorted(offs, i, side="right") - 1)
@@ -326,7 +340,8 @@ def main():
         w1, w2 = layer.get_w1(e), layer.get_w2(e)
         for b in bits:
             layer.set_weights(e, *quantized[b][i])
-            per_window[b][i] = cache.nll_from(layer.layer) - base
+            nll, kl = cache.nll_from(layer.layer)
+            per_window[b][i], per_window_kl[b][i] = nll - base, kl
         layer.set_weights(e, w1, w2)
         done.append(i)
         if len(done) % 6 == 0:
@@ -337,6 +352,7 @@ def main():
     done = sorted(done)
     count = len(done)
     per_window = {b: per_window[b][done] for b in bits}
+    per_window_kl = {b: per_window_kl[b][done] for b in bits}
     t_truth = time.perf_counter() - t2
 
     tr = np.array([0.0 if x.no_tokens else max(x.hessian_trace, 0.0) for x in experts])
@@ -350,23 +366,23 @@ def main():
         preds[b]["wnorm_x_err"] = np.array([x.weight_norm_trace for x in experts]) * err
         preds[b]["err"] = err
         preds[b].update(new[b])
+    # every expert's prediction at every width, for allocations built on a predictor
+    # (scripts/compare_allocations.py --predictions)
+    all_preds = {k: {str(b): preds[b][k].tolist() for b in bits} for k in ORDER}
+    for b in bits:
         preds[b] = {k: v[done] for k, v in preds[b].items()}
     order = ORDER
 
     import pickle
-    state = dict(per_window=per_window, preds=preds, base=base, check_full=check_full, noop=noop,
+    state = dict(per_window=per_window, per_window_kl=per_window_kl, all_preds=all_preds, preds=preds, base=base, check_full=check_full, noop=noop,
                  err_check=err_check, done=done, t_truth=t_truth, t_pred=t_pred, pick=pick, count=count, names=names,
                  nwin=len(windows), float_nll=float(base.mean()), t_before_stats=time.perf_counter() - t0)
     Path(a.out + ".state.pkl").write_bytes(pickle.dumps(state))
     stats(a, report, state, bits, order, time.perf_counter())
 
 
-def stats(a, report, state, bits, order, t0):
-    per_window, preds, count, names = state["per_window"], state["preds"], state["count"], state["names"]
-    check_full, noop, err_check = state["check_full"], state["noop"], state["err_check"]
-    t_truth, t_pred, pick = state["t_truth"], state["t_pred"], state["pick"]
-    info = report.calibration
-    rng = np.random.default_rng(0)
+def truth_stats(per_window, preds, bits, order, boot: int, rng) -> tuple[dict, dict]:
+    """Rank correlations of every predictor with one truth (per_window[b]: [experts, windows])."""
     groups = {f"{b}bit": [b] for b in bits}
     groups["pooled"] = bits
     results, noise = {}, {}
@@ -376,17 +392,21 @@ def stats(a, report, state, bits, order, t0):
         se = pw.std(1, ddof=1) / math.sqrt(pw.shape[1])
         half = corr(pw[:, 0::2].mean(1), pw[:, 1::2].mean(1))[0]
         noise[gname] = {"median_delta": float(np.median(y)), "median_rel_stderr": float(np.median(se / np.abs(y))),
-                        "split_half_spearman": half, "spearman_brown": 2 * half / (1 + half)}
+                        "split_half_spearman": half,
+                        "spearman_brown": 2 * half / (1 + half) if half > -1 else float("nan")}
         results[gname] = {}
         for k in order:
             x = np.concatenate([preds[b][k] for b in gb])
-            s, kt = corr(x, y)
-            sci, kci = bootstrap(x, pw, rng, a.boot, experts=True)
-            swi, kwi = bootstrap(x, pw, rng, max(a.boot // 4, 100), experts=False)
-            results[gname][k] = {"spearman": s, "spearman_ci": sci, "kendall": kt, "kendall_ci": kci,
+            sp, kt = corr(x, y)
+            sci, kci = bootstrap(x, pw, rng, boot, experts=True)
+            swi, kwi = bootstrap(x, pw, rng, max(boot // 4, 100), experts=False)
+            results[gname][k] = {"spearman": sp, "spearman_ci": sci, "kendall": kt, "kendall_ci": kci,
                                  "spearman_ci_windows_only": swi, "kendall_ci_windows_only": kwi}
-    runtime = state["t_before_stats"] + time.perf_counter() - t0
+    return results, noise
 
+
+def markdown(results: dict, order) -> str:
+    groups = list(results)
     head = "| predictor | " + " | ".join(f"{g} Spearman [95% CI] | {g} Kendall" for g in groups) + " |"
     lines = [head, "|" + "---|" * (1 + 2 * len(groups))]
     for k in order:
@@ -396,11 +416,26 @@ def stats(a, report, state, bits, order, t0):
             row += [f"{r['spearman']:.3f} [{r['spearman_ci'][0]:.2f}, {r['spearman_ci'][1]:.2f}]",
                     f"{r['kendall']:.3f} [{r['kendall_ci'][0]:.2f}, {r['kendall_ci'][1]:.2f}]"]
         lines.append("| " + " | ".join(row) + " |")
-    table = "\n".join(lines)
-    print(table)
-    for g, nz in noise.items():
-        print(f"{g}: median dNLL {nz['median_delta']:.2e}, median rel. stderr over windows "
-              f"{nz['median_rel_stderr']:.2f}, split-half Spearman {nz['split_half_spearman']:.3f}")
+    return "\n".join(lines)
+
+
+def stats(a, report, state, bits, order, t0):
+    preds, count, names = state["preds"], state["count"], state["names"]
+    check_full, noop, err_check = state["check_full"], state["noop"], state["err_check"]
+    t_truth, t_pred, pick = state["t_truth"], state["t_pred"], state["pick"]
+    info = report.calibration
+    rng = np.random.default_rng(0)
+    truths = {"kl": state["per_window_kl"], "nll": state["per_window"]}
+    results, noise, tables = {}, {}, {}
+    for name, pw in truths.items():
+        results[name], noise[name] = truth_stats(pw, preds, bits, order, a.boot, rng)
+        tables[name] = markdown(results[name], order)
+        print(f"truth: held-out {'KL(float || quantized)' if name == 'kl' else 'NLL increase'}")
+        print(tables[name])
+        for g, nz in noise[name].items():
+            print(f"  {g}: median {nz['median_delta']:.2e}, median rel. stderr over windows "
+                  f"{nz['median_rel_stderr']:.2f}, split-half Spearman {nz['split_half_spearman']:.3f}")
+    runtime = state["t_before_stats"] + time.perf_counter() - t0
     print(f"runtime {runtime:.0f}s (truth {t_truth:.0f}s, calibration predictors {t_pred:.0f}s)")
 
     doc = {
@@ -413,11 +448,16 @@ def stats(a, report, state, bits, order, t0):
         "new_predictor": PRIMARY_NEW, "probes_per_batch": a.probes_per_batch, "bootstrap": a.boot,
         "checks": {"cached_vs_full_max_abs_dnll": check_full, "noop_max_abs_dnll": max(noop),
                    "err_vs_report_max_rel": max(err_check)},
-        "noise": noise, "results": results, "table_markdown": table,
+        "truths": {"kl": "mean next-token KL(float || quantized) on the held-out windows",
+                   "nll": "mean next-token NLL of the quantized model minus the float model's"},
+        "noise": noise, "results": results, "table_markdown": tables,
         "runtime_s": {"total": round(runtime, 1), "truth": round(t_truth, 1), "predictors": round(t_pred, 1)},
-        "threads": a.threads,
-        "truth_mean_dnll": {str(b): per_window[b].mean(1).tolist() for b in bits},
+        "threads": a.threads, "device": getattr(a, "device", "cpu"),
+        "truth_mean_dnll": {str(b): state["per_window"][b].mean(1).tolist() for b in bits},
+        "truth_mean_kl": {str(b): state["per_window_kl"][b].mean(1).tolist() for b in bits},
         "expert_names": [names[i] for i in state["done"]],
+        "all_expert_names": names,
+        "predictions": state["all_preds"],  # every expert (all_expert_names order) at every width
     }
     Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {a.out}")

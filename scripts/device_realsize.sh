@@ -25,7 +25,8 @@ t0=$(date +%s)
 echo "checkpoint ready after $(( $(date +%s) - t0 )) s"
 work=/root/bench-$shape-$(date +%s)
 rc=0
-python3 scripts/bench_realsize.py --model "$ck" --work "$work" --device "$device" --stages "" --build \
+# LIMIT=S stops the benchmark after S seconds so that its logs still come back ($OUT) inside one device call
+timeout "${LIMIT:-0}" python3 scripts/bench_realsize.py --model "$ck" --work "$work" --device "$device" --stages "" --build \
   --target "$target" --json "$out/$shape.json" "$@" | tee "$out/$shape.txt" || rc=$?
 cp "$work"/*.log "$out/" 2>/dev/null || true
 cp "$work/summary.json" "$out/$shape-summary.json" 2>/dev/null || true
