@@ -307,11 +307,14 @@ def _by_signal(experts, method: str, widths: Sequence[int], budget: float | None
     return bits
 
 
-def _by_budget(experts, widths: Sequence[int], budget: float) -> tuple[np.ndarray, KnapsackResult]:
+def budget_widths(experts, widths: Sequence[int], budget: float,
+                  loss: np.ndarray | None = None) -> tuple[np.ndarray, KnapsackResult]:
+    """The exact knapsack at `budget` average bits on a loss table [expert, width] (default: the budget
+    plan's predicted loss, `_loss_table`)."""
     params = np.array([e.params for e in experts], dtype=np.int64)
     cost = params[:, None] * np.array(widths, dtype=np.int64)[None, :]
     capacity = int(math.floor(budget * params.sum() + 1e-6))
-    result = solve_knapsack(_loss_table(experts, widths), cost, capacity)
+    result = solve_knapsack(_loss_table(experts, widths) if loss is None else loss, cost, capacity)
     return np.array(widths)[result.choice], result
 
 
@@ -367,7 +370,7 @@ def _allocate_group(sub, cfg: PlanConfig, widths, budget) -> tuple[np.ndarray, d
         width = int(cfg.avg_bits) if cfg.avg_bits is not None else max(widths)
         return np.full(len(sub), width), {"name": "uniform", "gap_bound": 0.0}
     if cfg.method == "budget":
-        bits, res = _by_budget(sub, widths, budget)
+        bits, res = budget_widths(sub, widths, budget)
         return bits, {"name": res.solver, "gap_bound": res.gap_bound}
     name = "rank-fill" if budget is not None else "kmeans-dp"
     return _by_signal(sub, cfg.method, widths, budget), {"name": name, "gap_bound": 0.0}

@@ -114,9 +114,9 @@ def heap_reuse(max_block: int = 256 << 20) -> Iterator[None]:
     handing every tensor over 1 MiB back to the OS (bound_host_memory's setting): a loop that allocates
     and frees the same working set many times (learned rounding's steps) otherwise spends as long in
     page faults as in arithmetic (measured on text-moe's learned-rounding quantize of the routed experts,
-    2 cores: system time 343 s, under a profiler, -> 25 s, the stage 188 s). Blocks up to `max_block` come from the heap; on exit the 1 MiB threshold is back
-    and the heap's free pages go to the OS (malloc_trim), so the stage's resident memory after the block
-    is what it was. Nothing happens unless bound_host_memory set that threshold (the CLI does; a library
+    2 cores: system time 343 s, under a profiler, -> 25 s, the stage 188 s). Blocks up to `max_block` come
+    from the heap; on exit the 1 MiB threshold is back and the heap's free pages go to the OS (malloc_trim),
+    so the stage's resident memory after the block is what it was. Nothing happens unless bound_host_memory set that threshold (the CLI does; a library
     caller keeps glibc's adaptive one, which does not have the problem)."""
     libc = _libc()
     if not (libc and _MMAP_BOUND):
@@ -191,7 +191,7 @@ class Meter:
                  estimate_bytes: int | None = None):
         self.device, self.dtype, self.estimate = device, dtype, estimate_bytes
         if device.type == "cuda":
-            torch.cuda.init()  # the allocator's statistics need the CUDA context (a stage may meter before its first tensor)
+            torch.cuda.init()  # the allocator's statistics need the CUDA context; a stage may meter first
             torch.cuda.reset_peak_memory_stats(device)
         self.start = time.perf_counter()
         self.peak = rss_bytes()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mopeq_export.allocation import PlanConfig, make_plan, solve_knapsack
+from mopeq_export.allocation import PlanConfig, budget_widths, make_plan
 from mopeq_export.calibration import load_calibration
 from mopeq_export.evaluate import text_windows
 from mopeq_export.models.adapters import find_moe_layers
@@ -74,12 +74,10 @@ class RefLogProbs:
 
 
 def table_plan(report, table: dict[str, list[float]], size: float, widths=(2, 3, 4)) -> dict[str, int]:
-    """Exact knapsack (allocation.solve_knapsack, as the budget plan) on a given loss table."""
-    params = np.array([e.params for e in report.experts], dtype=np.int64)
+    """The budget plan's exact knapsack (allocation.budget_widths) on a given loss table."""
     loss = np.array([table[str(b)] for b in widths], dtype=np.float64).T  # [experts, widths]
-    cost = params[:, None] * np.array(widths, dtype=np.int64)[None, :]
-    res = solve_knapsack(loss, cost, int(np.floor(size * params.sum() + 1e-6)))
-    return {e.name: int(widths[c]) for e, c in zip(report.experts, res.choice)}
+    bits, _ = budget_widths(report.experts, widths, size, loss)
+    return {e.name: int(b) for e, b in zip(report.experts, bits)}
 
 
 def plans(report, sizes, src, tables: dict | None = None, fixed: bool = True) -> list[tuple[str, float, dict]]:
@@ -156,7 +154,8 @@ def main() -> None:
     ref, _ = load_model(args.model, device=args.device)
     tok = load_tokenizer(args.model)
     ref_lp = RefLogProbs(ref, text_windows(args.data, tok, max_windows=args.windows))
-    calib = load_calibration(args.calib, tok, ref.config, samples=args.samples or DEFAULT_SAMPLES[args.quantizer])
+    samples = args.samples or DEFAULT_SAMPLES[args.quantizer]
+    calib = load_calibration(args.calib, tok, ref.config, samples=samples)
     tables = {}
     if args.predictions:
         doc = json.loads(Path(args.predictions).read_text())
@@ -175,7 +174,7 @@ def main() -> None:
             res = quantize_layers(model, layers, bits, calib,
                                   QuantizeConfig(method=method, signround=SignRoundConfig(iters=args.iters)))
             nbytes = sum(a.nbytes for rs in res for a in layer_tensors(rs).values())
-            row = {"plan": name, "avg_bits": avg, "quantizer": method, "iters": args.iters, "samples": args.samples or DEFAULT_SAMPLES[args.quantizer],
+            row = {"plan": name, "avg_bits": avg, "quantizer": method, "iters": args.iters, "samples": samples,
                    "expert_mb": nbytes / 1e6,
                    "seconds": time.time() - t, **ref_lp.score(model)}
             rows.append(row)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -169,9 +170,8 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
     dense_recs, dense = [], {}
     dense_batches = None  # the first batches holding cfg.dense_samples windows
     if cfg.dense_samples is not None and calib_set is not None:
-        per_batch = [int(b["input_ids"].shape[0]) for b in calib_set.batches]
-        dense_batches = next((k + 1 for k in range(len(per_batch)) if sum(per_batch[:k + 1]) >= cfg.dense_samples),
-                             len(per_batch))
+        seen = list(accumulate(int(b["input_ids"].shape[0]) for b in calib_set.batches))
+        dense_batches = next((k for k, n in enumerate(seen, 1) if n >= cfg.dense_samples), len(seen))
     lrecs, summaries, expert_bytes = [], [], [0]
     classes = dense_linears(model, layers, decoder_layer_paths(model))
 
