@@ -1,4 +1,4 @@
-"""Compare bit allocations at matched sizes on text-moe: quality vs size, table + plot into docs/.
+"""Compare bit allocations at matched sizes on text-moe or vlm-moe: quality vs size, table + plot into docs/.
 
 Methods at each average width B in --sizes:
   random     seeded random assignment of the two widths around B (the baseline a plan must beat)
@@ -7,13 +7,19 @@ Methods at each average width B in --sizes:
   budget     exact knapsack on the second-order loss estimate (this project's default)
   budget:P   the same knapsack on predictor P's loss table [expert, width] from scripts/bench_predictor.py's
              JSON (--predictions FILE --budget-on P,Q,...: e.g. gn_output, freq_x_err)
-plus uniform 2/3/4 bits and the paper's k-means clustering (layer and model scope) at its own average.
-Every plan is quantized with --quantizer (default signround, the build's text default; the families in --rtn
-also with RTN) and evaluated against the float16 model on the first --windows windows of text_dev
-(perplexity ratio, KL, top-1 agreement).
+plus uniform 2/3/4 bits and the paper's k-means clustering (layer and model scope) at its own average, with
+the budget plan at that same average beside it. Every plan is quantized with --quantizer (default signround,
+the build's text default; the families in --rtn also with RTN), once per --seeds seed (learned rounding
+samples its token batches), and evaluated against the float16 model: a text model on the first --windows
+windows of text_dev (perplexity ratio, KL, top-1 agreement), a VLM on the first --windows samples of vqa_dev
+(teacher-forced answer tokens: KL, top-1 agreement, answer perplexity ratio).
+
+Besides the rows, the table holds the default plan against each baseline at the same size (`paired_table`):
+per evaluation unit, seeds averaged, with bootstrap intervals over the units.
 
     python scripts/compare_allocations.py --sensitivity work/sens/sensitivity.json [--windows 128] [--rtn uniform,random,budget]
-        [--quantizer signround|gptq] [--device cuda] [--predictions docs/predictor.json --budget-on gn_output]
+        [--quantizer signround|gptq] [--seeds 0,1] [--device cuda] [--predictions docs/predictor.json --budget-on gn_output]
+    python scripts/compare_allocations.py merge docs/compare_x part0/compare_text.json part1/compare_text.json ...
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 import torch
 
 from mopeq_export.allocation import PlanConfig, budget_widths, make_plan
-from mopeq_export.calibration import load_calibration
+from mopeq_export.calibration import collate_vqa, load_calibration, read_vqa, to_device, vqa_examples, vqa_format_for
 from mopeq_export.evaluate import text_windows
 from mopeq_export.models.adapters import find_moe_layers
 from mopeq_export.models.loading import load_model, load_tokenizer
@@ -48,8 +54,34 @@ def random_plan(names, params, budget: float, seed: int = 0) -> dict[str, int]:
     return {n: lo + 1 if i in hi else lo for i, n in enumerate(names)}
 
 
+class _Units:
+    """Per-unit sums (a unit: one evaluation window of text, one VQA sample): token count, NLL of the reference
+    and of the candidate, KL(ref || cand), top-1 agreements. Metrics are ratios of their totals, and the
+    units are what the paired bootstrap of `paired_table` resamples."""
+
+    def __init__(self):
+        self.cols = {k: [] for k in ("n", "nll_ref", "nll", "kl", "agree")}
+
+    def add(self, lr: torch.Tensor, lq: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> None:
+        """lr, lq: log-probs [B, T, V] (float32); t: targets [B, T]; keep: bool [B, T]."""
+        m = keep.float()
+        tr, tq = lr.gather(-1, t[..., None])[..., 0], lq.gather(-1, t[..., None])[..., 0]
+        for k, v in (("n", m), ("nll_ref", -tr * m), ("nll", -tq * m),
+                     ("kl", (lr.exp() * (lr - lq)).sum(-1) * m), ("agree", (lr.argmax(-1) == lq.argmax(-1)) * m)):
+            self.cols[k].extend(v.sum(1).double().cpu().tolist())
+
+    def metrics(self) -> dict:
+        c = {k: float(np.sum(v)) for k, v in self.cols.items()}
+        n = c["n"]
+        return {"ppl_ref": float(np.exp(c["nll_ref"] / n)), "ppl": float(np.exp(c["nll"] / n)),
+                "ppl_ratio": float(np.exp((c["nll"] - c["nll_ref"]) / n)), "kl": c["kl"] / n, "top1": c["agree"] / n,
+                "units": {k: [round(x, 6) for x in v] for k, v in self.cols.items()}}
+
+
 class RefLogProbs:
-    """Float16 reference log-probabilities of the evaluation windows, computed once."""
+    """Float16 reference log-probabilities of the text evaluation windows, computed once."""
+
+    kind = "text"
 
     def __init__(self, model, windows: torch.Tensor, batch: int = 8):
         windows = windows.to(next(model.parameters()).device)
@@ -58,19 +90,47 @@ class RefLogProbs:
             self.logp = [torch.log_softmax(model(input_ids=w).logits.float(), -1).half() for w in windows.split(batch)]
 
     def score(self, model) -> dict:
-        nll_ref = nll = kl = agree = n = 0.0
+        u = _Units()
         with torch.no_grad():
             for w, lr in zip(self.windows.split(self.batch), self.logp):
                 lq = torch.log_softmax(model(input_ids=w).logits.float(), -1)[:, :-1]
-                lr = lr[:, :-1].float()
-                t = w[:, 1:, None]
-                nll_ref += float(-lr.gather(-1, t).sum())
-                nll += float(-lq.gather(-1, t).sum())
-                kl += float((lr.exp() * (lr - lq)).sum())
-                agree += float((lr.argmax(-1) == lq.argmax(-1)).sum())
-                n += t.numel()
-        return {"ppl_ref": float(np.exp(nll_ref / n)), "ppl": float(np.exp(nll / n)),
-                "ppl_ratio": float(np.exp((nll - nll_ref) / n)), "kl": kl / n, "top1": agree / n}
+                t = w[:, 1:]
+                u.add(lr[:, :-1].float(), lq, t, torch.ones_like(t, dtype=torch.bool))
+        return u.metrics()
+
+
+class RefAnswers:
+    """vlm-moe: the float16 model's teacher-forced log-probabilities of the answer tokens of a VQA set (the
+    prompt format of mopeq_export.calibration), computed once. `ppl_ratio` is then the answer tokens'
+    perplexity ratio, `kl` and `top1` the answer-token KL and agreement (exact match barely moves here)."""
+
+    kind = "vqa"
+
+    def __init__(self, model, data: str, tokenizer, max_samples: int | None = None, batch: int = 16):
+        fmt = vqa_format_for(model.config)
+        d = read_vqa(Path(data), fmt.image_size)
+        n = len(d["questions"]) if not max_samples else min(max_samples, len(d["questions"]))
+        pixels = fmt.pixel_values(d["images"][:n])
+        ex = vqa_examples(fmt, tokenizer, d["questions"][:n], [str(a) for a in d["answers"][:n]])
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        dev = next(model.parameters()).device
+        self.batches, self.logp = [], []
+        with torch.no_grad():
+            for i in range(0, n, batch):
+                b = collate_vqa(ex[i:i + batch], pixels[i:i + batch], pad)
+                labels = b.pop("labels")
+                t = torch.cat([labels[:, 1:], torch.full((labels.shape[0], 1), -100)], 1)
+                b = to_device(b, dev)
+                keep = (t != -100).to(dev)
+                self.batches.append((b, t.clamp(min=0).to(dev), keep))
+                self.logp.append(torch.log_softmax(model(**b).logits.float(), -1).half())
+
+    def score(self, model) -> dict:
+        u = _Units()
+        with torch.no_grad():
+            for (b, t, keep), lr in zip(self.batches, self.logp):
+                u.add(lr.float(), torch.log_softmax(model(**b).logits.float(), -1), t, keep)
+        return u.metrics()
 
 
 def table_plan(report, table: dict[str, list[float]], size: float, widths=(2, 3, 4)) -> dict[str, int]:
@@ -101,26 +161,74 @@ def plans(report, sizes, src, tables: dict | None = None, fixed: bool = True) ->
     return out
 
 
-def write_outputs(rows: list[dict], out_md: Path, out_png: Path) -> None:
-    lines = ["| plan | avg bits | quantizer | expert MB | ppl ratio | KL | top-1 agree |", "|---|---|---|---|---|---|---|"]
+# the default plan against each baseline at the same size: (baseline, the default plan's row at its size)
+PAIRS = (("random", "budget"), ("frequency", "budget"), ("hessian", "budget"),
+         ("kmeans-layer", "budget@kmeans-layer"), ("kmeans-model", "budget@kmeans-model"))
+
+
+def _pooled(rows: list[dict]) -> dict[str, np.ndarray]:
+    """A plan's per-unit sums averaged over its seeds (every seed scores the same units)."""
+    return {k: np.mean([r["units"][k] for r in rows], 0) for k in rows[0]["units"]}
+
+
+def paired_table(rows: list[dict], boot: int = 2000, seed: int = 0) -> list[str]:
+    """The default (budget) plan minus each baseline at the same size and quantizer, per evaluation unit and
+    averaged over seeds, with 95 % bootstrap intervals over the units (windows or samples): the difference in
+    KL and the ratio of perplexity ratios. `worse` only when the whole interval is on the baseline's side."""
+    rng = np.random.default_rng(seed)
+    lines = ["| data | size | quantizer | default vs | seeds | KL default / baseline | dKL [95% CI] | ppl ratio default / "
+             "baseline | ratio of ratios [95% CI] | verdict KL / ppl |", "|---|---|---|---|---|---|---|---|---|---|"]
+    keyed: dict[tuple, list[dict]] = {}
     for r in rows:
-        lines.append(f"| {r['plan']} | {r['avg_bits']:.3f} | {r['quantizer']} | {r['expert_mb']:.2f} | "
-                     f"{r['ppl_ratio']:.4f} | {r['kl']:.4f} | {r['top1']:.4f} |")
+        keyed.setdefault((r["plan"], round(r["avg_bits"], 4), r["quantizer"], r.get("data")), []).append(r)
+    for (plan, size, q, data), base in sorted(keyed.items(), key=lambda kv: (str(kv[0][3]), kv[0][1], kv[0][0])):
+        mine = next((keyed[(d, size, q, data)] for b, d in PAIRS if b == plan and (d, size, q, data) in keyed), None)
+        if mine is None:
+            continue
+        u, v = _pooled(mine), _pooled(base)
+        n = u["n"]
+        dkl, dnll = u["kl"] - v["kl"], u["nll"] - v["nll"]
+        idx = rng.integers(0, n.size, (boot, n.size))
+        bk = dkl[idx].sum(1) / n[idx].sum(1)
+        bn = np.exp(dnll[idx].sum(1) / n[idx].sum(1))
+        kl_d, r_d = dkl.sum() / n.sum(), float(np.exp(dnll.sum() / n.sum()))
+        lo_k, hi_k = np.percentile(bk, [2.5, 97.5])
+        lo_n, hi_n = np.percentile(bn, [2.5, 97.5])
+        verdict = lambda lo, hi, one: "better" if hi < one else ("worse" if lo > one else "tie")  # noqa: E731
+        ppl = lambda w: float(np.exp((w["nll"].sum() - w["nll_ref"].sum()) / w["n"].sum()))  # noqa: E731
+        lines.append(f"| {data} | {size:g} | {q} | {plan} | {len(mine)}/{len(base)} | {u['kl'].sum() / n.sum():.5f} / "
+                     f"{v['kl'].sum() / n.sum():.5f} | {kl_d:+.5f} [{lo_k:+.5f}, {hi_k:+.5f}] | x{ppl(u):.4f} / "
+                     f"x{ppl(v):.4f} | {r_d:.4f} [{lo_n:.4f}, {hi_n:.4f}] | {verdict(lo_k, hi_k, 0)} / "
+                     f"{verdict(lo_n, hi_n, 1)} |")
+    return lines
+
+
+def write_outputs(rows: list[dict], out_md: Path, out_png: Path, kind: str = "text") -> None:
+    lines = ["| plan | avg bits | quantizer | seed | expert MB | ppl ratio | KL | top-1 agree |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['plan']} | {r['avg_bits']:.3f} | {r['quantizer']} | {r.get('seed', 0)} | "
+                     f"{r['expert_mb']:.2f} | {r['ppl_ratio']:.4f} | {r['kl']:.5f} | {r['top1']:.4f} |")
+    lines += ["", *paired_table(rows)]
     out_md.write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = "ppl_ratio" if kind == "text" else "kl"
+    fam = lambda r: r["plan"].split("@")[0].split("-")[0]  # noqa: E731
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (plan, q), marker in zip(sorted({(r["plan"].split("@")[0].split("-")[0], r["quantizer"]) for r in rows}),
-                                 "os^vDPX*<>hH8pd1234"):
-        pts = sorted((r["expert_mb"], r["ppl_ratio"]) for r in rows
-                     if r["plan"].split("@")[0].split("-")[0] == plan and r["quantizer"] == q)
-        ax.plot(*zip(*pts), marker=marker, label=f"{plan} ({q})", linestyle="-" if len(pts) > 1 else "none")
+    for (plan, q), marker in zip(sorted({(fam(r), r["quantizer"]) for r in rows}), "os^vDPX*<>hH8pd1234"):
+        pts: dict[float, list[float]] = {}
+        for r in rows:
+            if fam(r) == plan and r["quantizer"] == q:
+                pts.setdefault(round(r["expert_mb"], 3), []).append(r[metric])
+        xy = sorted((x, float(np.mean(ys))) for x, ys in pts.items())  # seeds averaged
+        ax.plot(*zip(*xy), marker=marker, label=f"{plan} ({q})", linestyle="-" if len(xy) > 1 else "none")
     ax.set_xlabel("routed-expert bytes, MB (codes + scales + zeros)")
-    ax.set_ylabel("perplexity / float16 perplexity")
-    ax.set_title("text-moe: size vs quality by allocation")
+    ax.set_ylabel("perplexity / float16 perplexity" if kind == "text" else "answer-token KL(float16 || quantized)")
+    ax.set_title(f"{'text-moe' if kind == 'text' else 'vlm-moe'}: size vs quality by allocation")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -131,15 +239,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sensitivity", required=True)
     ap.add_argument("--model", default=str(SHARED / "models/text-moe"))
-    ap.add_argument("--calib", default=str(SHARED / "data/text_calib.txt"))
-    ap.add_argument("--data", default=str(SHARED / "data/text_dev.txt"))
-    ap.add_argument("--windows", type=int, default=128)
+    ap.add_argument("--calib", default=None, help="default: text_calib.txt, or vqa_calib.npz for a VLM")
+    ap.add_argument("--data", default=None, help="default: text_dev.txt, or vqa_dev.npz for a VLM")
+    ap.add_argument("--windows", type=int, default=128, help="text windows (0: all) or VQA samples (0: all)")
     ap.add_argument("--sizes", default="2.25,2.5,2.75,3.0,3.5")
     ap.add_argument("--rtn", default="uniform,random,budget",
                     help="plan families also quantized with RTN (comma list; empty for none)")
     ap.add_argument("--skip", default="", help="plan families to leave out (comma list), e.g. to resume")
     ap.add_argument("--quantizer", default="signround", choices=("signround", "gptq"))
     ap.add_argument("--samples", type=int, default=None, help="calibration windows (default: the method's)")
+    ap.add_argument("--seeds", default="0", help="signround seeds (comma list): each plan is quantized once per seed")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--iters", type=int, default=SignRoundConfig.iters, help="signround's steps per layer")
     ap.add_argument("--predictions", default=None, help="scripts/bench_predictor.py's JSON (all experts' predictions)")
@@ -151,11 +260,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     report = load_report(args.sensitivity)
-    ref, _ = load_model(args.model, device=args.device)
+    ref, info = load_model(args.model, device=args.device)
     tok = load_tokenizer(args.model)
-    ref_lp = RefLogProbs(ref, text_windows(args.data, tok, max_windows=args.windows))
+    data = args.data or str(SHARED / "data" / ("vqa_dev.npz" if info.is_vlm else "text_dev.txt"))
+    calib_path = args.calib or str(SHARED / "data" / ("vqa_calib.npz" if info.is_vlm else "text_calib.txt"))
+    limit = args.windows or None
+    scorer = (RefAnswers(ref, data, tok, limit) if info.is_vlm
+              else RefLogProbs(ref, text_windows(data, tok, max_windows=limit)))
     samples = args.samples or DEFAULT_SAMPLES[args.quantizer]
-    calib = load_calibration(args.calib, tok, ref.config, samples=samples)
+    calib = load_calibration(calib_path, tok, ref.config, samples=samples)
+    del ref
     tables = {}
     if args.predictions:
         doc = json.loads(Path(args.predictions).read_text())
@@ -163,26 +277,43 @@ def main() -> None:
         tables = {k: doc["predictions"][k] for k in args.budget_on.split(",") if k}
     rows = []
     family = lambda name: name.split("@")[0].split("-")[0]  # noqa: E731
+    seeds = [int(x) for x in args.seeds.split(",") if x]
     for name, avg, bits in plans(report, [float(s) for s in args.sizes.split(",") if s], args.sensitivity, tables,
                                   not args.no_fixed):
         if family(name) in args.skip.split(","):
             continue
         for method in (args.quantizer, "rtn") if family(name) in args.rtn.split(",") else (args.quantizer,):
-            model, _ = load_model(args.model, device=args.device)
-            layers = find_moe_layers(model)
-            t = time.time()
-            res = quantize_layers(model, layers, bits, calib,
-                                  QuantizeConfig(method=method, signround=SignRoundConfig(iters=args.iters)))
-            nbytes = sum(a.nbytes for rs in res for a in layer_tensors(rs).values())
-            row = {"plan": name, "avg_bits": avg, "quantizer": method, "iters": args.iters, "samples": samples,
-                   "expert_mb": nbytes / 1e6,
-                   "seconds": time.time() - t, **ref_lp.score(model)}
-            rows.append(row)
-            print(f"{name:22s} {avg:.3f} {method:9s} {row['expert_mb']:.2f} MB  ppl x{row['ppl_ratio']:.4f}  "
-                  f"kl {row['kl']:.4f}  top1 {row['top1']:.4f}  {row['seconds']:.0f}s", flush=True)
-            (out / "compare_text.json").write_text(json.dumps(rows, indent=1))  # after every row: a crash keeps them
-    write_outputs(rows, out / "compare_text.md", out / "compare_text.png")
+            for seed in seeds if method == "signround" else seeds[:1]:  # GPTQ and RTN are deterministic
+                model, _ = load_model(args.model, device=args.device)
+                layers = find_moe_layers(model)
+                t = time.time()
+                res = quantize_layers(model, layers, bits, calib, QuantizeConfig(
+                    method=method, signround=SignRoundConfig(iters=args.iters, seed=seed)))
+                nbytes = sum(a.nbytes for rs in res for a in layer_tensors(rs).values())
+                row = {"plan": name, "avg_bits": avg, "quantizer": method, "seed": seed, "iters": args.iters,
+                       "samples": samples, "data": Path(data).name, "kind": scorer.kind, "expert_mb": nbytes / 1e6,
+                       "seconds": time.time() - t, **scorer.score(model)}
+                rows.append(row)
+                del model, layers, res
+                print(f"{name:22s} {avg:.3f} {method:9s} s{seed} {row['expert_mb']:.2f} MB  ppl x{row['ppl_ratio']:.4f}  "
+                      f"kl {row['kl']:.5f}  top1 {row['top1']:.4f}  {row['seconds']:.0f}s", flush=True)
+                (out / "compare_text.json").write_text(json.dumps(rows))  # after every row: a crash keeps them
+    write_outputs(rows, out / "compare_text.md", out / "compare_text.png", scorer.kind)
+
+
+def merge(paths: list[str], out: str) -> None:
+    """Several parts' compare_text.json (parallel processes) into one table, paired comparison and plot."""
+    rows = [r for p in paths for r in json.loads(Path(p).read_text())]
+    o = Path(out)
+    o.parent.mkdir(parents=True, exist_ok=True)
+    o.with_suffix(".json").write_text(json.dumps(rows))
+    write_outputs(rows, o.with_suffix(".md"), o.with_suffix(".png"), rows[0].get("kind", "text"))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) > 2 and sys.argv[1] == "merge":  # compare_allocations.py merge OUT PART.json ...
+        merge(sys.argv[3:], sys.argv[2])
+    else:
+        main()

@@ -161,6 +161,23 @@ class SequentialRunner:
             if self.device.type == "cpu":
                 trim_host_heap()
 
+    def _layer_outputs(self, i: int, layer: nn.Module, hidden: list[torch.Tensor],
+                       on_batch: Callable[[int], None] | None, first: int | None = None,
+                       stop_ok: bool = False) -> list[torch.Tensor]:
+        """Layer i's outputs per batch on `hidden` (the first `first` batches); a batch whose hooks stop the
+        layer early gives none (`stop_ok`) instead of raising."""
+        outs = []
+        with torch.no_grad():
+            for b, (h, call) in enumerate(zip(hidden[:first], self.calls[i][:first])):
+                if on_batch is not None:
+                    on_batch(b)
+                try:
+                    outs.append(self.output.hidden(layer(h, *call.args, **call.kwargs)))
+                except StopForward:
+                    if not stop_ok:
+                        raise
+        return outs
+
     def run(self, i: int, layer: nn.Module, *, stop_ok: bool = False,
             on_batch: Callable[[int], None] | None = None, first: int | None = None) -> list[torch.Tensor] | None:
         """Layer i on every batch's current hidden states. Returns the next layer's inputs (and advances to
@@ -169,36 +186,17 @@ class SequentialRunner:
         `on_batch(b)` is called before batch b goes in (hooks use it to know the batch's padding)."""
         if first is not None and not stop_ok:
             raise ValueError("first= is for captures (stop_ok=True): a pass that advances needs every batch")
-        outs = []
-        with torch.no_grad():
-            for b, (h, call) in enumerate(zip(self.hidden[:first], self.calls[i][:first])):
-                if on_batch is not None:
-                    on_batch(b)
-                try:
-                    out = self.output.hidden(layer(h, *call.args, **call.kwargs))
-                except StopForward:
-                    if not stop_ok:
-                        raise
-                    continue
-                add = self.added[i][b]
-                outs.append(out if add is None else out + add)
+        outs = self._layer_outputs(i, layer, self.hidden, on_batch, first, stop_ok)
         if stop_ok:
             return None
-        self.hidden = outs
-        return outs
-
+        self.hidden = self.chain(i, outs)
+        return self.hidden
 
     def outputs(self, i: int, layer: nn.Module, hidden: list[torch.Tensor] | None = None,
                 on_batch: Callable[[int], None] | None = None) -> list[torch.Tensor]:
         """Layer i's outputs per batch (before what the model adds between layers) on `hidden` (default: the
         current hidden states), without advancing: learned rounding compares two streams with it."""
-        outs = []
-        with torch.no_grad():
-            for b, (h, call) in enumerate(zip(self.hidden if hidden is None else hidden, self.calls[i])):
-                if on_batch is not None:
-                    on_batch(b)
-                outs.append(self.output.hidden(layer(h, *call.args, **call.kwargs)))
-        return outs
+        return self._layer_outputs(i, layer, self.hidden if hidden is None else hidden, on_batch)
 
     def chain(self, i: int, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Layer i+1's inputs from layer i's `outputs` (the between-layer additions added back)."""

@@ -213,10 +213,8 @@ def quantize_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: Quanti
         for e, (x, _), q1, q2 in zip(chunk, inputs, first, second):
             finish(e, x, q1, q2, "gptq")
         del inputs, grams2
-    # learned rounding: per expert in one chunk the weights, V and their gradients, the optimiser's
-    # minibatch activations; about 12 copies of w1 and w2, plus the routed tokens held for the chunk
-    sr_bytes = 4 * 12 * (i2 * h + h * layer.intermediate_size) + 4 * 8 * cfg.signround.batch_tokens * i2
-    for chunk in _chunks([e for e in range(layer.num_experts) if use_sr[e]], sr_bytes, work_bytes):
+    for chunk in _chunks([e for e in range(layer.num_experts) if use_sr[e]], _signround_bytes(layer, cfg),
+                         work_bytes):
         xs, rs = zip(*[routed.of(e) for e in chunk])
         done = signround_experts(torch.stack([layer.get_w1(e) for e in chunk]),
                                  torch.stack([layer.get_w2(e) for e in chunk]), list(xs), [bits[e] for e in chunk],
@@ -234,17 +232,22 @@ def quantize_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: Quanti
     return [results[e] for e in range(layer.num_experts)]
 
 
+def _signround_bytes(layer: MoELayer, cfg: QuantizeConfig) -> int:
+    """Working memory of one expert in a learned-rounding chunk (either scope): float32 weights, rounding
+    offsets, their gradients and about 9 autograd temporaries of both matrices (12 copies of w1 and w2),
+    plus its share of a step's activations (about 8 of w1's and w2's outputs per minibatch token)."""
+    h, inter = layer.hidden_size, layer.intermediate_size
+    return 4 * 12 * (3 * inter * h) + 4 * 8 * cfg.signround.batch_tokens * (2 * inter + h)
+
+
 def _signround_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: QuantizeConfig, work_bytes: int,
                      delta: torch.Tensor | None, finish) -> None:
     """Learned rounding on the layer's output, in chunks of experts that fit `work_bytes`. Chunks go one after
     the other: the change the quantized experts of the chunks before made to the layer's output is added to
     the target of the next (delta -= their change), so later chunks also offset earlier ones' error."""
     e_all = layer.num_experts
-    h, i2, inter = layer.hidden_size, 2 * layer.intermediate_size, layer.intermediate_size
-    # per expert: float32 weights, rounding offsets, their gradients and about 9 autograd temporaries of
-    # both matrices; plus its share of a step's activations
-    per_bytes = 4 * 12 * (i2 * h + h * inter) + 4 * 6 * cfg.signround.batch_tokens * (i2 + h)
-    chunks = _chunks(list(range(e_all)), per_bytes, work_bytes)
+    h = layer.hidden_size
+    chunks = _chunks(list(range(e_all)), _signround_bytes(layer, cfg), work_bytes)
     x, idx, rw = routed.x, routed.idx, routed.w
     for chunk in chunks:
         lut = torch.full((e_all + 1,), -1, dtype=torch.long, device=idx.device)

@@ -14,6 +14,7 @@ from torch import nn
 from .packing import BLOCK, LAYER_TENSOR_NAMES, slot_table
 from .primitives import dequantize as dequantize_codes
 
+
 def _fields(words: torch.Tensor, width: int) -> torch.Tensor:
     """[..., W] uint32 -> [..., W * 32/width] fields of `width` bits, low bits first."""
     per = 32 // width
@@ -64,6 +65,12 @@ def moe_experts_torch(hidden: torch.Tensor, indices: torch.Tensor, weights: torc
     return out.to(hidden.dtype)
 
 
+def _register(module: nn.Module, **buffers: torch.Tensor | None) -> None:
+    """Packed tensors as non-persistent buffers: they move with .to(), and state_dict() stays the model's."""
+    for name, t in buffers.items():
+        module.register_buffer(name, t, persistent=False)
+
+
 def _buffer_name(tensor_name: str) -> str:
     return tensor_name.replace(".", "_")
 
@@ -73,8 +80,7 @@ class PackedLayer(nn.Module):
 
     def __init__(self, tensors: dict[str, torch.Tensor], expert_bits: list[int], group_size: int, activation: str):
         super().__init__()
-        for name in LAYER_TENSOR_NAMES:
-            self.register_buffer(_buffer_name(name), tensors[name], persistent=False)
+        _register(self, **{_buffer_name(name): tensors[name] for name in LAYER_TENSOR_NAMES})
         self.expert_bits = [int(b) for b in expert_bits]
         self.group_size = int(group_size)
         self.activation = activation
@@ -93,10 +99,7 @@ class PackedLinear(nn.Module):
     def __init__(self, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                  in_features: int, group_size: int, bias: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("words", words, persistent=False)
-        self.register_buffer("scales", scales, persistent=False)
-        self.register_buffer("zeros", zeros, persistent=False)
-        self.register_buffer("bias", bias, persistent=False)
+        _register(self, words=words, scales=scales, zeros=zeros, bias=bias)
         self.bits, self.in_features, self.group_size = bits, in_features, group_size
         self.out_features = scales.shape[0]
 
@@ -107,7 +110,6 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, self.weight.to(x.dtype), bias)
-
 
 
 class PackedEmbedding(nn.Module):
@@ -121,9 +123,7 @@ class PackedEmbedding(nn.Module):
                  group_size: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.dtype = dtype  # of the embeddings it returns (the model's activation dtype)
-        self.register_buffer("codes", unpack_codes(words, bits, dim).to(torch.uint8), persistent=False)
-        self.register_buffer("scales", scales, persistent=False)
-        self.register_buffer("zeros", zeros, persistent=False)
+        _register(self, codes=unpack_codes(words, bits, dim).to(torch.uint8), scales=scales, zeros=zeros)
         self.bits, self.embedding_dim, self.group_size = bits, dim, group_size
         self.num_embeddings = scales.shape[0]
 
@@ -132,13 +132,7 @@ class PackedEmbedding(nn.Module):
         return dequantize_codes(self.codes, self.scales, self.zeros, self.group_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        g, d = self.group_size, self.embedding_dim
-        groups = -(-d // g)
-        flat = ids.reshape(-1)
-        codes = torch.index_select(self.codes, 0, flat).to(torch.float32)  # one Gather per table in ONNX
-        zeros = torch.index_select(self.zeros, 0, flat).to(torch.float32)
-        scales = torch.index_select(self.scales, 0, flat).to(torch.float32)
-        if groups * g != d:  # a partial last group: pad to whole groups, compute, cut
-            codes = nn.functional.pad(codes, (0, groups * g - d))
-        w = (codes.reshape(-1, groups, g) - zeros[..., None]) * scales[..., None]
-        return w.reshape(*ids.shape, groups * g)[..., :d].to(self.dtype)
+        flat = ids.reshape(-1)  # one Gather per table in ONNX, then the rows' dequantization
+        rows = dequantize_codes(*(torch.index_select(t, 0, flat) for t in (self.codes, self.scales, self.zeros)),
+                                self.group_size)
+        return rows.reshape(*ids.shape, self.embedding_dim).to(self.dtype)
