@@ -35,8 +35,8 @@ from .validate import GateConfig, GateReport, plot_report, run_gate
 
 Say = Callable[[str, str], None]  # (stage, status: "run" | "cached" | "done")
 # the build's expert quantizer per model kind, chosen by measurement (docs/DECISIONS.md, docs/RESULTS.md
-# "Quantizers"): learned rounding on text models; GPTQ on vision-language ones until measured there
-BUILD_METHOD = {"text": "signround", "vlm": "gptq"}
+# "Quantizers" and "Dense weights' quantizers"): learned rounding on text and vision-language models alike
+BUILD_METHOD = {"text": "signround", "vlm": "signround"}
 
 
 @dataclass(frozen=True)

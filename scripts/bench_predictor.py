@@ -4,7 +4,8 @@ increase of quantizing one routed expert alone? (issue "Quality per byte").
 
 Truth (held-out text only, evaluation_data/text_eval.txt): for every routed expert e and width b, quantize
 only e with RTN (group 32, the clipping search of quantization.primitives.rtn, i.e. exactly the
-quantization whose error `analyze` records), measure on W fixed windows of 256 tokens (float32, --device)
+quantization whose error `analyze` records; or, with --truth-quantizer signround, the build's learned
+rounding of e alone on its layer's output), measure on W fixed windows of 256 tokens (float32, --device)
 two truths: the mean next-token KL(float || quantized), and the mean next-token NLL minus the float
 model's; restore e. (The NLL increase of one expert is mostly noise: it has a first-order term of either
 sign; the KL is second order and what the Gauss-Newton predictors estimate.) Decoder-layer inputs of the float model are
@@ -131,6 +132,50 @@ class Cached:
                           for ids in self.batches]).cpu().numpy()
 
 
+def signround_alone(model, layers, tok, a, bits) -> dict[int, list]:
+    """The signround truth's weights: every expert e at every width b learned ALONE (the rest of the model
+    float) by the build's learned rounding on its layer's output, on the float model's routed calibration
+    tokens of its layer (--truth-samples windows of the calibration text, as the build's quantize stage reads
+    them); the target is the float layer output, so delta is zero."""
+    from mopeq_export.quantization.pipeline import Routed
+    from mopeq_export.quantization.signround import SignRoundConfig, signround_experts
+
+    calib = load_calibration(a.calib, tok, model.config, samples=a.truth_samples, seq_len=256)
+    got = {li: ([], [], []) for li in range(len(layers))}
+    hooks = []
+    for li, layer in enumerate(layers):
+        def hook(x, idx, w, li=li):
+            got[li][0].append(x.detach().reshape(-1, x.shape[-1]).float())
+            got[li][1].append(idx.detach().reshape(got[li][0][-1].shape[0], -1))
+            got[li][2].append(w.detach().reshape(got[li][0][-1].shape[0], -1).float())
+        hooks.append(layer.register_routing_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in calib.batches:  # full windows: no padding to drop
+                model(**{k: v.to(a.device) for k, v in model_inputs(batch).items()}, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    # one expert alone in its layer on the layer's output: the loss of a token is ||g_t (E'(x_t) - E(x_t))||^2,
+    # the expert-scope objective with routing weights, so the experts of a layer learn in one batched call
+    # (independently: each one's loss involves only itself)
+    cfg = SignRoundConfig(scope="expert", routing_weighted=True)
+    out = {b: [] for b in bits}
+    for li, layer in enumerate(layers):
+        r = Routed(*(torch.cat(t) for t in got[li]))
+        w1 = torch.stack([layer.get_w1(e) for e in range(layer.num_experts)])
+        w2 = torch.stack([layer.get_w2(e) for e in range(layer.num_experts)])
+        inputs = [r.of(e) for e in range(layer.num_experts)]
+        live = [e for e, (x, _) in enumerate(inputs) if x.shape[0]]
+        for b in bits:
+            done = dict(zip(live, signround_experts(w1[live], w2[live], [inputs[e][0] for e in live], [b] * len(live),
+                                                    a.group_size, layer.act, cfg, [inputs[e][1] for e in live])))
+            for e in range(layer.num_experts):
+                q1, q2 = done[e][:2] if e in done else (rtn(w1[e], b, a.group_size), rtn(w2[e], b, a.group_size))
+                out[b].append((q1.dequantize().to(a.device), q2.dequantize().to(a.device)))
+    return out
+
+
 # -- predictors from calibration data -----------------------------------------------------------------
 def calibration_predictors(model, layers, calib, quantized, probes_per_batch: int, seed: int):
     """Accumulate the output-perturbation predictors over the calibration batches (see module docstring)."""
@@ -250,6 +295,10 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda (float32 either way)")
     ap.add_argument("--truth-budget", type=float, default=None, help="stop measuring after this many seconds")
     ap.add_argument("--limit", type=int, default=None, help="only the first N experts (smoke test)")
+    ap.add_argument("--truth-quantizer", default="rtn", choices=("rtn", "signround"),
+                    help="how the measured expert is quantized: rtn (what the report's err_e(b) measures) or "
+                         "signround (the build's learned rounding, alone in its layer on the layer's output)")
+    ap.add_argument("--truth-samples", type=int, default=128, help="signround truth: calibration windows")
     ap.add_argument("--out", default="docs/predictor.json")
     ap.add_argument("--restats", action="store_true", help="recompute only the statistics from OUT.state.pkl")
     a = ap.parse_args()
@@ -326,6 +375,12 @@ def main():
 
     # truth
     t2 = time.perf_counter()
+    truth_q = quantized
+    if a.truth_quantizer == "signround":
+        truth_q = signround_alone(model, layers, tok, a, bits)
+        print(f"[{time.perf_counter() - t0:.0f}s] learned rounding of every expert alone: "
+              f"{time.perf_counter() - t2:.0f}s", flush=True)
+        t2 = time.perf_counter()
     # expert-major order (expert 0 of every layer, then expert 1, ...) so a time budget leaves a sample
     # spread over all layers; the experts measured are then a prefix of this fixed order, not a choice
     offs = np.cumsum([0] + [layer.num_experts for layer in layers])
@@ -339,7 +394,7 @@ def main():
         layer, e = layers[li], int(i - offs[li])
         w1, w2 = layer.get_w1(e), layer.get_w2(e)
         for b in bits:
-            layer.set_weights(e, *quantized[b][i])
+            layer.set_weights(e, *truth_q[b][i])
             nll, kl = cache.nll_from(layer.layer)
             per_window[b][i], per_window_kl[b][i] = nll - base, kl
         layer.set_weights(e, w1, w2)
@@ -442,7 +497,11 @@ def stats(a, report, state, bits, order, t0):
         "kind": "mopeq.predictor_validation", "model": a.model, "sensitivity": a.sens,
         "sensitivity_settings": {"curvature": report.estimator.curvature, "probes": report.probes,
                                  "calib_samples": info.samples, "seq_len": info.seq_len},
-        "quantization": f"RTN (clipping search), group {a.group_size}, one expert at a time",
+        "quantization": (f"RTN (clipping search), group {a.group_size}, one expert at a time"
+                         if getattr(a, "truth_quantizer", "rtn") == "rtn" else
+                         f"learned rounding (SignRoundConfig defaults; one expert alone on its layer's output: the "
+                         f"routing-weighted expert objective, float target), {a.truth_samples} calibration "
+                         f"windows, group {a.group_size}, one expert at a time"),
         "widths": bits, "experts": count, "heldout": {"file": a.eval, "windows": state["nwin"], "seq_len": 256,
                                                        "window_indices": pick.tolist(), "float_nll": state["float_nll"]},
         "new_predictor": PRIMARY_NEW, "probes_per_batch": a.probes_per_batch, "bootstrap": a.boot,

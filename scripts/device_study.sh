@@ -6,7 +6,9 @@
 # scripts/compare_allocations.py run at once (the GPU is mostly idle on these models' small kernels), each
 # saving its rows as they are done and stopping at LIMIT seconds; their parts come back as $OUT/parts.tgz
 # (merge here: `python scripts/compare_allocations.py merge docs/compare_X part*/compare_text.json`).
-#   PREDICTOR=1 also runs scripts/bench_predictor.py first (every expert at 2/3/4 bits, 128 held-out windows).
+#   PREDICTOR=1 also runs scripts/bench_predictor.py first (every expert at 2/3/4 bits, 128 held-out windows);
+#   PREDICTOR=signround measures its truth with the build's learned rounding instead of RTN; STUDY=0 skips the
+#   allocation study (the predictor benchmark alone).
 set -uo pipefail
 out=${OUT:-/tmp/out}
 d=work/devshare
@@ -16,9 +18,16 @@ parts=/tmp/parts
 OUT=/tmp/install bash scripts/device_install.sh || exit 1
 mkdir -p "$parts"
 if [ -n "${PREDICTOR:-}" ]; then
-  timeout 240 python3 scripts/bench_predictor.py --model $d/text-moe --sens $d/sens_text.json --calib $d/text_calib.txt \
-    --windows 128 --bits 2,3,4 --probes-per-batch 8 --boot 300 --threads 8 --device cuda \
-    --out "$out/predictor.json" > "$parts/predictor.log" 2>&1
+  truth=rtn
+  [ "$PREDICTOR" = signround ] && truth=signround
+  timeout "${PREDICTOR_LIMIT:-240}" python3 scripts/bench_predictor.py --model $d/text-moe --sens $d/sens_text.json \
+    --calib $d/text_calib.txt --windows 128 --bits 2,3,4 --probes-per-batch 8 --boot 300 --threads 8 --device cuda \
+    --truth-quantizer $truth --out "$out/predictor.json" > "$parts/predictor.log" 2>&1
+  cp "$parts/predictor.log" "$out/" 2>/dev/null || true
+fi
+if [ "${STUDY:-1}" = 0 ]; then
+  tail -40 "$parts/predictor.log" 2>/dev/null
+  exit 0
 fi
 pids=()
 part() {  # part NAME compare_allocations-arguments...

@@ -90,9 +90,11 @@ def save_tiny(name: str, folder: Path) -> Path:
     return folder
 
 
-def quantize_random_plan(model_dir, out, trust_remote_code=False, seed=0, dense=None):
+def quantize_random_plan(model_dir, out, trust_remote_code=False, seed=0, dense=None, cfg=None, calib=None,
+                         samples=None, seq_len=256):
     """RTN with a random 2/3/4-bit plan: every width occurs, like a MoPEQ plan. `dense`: the plan's dense
-    widths (None: no `dense` record, so every dense weight stays float, as in plans of older toolchains)."""
+    widths (None: no `dense` record, so every dense weight stays float, as in plans of older toolchains).
+    `cfg` (with `calib`, `samples`, `seq_len`) replaces RTN by another QuantizeConfig."""
     from mopeq_export.models.adapters import find_moe_layers
     from mopeq_export.models.loading import model_info
     from mopeq_export.models.onload import skeleton
@@ -108,6 +110,6 @@ def quantize_random_plan(model_dir, out, trust_remote_code=False, seed=0, dense=
     if dense is not None:
         plan["dense"] = dense
     (out.parent / "plan.json").write_text(json.dumps(plan))
-    run_quantize(model_dir, out.parent / "plan.json", out, calib=None, cfg=QuantizeConfig(method="rtn"),
-                 trust_remote_code=trust_remote_code, device="cpu")
+    run_quantize(model_dir, out.parent / "plan.json", out, calib=calib, cfg=cfg or QuantizeConfig(method="rtn"),
+                 samples=samples, seq_len=seq_len, trust_remote_code=trust_remote_code, device="cpu")
     return out

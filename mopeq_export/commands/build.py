@@ -26,7 +26,7 @@ def build(
     plan: Optional[Path] = typer.Option(None, "--plan", help="use this plan.json instead of analyze + plan"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="calibration data (default: calibration_data/)"),
     method: Optional[str] = typer.Option(None, "--method", help="expert quantizer: signround (learned rounding) | "
-                                         "gptq | rtn (default: signround for text models, gptq for VLMs)"),
+                                         "gptq | rtn (default: signround)"),
     eval_data: Optional[Path] = typer.Option(None, "--eval", help="held-out data for the gate (default: evaluation_data/)"),
     seed: int = typer.Option(0, "--seed", help="seed of the sensitivity probes and of everything random"),
     tar: bool = typer.Option(False, "--tar", help="write one deterministic .tar instead of a folder"),

@@ -32,6 +32,13 @@ def quantize(
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: columns by decreasing Hessian diagonal"),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ dampening (fraction of mean diagonal)"),
     min_tokens: int = typer.Option(64, "--min-tokens", help="experts with fewer routed tokens fall back to RTN"),
+    head_gptq: bool = typer.Option(QuantizeConfig.head_gptq, "--head-gptq/--head-rtn",
+                                   help="lm_head by GPTQ on the final hidden states, or round-to-nearest"),
+    mlp_method: str = typer.Option(QuantizeConfig.mlp_method, "--mlp-method",
+                                   help="shared experts and dense MLPs: gptq | signround (learned rounding)"),
+    shared_first: bool = typer.Option(QuantizeConfig.shared_first, "--shared-first/--shared-last",
+                                      help="quantize shared experts before the routed experts (learned rounding "
+                                           "then offsets their error) or after them"),
     quantize_dense: Optional[int] = typer.Option(None, "--quantize-dense",
                                                  help="also quantize shared experts uniformly to 4 or 8 bits"),
     dense_attention: bool = typer.Option(False, "--dense-attention", help="with --quantize-dense: attention too"),
@@ -47,7 +54,8 @@ def quantize(
     t0 = time.time()
     cfg = QuantizeConfig(method=method, group_size=group_size,
                          gptq=GPTQConfig(damp=damp, act_order=act_order, min_tokens=min_tokens),
-                         signround=SignRoundConfig(iters=iters))
+                         signround=SignRoundConfig(iters=iters), head_gptq=head_gptq, mlp_method=mlp_method,
+                         shared_first=shared_first)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"quantizing experts ({method})", total=None)
 

@@ -25,7 +25,7 @@ from ..errors import MopeqError
 
 RoutingCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 _SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
-_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 def _activation_name(act: nn.Module | None) -> str:
@@ -96,7 +96,7 @@ class MoELayer:
         """Parameters holding the routed experts: (param, expert) where expert None means dim 0 is the expert axis."""
         if self.layout == "fused":
             return [(self.experts.gate_up_proj, None), (self.experts.down_proj, None)]
-        return [(getattr(self.experts[e], n).weight, e) for e in range(self.num_experts) for n in _MLP_NAMES]
+        return [(getattr(self.experts[e], n).weight, e) for e in range(self.num_experts) for n in MLP_NAMES]
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "silu":
@@ -191,7 +191,7 @@ def _modulelist_layer(block_path: str, block: nn.Module, name: str, experts: nn.
     first = experts[0]
     inter, hidden = first.gate_proj.weight.shape
     for i, m in enumerate(experts):
-        for n in _MLP_NAMES:
+        for n in MLP_NAMES:
             if getattr(m, n).bias is not None:
                 raise MopeqError(f"{block_path}.{name}.{i}.{n} has a bias; biased experts are not supported yet")
     return MoELayer(
@@ -207,7 +207,7 @@ def _shared_path(block_path: str, block: nn.Module) -> str | None:
 
 
 def _is_gated_mlp(m: nn.Module) -> bool:
-    return all(isinstance(getattr(m, n, None), nn.Linear) for n in _MLP_NAMES)
+    return all(isinstance(getattr(m, n, None), nn.Linear) for n in MLP_NAMES)
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:

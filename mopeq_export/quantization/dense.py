@@ -13,9 +13,10 @@ A plan carries one width per class of dense weight (plan.json -> `dense`):
 providers); embeddings take 8 (a row-gather of uint8 codes, standard ops only). Why these defaults: measured
 on text-moe, docs/DECISIONS.md "Dense weights".
 
-Quantization is the group-wise asymmetric format of the routed experts (FORMAT.md §2-3, same group size),
-with RTN and the clipping search weighted by the input's second moment when calibration activations are at
-hand (linear layers of the decoder), plain clipping search otherwise.
+Quantization is the group-wise asymmetric format of the routed experts (FORMAT.md §2-3, same group size):
+GPTQ on the calibration inputs each linear receives (the decoder's linears, and lm_head on the final hidden
+states with `QuantizeConfig.head_gptq`; learned rounding for gated MLPs with `QuantizeConfig.mlp_method`),
+round-to-nearest with the clipping search without calibration data and for the embeddings (stage.py).
 """
 
 from __future__ import annotations

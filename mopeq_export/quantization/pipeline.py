@@ -52,6 +52,22 @@ class QuantizeConfig:
     # default, also under learned rounding's 128, where the extra captures were a third of the stage's time
     # on text-moe (measured in docs/RESULTS.md)
     dense_samples: int | None = 32
+    # quantize the shared experts (and dense MLPs) before the routed experts' inputs are captured, with the
+    # attention, instead of after the routed experts: learned rounding's float targets then carry their
+    # error, which the routed experts learn to offset (GPTQ's result is the same either way: the shared
+    # expert's inputs do not depend on the routed experts). Measured on text-moe: no gain (KL 0.0868 vs
+    # 0.0865, docs/RESULTS.md "Dense weights' quantizers"), so off
+    shared_first: bool = False
+    # lm_head by GPTQ on the calibration set's final hidden states (after the last decoder layer and the
+    # final norm) instead of round-to-nearest with the clipping search: on by measurement (text-moe 2.5-bit
+    # build, two seeds: KL 0.0855 / 0.0862 vs 0.0865 / 0.0872 with RTN; docs/RESULTS.md "Dense weights'
+    # quantizers"); without calibration data (--method rtn) lm_head stays round-to-nearest
+    head_gptq: bool = True
+    # the shared experts' and dense MLPs' quantizer: "gptq", or "signround" (learned rounding of the gated
+    # MLP's gate/up/down together on its own output over the calibration tokens, signround_experts with one
+    # expert; an MLP of another shape, or with biases, stays GPTQ). Measured on text-moe's shared experts at
+    # 4 bits: no gain over GPTQ (KL 0.0868 vs 0.0865), so GPTQ
+    mlp_method: str = "gptq"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -117,7 +133,8 @@ class Routed:
                    torch.zeros(0, 1, device=device))
 
 
-def _keep(mask, device):
+def kept_rows(mask, device):
+    """Index of the non-padding rows of a flattened batch (every row without an attention mask)."""
     return mask.reshape(-1).bool().to(device) if mask is not None else slice(None)
 
 
@@ -128,7 +145,7 @@ def capture_routed(runner: SequentialRunner, i: int, decoder_layer, layer: MoELa
     hidden, indices, weights, state = [], [], [], {}
 
     def hook(x, idx, w):
-        keep = _keep(state["mask"], x.device)
+        keep = kept_rows(state["mask"], x.device)
         hidden.append(x.detach().reshape(-1, x.shape[-1])[keep].float())
         indices.append(idx.detach().reshape(x.shape[0], -1)[keep])
         weights.append(w.detach().reshape(x.shape[0], -1)[keep].float())
@@ -154,7 +171,7 @@ def flat_outputs(runner: SequentialRunner, outs: list[torch.Tensor]) -> torch.Te
     """Per-batch layer outputs [b, s, H] -> [N, H] float32 with the padding dropped (capture_routed's order)."""
     rows = []
     for b, o in enumerate(outs):
-        rows.append(o.reshape(-1, o.shape[-1])[_keep(runner.batches[b].get("attention_mask"), o.device)].float())
+        rows.append(o.reshape(-1, o.shape[-1])[kept_rows(runner.batches[b].get("attention_mask"), o.device)].float())
     return torch.cat(rows)
 
 
@@ -286,6 +303,8 @@ def check_config(bits: dict[str, int], calib: CalibrationSet | None, cfg: Quanti
                          f"{', '.join(map(str, GROUP_SIZES))} (docs/FORMAT.md)")
     for b in set(bits.values()):
         check_width(b, cfg.group_size)
+    if cfg.mlp_method not in ("gptq", "signround"):
+        raise MopeqError(f"unknown shared-expert / dense-MLP quantizer '{cfg.mlp_method}'; use gptq or signround")
     sr = cfg.signround
     if cfg.method == "signround" and (sr.iters < 0 or sr.batch_tokens < 1 or sr.scope not in ("layer", "expert")):
         raise MopeqError(f"signround needs --iters >= 0, batch_tokens >= 1 and scope layer or expert (got "
@@ -301,14 +320,15 @@ ExpertsDone = Callable[[MoELayer, list[ExpertResult]], None]
 def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: dict[str, int], cfg: QuantizeConfig,
                         progress=None, work_bytes: int = 1 << 30, after_layer: LayerDone | None = None,
                         on_experts: ExpertsDone | None = None, before_layer: LayerDone | None = None,
-                        after_experts: LayerDone | None = None) -> list[list[ExpertResult]]:
+                        after_experts: LayerDone | None = None, final_pass: bool = False) -> list[list[ExpertResult]]:
     """Walk the decoder layers: capture what each MoE layer's experts receive, quantize them, write their
     dequantized weights back, and run the layer to produce the next one's inputs. `after_layer` sees each
     layer while its weights are loaded. Dense-layer quantization: `before_layer` sees each layer before its
     experts' inputs are captured (attention, so the experts calibrate on the quantized attention's output),
     `after_experts` after its experts are written back and before it produces the next layer's inputs
     (shared experts, dense MLPs). With `on_experts` each layer's
-    results go there as soon as they exist (the stage packs and writes them) and are not kept."""
+    results go there as soon as they exist (the stage packs and writes them) and are not kept. With
+    `final_pass` the last layer also runs, so `runner.hidden` ends as the decoder stack's output."""
     by_index = {}
     for layer in layers:
         prefix = layer.block_path[len(runner.stack_path) + 1:].split(".")[0]
@@ -347,9 +367,9 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
                 del routed, done
             if after_experts is not None:
                 after_experts(i, decoder_layer)
-            if cfg.uses_calibration and i + 1 < len(runner.stack):
+            if cfg.uses_calibration and (i + 1 < len(runner.stack) or final_pass):
                 runner.run(i, decoder_layer)
-                if float_out is not None:
+                if float_out is not None and i + 1 < len(runner.stack):
                     float_hidden = runner.chain(i, float_out)
             del float_out
             if after_layer is not None:

@@ -201,9 +201,12 @@ def signround_experts(w1: torch.Tensor, w2: torch.Tensor, xs: list[torch.Tensor]
         out = []
         with torch.no_grad():
             for e, x in enumerate(xs):
-                ref = _expert_out(x[None], w1f[e:e + 1], w2f[e:e + 1], inter, act)
-                got = _expert_out(x[None], q1[e:e + 1], q2[e:e + 1], inter, act)
-                out.append(float((got - ref).norm() / ref.norm().clamp_min(1e-12)))
+                def sq(rows, e=e, x=x):  # [2]: squared error and squared reference norm of these rows
+                    ref = _expert_out(x[rows][None], w1f[e:e + 1], w2f[e:e + 1], inter, act)
+                    got = _expert_out(x[rows][None], q1[e:e + 1], q2[e:e + 1], inter, act)
+                    return torch.stack([((got - ref) ** 2).sum(), (ref ** 2).sum()])[None]
+                err, ref = in_row_chunks(x.shape[0], x.device, sq).sum(0)
+                out.append(float(err.sqrt() / ref.sqrt().clamp_min(1e-12)))
         return out
 
     def loss_of(q1, q2):

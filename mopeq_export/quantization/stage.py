@@ -9,7 +9,7 @@ memory is about one decoder layer in float32 plus the calibration activations an
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from ..calibration import load_calibration
 from ..devices import Meter, gib, resolve_device
 from ..errors import MopeqError
 from ..fsutil import check_out, require_free_space, staged_dir
-from ..models.adapters import decoder_layer_paths, find_moe_layers
+from ..models.adapters import MLP_NAMES, StopForward, decoder_layer_paths, find_moe_layers
 from ..models.loading import check_weights, load_tokenizer, model_info
 from ..models.onload import WeightSource, skeleton
 from ..models.sequential import SequentialRunner
@@ -29,9 +29,11 @@ from .checkpoint import (SCHEMA_VERSION, DenseRecord, dense_tensors, layer_recor
 from .dense import EMBEDDING_GROUP, FLOAT, OUTPUT_PROJECTIONS, dense_linears, module_path
 from .gptq import Gram, gptq
 from .packing import LAYOUT_VERSION
-from .pipeline import DEFAULT_SAMPLES, QuantizeConfig, check_config, quantize_sequential, results_summary
+from .pipeline import (DEFAULT_SAMPLES, QuantizeConfig, check_config, kept_rows, quantize_sequential,
+                       results_summary)
 from .plan_io import PlanBits, read_plan_bits
-from .primitives import check_width, rtn
+from .primitives import QuantizedMatrix, check_width, rtn
+from .signround import signround_experts
 
 
 
@@ -74,6 +76,59 @@ def _quantize_dense(model, paths: dict[str, int], cfg: QuantizeConfig, grams: di
     return records, tensors
 
 
+def _gated_mlps(model, paths: dict[str, int]) -> dict[str, int]:
+    """{module path: bits} of the gated MLPs among `paths` that learned rounding can take: gate/up/down all
+    listed at one width, no biases, an `act_fn`."""
+    out = {}
+    for parent in sorted({p.rsplit(".", 1)[0] for p in paths}):
+        names = [f"{parent}.{n}" for n in MLP_NAMES]
+        if not all(n in paths for n in names) or len({paths[n] for n in names}) != 1:
+            continue
+        mod = model.get_submodule(parent)
+        if callable(getattr(mod, "act_fn", None)) and all(model.get_submodule(n).bias is None for n in names):
+            out[parent] = paths[names[0]]
+    return out
+
+
+def _rows(q: QuantizedMatrix, start: int, stop: int) -> QuantizedMatrix:
+    return QuantizedMatrix(q.bits, q.group_size, q.codes[start:stop], q.scales[start:stop], q.zeros[start:stop])
+
+
+def _learn_mlp(model, runner: SequentialRunner, i: int, decoder_layer, path: str, bits: int, cfg: QuantizeConfig):
+    """Learned rounding of one gated MLP (QuantizeConfig.mlp_method "signround"): its inputs over every
+    calibration batch (a pass of layer i that stops at the MLP), then gate/up/down fitted together to the float
+    MLP's output on them (`signround_experts` with one expert). The model keeps the dequantized weights."""
+    mod = model.get_submodule(path)
+    xs, state = [], {}
+
+    def hook(_m, args):
+        x = args[0].detach()
+        xs.append(x.reshape(-1, x.shape[-1])[kept_rows(state["mask"], x.device)].float())
+        raise StopForward
+
+    handle = mod.register_forward_pre_hook(hook)
+    try:
+        runner.run(i, decoder_layer, stop_ok=True,
+                   on_batch=lambda b: state.update(mask=runner.batches[b].get("attention_mask")))
+    finally:
+        handle.remove()
+    gate, up, down = (getattr(mod, n) for n in MLP_NAMES)
+    w1 = torch.cat([gate.weight, up.weight]).detach().float()[None]
+    w2 = down.weight.detach().float()[None]
+    [(q1, q2, _, _)] = signround_experts(w1, w2, [torch.cat(xs)], [bits], cfg.group_size, mod.act_fn,
+                                         replace(cfg.signround, scope="expert"))
+    inter = gate.out_features
+    records, tensors = [], {}
+    for name, lin, q in (("gate_proj", gate, _rows(q1, 0, inter)), ("up_proj", up, _rows(q1, inter, 2 * inter)),
+                         ("down_proj", down, q2)):
+        cpu = QuantizedMatrix(q.bits, q.group_size, q.codes.cpu(), q.scales.cpu(), q.zeros.cpu())
+        tensors.update(dense_tensors(f"{path}.{name}", cpu, None))
+        records.append(DenseRecord(f"{path}.{name}", bits, lin.in_features, lin.out_features, False))
+        with torch.no_grad():
+            lin.weight.copy_(q.dequantize().to(lin.weight.dtype))
+    return records, tensors
+
+
 def _input_grams(model, paths) -> tuple[dict, list]:
     """Forward pre-hooks accumulating each linear's input Gram matrix (GPTQ's Hessian) over the layer's
     calibration passes. A pass that runs a linear twice over the same tokens adds the same mean."""
@@ -87,12 +142,54 @@ def _input_grams(model, paths) -> tuple[dict, list]:
     return grams, handles
 
 
-def _quantize_outer(model, source, widths: dict[str, int], group_size: int):
+def final_norm(model, stack_path: str) -> tuple[str, torch.nn.Module] | None:
+    """The norm between the decoder stack and lm_head: `norm` (Llama-style models) or `ln_f` beside the
+    stack. None when the model has neither (lm_head then falls back to round-to-nearest)."""
+    parent = stack_path.rsplit(".", 1)[0] if "." in stack_path else ""
+    owner = model.get_submodule(parent) if parent else model
+    for name in ("norm", "ln_f", "final_layernorm"):
+        m = getattr(owner, name, None)
+        if isinstance(m, torch.nn.Module):
+            return (f"{parent}.{name}" if parent else name), m
+    return None
+
+
+def _head_gram(model, runner: SequentialRunner, source) -> Gram | None:
+    """lm_head's input Gram matrix: the final norm of the decoder stack's outputs (`runner.hidden` after a
+    `final_pass`), padding dropped. The norm's weights were freed after the capture and are loaded again."""
+    found = final_norm(model, runner.stack_path)
+    if found is None:
+        return None
+    path, norm = found
+    if source is not None and any(p.device.type == "meta" for p in norm.parameters()):
+        source.load(model, lambda n: n.startswith(path + "."), runner.device)
+    gram = None
+    with torch.no_grad():
+        for b, h in enumerate(runner.hidden):
+            mask = runner.batches[b].get("attention_mask")
+            x = norm(h).reshape(-1, h.shape[-1])
+            if mask is not None:
+                x = x[mask.reshape(-1).bool().to(x.device)]
+            if gram is None:
+                gram = Gram(x.shape[-1], x.device)
+            gram.add(x.float())
+    return gram
+
+
+# rows of lm_head per GPTQ call: the rows are independent given the Gram matrix, and a vocabulary of 150k
+# rows in one call would hold several float32 copies of the whole head (8192 x 4096: about 1.3 GB working)
+_HEAD_ROWS = 8192
+
+
+def _quantize_outer(model, source, widths: dict[str, int], cfg: QuantizeConfig, head_gram: Gram | None = None,
+                    device: torch.device | str = "cpu"):
     """lm_head and the input embeddings (outside the decoder layers): loaded one at a time, round-to-nearest
-    with the clipping search (no calibration statistics), packed; the model keeps them unloaded."""
+    with the clipping search, packed; the model keeps them unloaded. With `head_gram` (QuantizeConfig.head_gptq)
+    lm_head is GPTQ-quantized on it instead, in blocks of rows on `device`."""
+    group_size = cfg.group_size
     records, tensors = [], {}
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(cfg, "tie_word_embeddings", False):  # one tensor serves both: kept float (docs/DECISIONS.md)
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(text_cfg, "tie_word_embeddings", False):  # one tensor serves both: kept float (docs/DECISIONS.md)
         return records, tensors
     outer = (("lm_head", model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None),
              ("embeddings", model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None))
@@ -107,7 +204,12 @@ def _quantize_outer(model, source, widths: dict[str, int], group_size: int):
         w = module.weight.detach().float()
         kind = "embedding" if isinstance(module, torch.nn.Embedding) else "linear"
         g = max(group_size, EMBEDDING_GROUP) if kind == "embedding" else group_size
-        q = rtn(w, bits, g)
+        if kind == "linear" and head_gram is not None and head_gram.n > 0:
+            parts = [gptq(rows.to(device), head_gram, bits, g, cfg.gptq) for rows in w.split(_HEAD_ROWS)]
+            q = type(parts[0])(bits, g, *(torch.cat([getattr(p, a).cpu() for p in parts])
+                                          for a in ("codes", "scales", "zeros")))
+        else:
+            q = rtn(w, bits, g)
         bias = getattr(module, "bias", None)
         bias = None if bias is None else bias.detach().cpu()
         tensors.update(dense_tensors(path, q, bias))
@@ -174,14 +276,16 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
         dense_batches = next((k for k, n in enumerate(seen, 1) if n >= cfg.dense_samples), len(seen))
     lrecs, summaries, expert_bytes = [], [], [0]
     classes = dense_linears(model, layers, decoder_layer_paths(model))
+    mlps = {"shared_experts", "dense_mlp"}
 
-    def quantize_dense_of(i, decoder_layer, phase: set[str]):
+    def quantize_dense_of(i, decoder_layer, phase: set[str], done: frozenset[str] = frozenset()):
         """GPTQ needs the linears' inputs: a pass of the layer over the calibration set collects them (its
         output is dropped), then they are quantized and written back before the layer's next pass. Input
         projections go first, then the output projections (o_proj, down_proj) on inputs computed through
         the quantized ones, as the routed experts' w2 follows w1. Without calibration data (RTN), no pass."""
         prefix = f"{runner.stack_path}.{i}."
-        mine = {p: b for p, b in dense_paths.items() if p.startswith(prefix) and classes.get(p) in phase}
+        mine = {p: b for p, b in dense_paths.items()
+                if p.startswith(prefix) and classes.get(p) in phase and p not in done}
         outputs = {p: b for p, b in mine.items() if p.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS}
         for part in ({p: b for p, b in mine.items() if p not in outputs}, outputs):
             if not part:
@@ -198,6 +302,25 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
             dense_recs.extend(recs)
             dense.update(tensors)
 
+    def quantize_mlps_of(i, decoder_layer):
+        """The layer's shared experts and dense MLP: learned rounding for the gated MLPs when
+        cfg.mlp_method says so (and calibration data is at hand), GPTQ for the rest."""
+        prefix = f"{runner.stack_path}.{i}."
+        mine = {p: b for p, b in dense_paths.items() if p.startswith(prefix) and classes.get(p) in mlps}
+        learned = set()
+        if cfg.mlp_method == "signround" and cfg.uses_calibration and runner.batches:
+            for path, bits in _gated_mlps(model, mine).items():
+                recs, tensors = _learn_mlp(model, runner, i, decoder_layer, path, bits, cfg)
+                dense_recs.extend(recs)
+                dense.update(tensors)
+                learned.update(f"{path}.{n}" for n in MLP_NAMES)
+        quantize_dense_of(i, decoder_layer, mlps, frozenset(learned))
+
+    def before(i, decoder_layer):  # attention, then (with cfg.shared_first) the shared experts / dense MLP
+        quantize_dense_of(i, decoder_layer, {"attention"})
+        if cfg.shared_first:
+            quantize_mlps_of(i, decoder_layer)
+
     def on_experts(layer, results):  # packed and written at once: one layer's codes in memory at a time
         tensors = layer_tensors(results)
         write_layer(stage, layer.experts_path, tensors)
@@ -209,11 +332,15 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
     try:
         with staged_dir(out, "quantize", force=force, inputs=inputs) as stage:
             runner = SequentialRunner(model, calib_set.batches if calib_set else [], dev, source)
+            head_gptq = (cfg.head_gptq and calib_set is not None and dense_bits is None
+                         and plan.dense["lm_head"] != FLOAT)
             quantize_sequential(runner, layers, plan.bits, cfg, progress, work_bytes, None, on_experts,
-                                before_layer=lambda i, l: quantize_dense_of(i, l, {"attention"}),
-                                after_experts=lambda i, l: quantize_dense_of(i, l, {"shared_experts", "dense_mlp"}))
+                                before_layer=before,
+                                after_experts=None if cfg.shared_first else quantize_mlps_of,
+                                final_pass=head_gptq)
             if dense_bits is None:  # lm_head and embeddings come with the plan's widths only
-                recs, tensors = _quantize_outer(model, source, plan.dense, cfg.group_size)
+                head_gram = _head_gram(model, runner, source) if head_gptq else None
+                recs, tensors = _quantize_outer(model, source, plan.dense, cfg, head_gram, dev)
                 dense_recs.extend(recs)
                 dense.update(tensors)
             dense_count = sum(d.in_features * d.out_features for d in dense_recs)
