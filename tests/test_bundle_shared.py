@@ -81,6 +81,8 @@ def test_vlm_bundle_retention_and_image(tmp_path, cache):
                       eval=DATA / "vqa_dev.npz", cache=cache))
     m = mopeq_runtime.load(out)
     assert m.manifest.validation["metrics"]["accuracy_retention"] >= 0.985
+    assert m.manifest.quantization["method"] == "signround"  # the build's default for VLMs too (BUILD_METHOD)
+    assert m.manifest.quantization["config"]["head_gptq"] is True
     with np.load(DATA / "vqa_dev.npz") as z:
         img, q = z["images"][0], str(z["questions"][0])
     assert m.generate(q, image=img, max_new_tokens=8).text.strip()
