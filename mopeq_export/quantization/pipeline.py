@@ -100,8 +100,7 @@ class ExpertResult:
 
     def cpu(self) -> "ExpertResult":
         """The packed matrices on the CPU (where they are written from); the device copies can go."""
-        mv = lambda q: QuantizedMatrix(q.bits, q.group_size, q.codes.cpu(), q.scales.cpu(), q.zeros.cpu())  # noqa: E731
-        self.w1, self.w2 = mv(self.w1), mv(self.w2)
+        self.w1, self.w2 = self.w1.cpu(), self.w2.cpu()
         return self
 
 

@@ -37,6 +37,20 @@ class QuantizedMatrix:
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scales, self.zeros, self.group_size)
 
+    def cpu(self) -> "QuantizedMatrix":
+        return QuantizedMatrix(self.bits, self.group_size, self.codes.cpu(), self.scales.cpu(), self.zeros.cpu())
+
+    def rows(self, start: int, stop: int) -> "QuantizedMatrix":
+        """Rows start:stop (the groups run along a row, so a row slice is a matrix of its own)."""
+        return QuantizedMatrix(self.bits, self.group_size, self.codes[start:stop], self.scales[start:stop],
+                               self.zeros[start:stop])
+
+    @staticmethod
+    def stack_rows(parts: list["QuantizedMatrix"]) -> "QuantizedMatrix":
+        """The row blocks of one matrix (same width and group size) joined back, on the CPU."""
+        return QuantizedMatrix(parts[0].bits, parts[0].group_size,
+                               *(torch.cat([getattr(p, a).cpu() for p in parts]) for a in ("codes", "scales", "zeros")))
+
 
 def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
     """[..., G] -> [..., K]: each group's value repeated over its columns (last group partial)."""

@@ -68,8 +68,7 @@ def _quantize_dense(model, paths: dict[str, int], cfg: QuantizeConfig, grams: di
         else:
             q = rtn(w, bits, cfg.group_size)
         bias = None if lin.bias is None else lin.bias.detach().cpu()
-        cpu = type(q)(q.bits, q.group_size, q.codes.cpu(), q.scales.cpu(), q.zeros.cpu())
-        tensors.update(dense_tensors(p, cpu, bias))
+        tensors.update(dense_tensors(p, q.cpu(), bias))
         records.append(DenseRecord(p, bits, lin.in_features, lin.out_features, lin.bias is not None))
         with torch.no_grad():
             lin.weight.copy_(q.dequantize().to(lin.weight.dtype))
@@ -88,10 +87,6 @@ def _gated_mlps(model, paths: dict[str, int]) -> dict[str, int]:
         if callable(getattr(mod, "act_fn", None)) and all(model.get_submodule(n).bias is None for n in names):
             out[parent] = paths[names[0]]
     return out
-
-
-def _rows(q: QuantizedMatrix, start: int, stop: int) -> QuantizedMatrix:
-    return QuantizedMatrix(q.bits, q.group_size, q.codes[start:stop], q.scales[start:stop], q.zeros[start:stop])
 
 
 def _learn_mlp(model, runner: SequentialRunner, i: int, decoder_layer, path: str, bits: int, cfg: QuantizeConfig):
@@ -119,10 +114,9 @@ def _learn_mlp(model, runner: SequentialRunner, i: int, decoder_layer, path: str
                                          replace(cfg.signround, scope="expert"))
     inter = gate.out_features
     records, tensors = [], {}
-    for name, lin, q in (("gate_proj", gate, _rows(q1, 0, inter)), ("up_proj", up, _rows(q1, inter, 2 * inter)),
+    for name, lin, q in (("gate_proj", gate, q1.rows(0, inter)), ("up_proj", up, q1.rows(inter, 2 * inter)),
                          ("down_proj", down, q2)):
-        cpu = QuantizedMatrix(q.bits, q.group_size, q.codes.cpu(), q.scales.cpu(), q.zeros.cpu())
-        tensors.update(dense_tensors(f"{path}.{name}", cpu, None))
+        tensors.update(dense_tensors(f"{path}.{name}", q.cpu(), None))
         records.append(DenseRecord(f"{path}.{name}", bits, lin.in_features, lin.out_features, False))
         with torch.no_grad():
             lin.weight.copy_(q.dequantize().to(lin.weight.dtype))
@@ -163,16 +157,11 @@ def _head_gram(model, runner: SequentialRunner, source) -> Gram | None:
     path, norm = found
     if source is not None and any(p.device.type == "meta" for p in norm.parameters()):
         source.load(model, lambda n: n.startswith(path + "."), runner.device)
-    gram = None
+    gram = Gram(runner.hidden[0].shape[-1], runner.hidden[0].device)
     with torch.no_grad():
         for b, h in enumerate(runner.hidden):
-            mask = runner.batches[b].get("attention_mask")
             x = norm(h).reshape(-1, h.shape[-1])
-            if mask is not None:
-                x = x[mask.reshape(-1).bool().to(x.device)]
-            if gram is None:
-                gram = Gram(x.shape[-1], x.device)
-            gram.add(x.float())
+            gram.add(x[kept_rows(runner.batches[b].get("attention_mask"), x.device)].float())
     return gram
 
 
@@ -205,9 +194,8 @@ def _quantize_outer(model, source, widths: dict[str, int], cfg: QuantizeConfig, 
         kind = "embedding" if isinstance(module, torch.nn.Embedding) else "linear"
         g = max(group_size, EMBEDDING_GROUP) if kind == "embedding" else group_size
         if kind == "linear" and head_gram is not None and head_gram.n > 0:
-            parts = [gptq(rows.to(device), head_gram, bits, g, cfg.gptq) for rows in w.split(_HEAD_ROWS)]
-            q = type(parts[0])(bits, g, *(torch.cat([getattr(p, a).cpu() for p in parts])
-                                          for a in ("codes", "scales", "zeros")))
+            q = QuantizedMatrix.stack_rows([gptq(rows.to(device), head_gram, bits, g, cfg.gptq)
+                                            for rows in w.split(_HEAD_ROWS)])
         else:
             q = rtn(w, bits, g)
         bias = getattr(module, "bias", None)
