@@ -20,7 +20,7 @@ from mopeq_export.quantization.gptq import GPTQConfig
 from mopeq_export.quantization.loader import load_quantized
 from mopeq_export.quantization.pipeline import QuantizeConfig
 from mopeq_export.quantization.signround import SignRoundConfig
-from mopeq_export.quantization.stage import _head_gram, final_norm
+from mopeq_export.quantization.stage import _float_target_head, _head_gram, final_norm
 from tiny_checkpoint import quantize_random_plan, save_tiny_qwen2_moe, write_text
 
 SAMPLES, SEQ = 8, 48
@@ -76,7 +76,8 @@ def test_head_gram_is_what_lm_head_receives(tiny):
     for i in range(len(runner.stack)):
         with runner.loaded(i) as layer:
             runner.run(i, layer)
-    gram = _head_gram(model, runner, None)
+    gram, cross = _head_gram(model, runner, None)
+    assert cross is None  # no float stream asked for
     assert gram.n == want.shape[0]
     torch.testing.assert_close(gram.xtx, want.t() @ want, rtol=1e-5, atol=1e-6)
 
@@ -149,3 +150,22 @@ def test_shared_first_leaves_gptq_unchanged(tiny, tmp_path):
         assert ta.keys() == tb.keys()
         for k in ta:
             assert (ta[k] == tb[k]).all(), f"{f}:{k}"
+
+
+def test_float_target_head_maps_own_hidden_states_to_float_logits():
+    """When the float model's hidden states are a linear map of this model's (x_f = M x), the float-target head
+    W* = W A G^-1 reproduces the float logits W x_f from x; and with x_f = x it is W itself."""
+    from mopeq_export.quantization.gptq import Gram
+
+    g = torch.Generator().manual_seed(5)
+    n, h, v = 4000, 24, 40
+    x = torch.randn(n, h, generator=g, dtype=torch.float64)
+    m = torch.eye(h, dtype=torch.float64) + 0.2 * torch.randn(h, h, generator=g, dtype=torch.float64)
+    xf = x @ m.t()
+    w = torch.randn(v, h, generator=g)
+    gram = Gram(h)
+    gram.add(x)
+    star = _float_target_head(w, gram, xf.t() @ x, damp=1e-9)
+    torch.testing.assert_close((x.float() @ star.t()), (xf.float() @ w.t()), rtol=1e-3, atol=1e-3)
+    same = _float_target_head(w, gram, x.t() @ x, damp=1e-9)
+    torch.testing.assert_close(same, w, rtol=1e-4, atol=1e-4)

@@ -115,6 +115,8 @@ class SequentialRunner:
             self.output = _Output(layer0(first["hidden"], *first["call"].args, **first["call"].kwargs))
 
         self.hidden: list[torch.Tensor] = []
+        # the float stream's final hidden states, when quantize_sequential runs one (learned rounding) to the end
+        self.float_hidden: list[torch.Tensor] | None = None
         self.calls: list[list[_Call]] = [[] for _ in self.stack]
         self.added: list[list[torch.Tensor | None]] = [[] for _ in self.stack]
         last = len(self.stack) - 1

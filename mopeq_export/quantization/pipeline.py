@@ -68,6 +68,14 @@ class QuantizeConfig:
     # expert; an MLP of another shape, or with biases, stays GPTQ). Measured on text-moe's shared experts at
     # 4 bits: no gain over GPTQ (KL 0.0868 vs 0.0865), so GPTQ
     mlp_method: str = "gptq"
+    # with head_gptq and learned rounding's float stream (scope "layer", float_targets): lm_head's GPTQ
+    # target is the float model's logits, W x_float, instead of W x on this model's own final hidden states:
+    # GPTQ then runs around W* = W A G^-1 (A = sum x_float x^T, G = sum x x^T), the least-squares head that
+    # maps this model's hidden states to the float model's logits, so lm_head also offsets the error of the
+    # decoder stack. Measured on text-moe's 2.5-bit build: perplexity x1.008 (two seeds) vs x1.020, but KL the
+    # same or worse (0.0858 / 0.0868 vs 0.0855 / 0.0862): it softens the logits (docs/RESULTS.md "Seventh
+    # session"), so off
+    head_float_target: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -370,6 +378,8 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
                 runner.run(i, decoder_layer)
                 if float_out is not None and i + 1 < len(runner.stack):
                     float_hidden = runner.chain(i, float_out)
+            if float_out is not None and final_pass and i + 1 == len(runner.stack):
+                runner.float_hidden = runner.chain(i, float_out)  # the float stack's output, for lm_head
             del float_out
             if after_layer is not None:
                 after_layer(i, decoder_layer)

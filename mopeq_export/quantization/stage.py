@@ -148,21 +148,40 @@ def final_norm(model, stack_path: str) -> tuple[str, torch.nn.Module] | None:
     return None
 
 
-def _head_gram(model, runner: SequentialRunner, source) -> Gram | None:
+def _head_gram(model, runner: SequentialRunner, source, float_target: bool = False
+               ) -> tuple[Gram, torch.Tensor | None] | None:
     """lm_head's input Gram matrix: the final norm of the decoder stack's outputs (`runner.hidden` after a
-    `final_pass`), padding dropped. The norm's weights were freed after the capture and are loaded again."""
+    `final_pass`), padding dropped. With `float_target` and the float stream's final hidden states at hand
+    (`runner.float_hidden`), also A = sum x_float x^T over the same tokens (float64), else None. The norm's
+    weights were freed after the capture and are loaded again."""
     found = final_norm(model, runner.stack_path)
     if found is None:
         return None
     path, norm = found
     if source is not None and any(p.device.type == "meta" for p in norm.parameters()):
         source.load(model, lambda n: n.startswith(path + "."), runner.device)
-    gram = Gram(runner.hidden[0].shape[-1], runner.hidden[0].device)
+    hidden = runner.hidden[0].shape[-1]
+    gram = Gram(hidden, runner.hidden[0].device)
+    floats = runner.float_hidden if float_target else None
+    cross = None if floats is None else torch.zeros(hidden, hidden, dtype=torch.float64, device=gram.xtx.device)
     with torch.no_grad():
         for b, h in enumerate(runner.hidden):
-            x = norm(h).reshape(-1, h.shape[-1])
-            gram.add(x[kept_rows(runner.batches[b].get("attention_mask"), x.device)].float())
-    return gram
+            keep = kept_rows(runner.batches[b].get("attention_mask"), h.device)
+            x = norm(h).reshape(-1, hidden)[keep].float()
+            gram.add(x)
+            if cross is not None:
+                xf = norm(floats[b]).reshape(-1, hidden)[keep].double()
+                cross += xf.t() @ x.double()
+    return gram, cross
+
+
+def _float_target_head(w: torch.Tensor, gram: Gram, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """W* = W A (G + damp)^-1: the head whose outputs on this model's hidden states best match (least
+    squares) W's outputs on the float model's. The damping is GPTQ's (a fraction of G's mean diagonal)."""
+    g = gram.xtx.to(cross.device)
+    g = g + torch.eye(g.shape[0], dtype=g.dtype, device=g.device) * damp * torch.diag(g).mean().clamp_min(1e-12)
+    m = torch.linalg.solve(g, cross.t()).t()  # A G^-1 (G symmetric)
+    return (w.double().to(m.device) @ m).float()
 
 
 # rows of lm_head per GPTQ call: the rows are independent given the Gram matrix, and a vocabulary of 150k
@@ -170,11 +189,13 @@ def _head_gram(model, runner: SequentialRunner, source) -> Gram | None:
 _HEAD_ROWS = 8192
 
 
-def _quantize_outer(model, source, widths: dict[str, int], cfg: QuantizeConfig, head_gram: Gram | None = None,
-                    device: torch.device | str = "cpu"):
+def _quantize_outer(model, source, widths: dict[str, int], cfg: QuantizeConfig,
+                    head: tuple[Gram, torch.Tensor | None] | None = None, device: torch.device | str = "cpu"):
     """lm_head and the input embeddings (outside the decoder layers): loaded one at a time, round-to-nearest
     with the clipping search, packed; the model keeps them unloaded. With `head_gram` (QuantizeConfig.head_gptq)
-    lm_head is GPTQ-quantized on it instead, in blocks of rows on `device`."""
+    lm_head is GPTQ-quantized on it instead, in blocks of rows on `device`; `head` is `_head_gram`'s (Gram, A):
+    with A, around the float-target head `_float_target_head` (QuantizeConfig.head_float_target)."""
+    head_gram, cross = head if head is not None else (None, None)
     group_size = cfg.group_size
     records, tensors = [], {}
     text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -194,6 +215,9 @@ def _quantize_outer(model, source, widths: dict[str, int], cfg: QuantizeConfig, 
         kind = "embedding" if isinstance(module, torch.nn.Embedding) else "linear"
         g = max(group_size, EMBEDDING_GROUP) if kind == "embedding" else group_size
         if kind == "linear" and head_gram is not None and head_gram.n > 0:
+            if cross is not None:
+                w = torch.cat([_float_target_head(rows.to(device), head_gram, cross, cfg.gptq.damp).cpu()
+                               for rows in w.split(_HEAD_ROWS)])
             q = QuantizedMatrix.stack_rows([gptq(rows.to(device), head_gram, bits, g, cfg.gptq)
                                             for rows in w.split(_HEAD_ROWS)])
         else:
@@ -327,8 +351,8 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
                                 after_experts=None if cfg.shared_first else quantize_mlps_of,
                                 final_pass=head_gptq)
             if dense_bits is None:  # lm_head and embeddings come with the plan's widths only
-                head_gram = _head_gram(model, runner, source) if head_gptq else None
-                recs, tensors = _quantize_outer(model, source, plan.dense, cfg, head_gram, dev)
+                head = _head_gram(model, runner, source, cfg.head_float_target) if head_gptq else None
+                recs, tensors = _quantize_outer(model, source, plan.dense, cfg, head, dev)
                 dense_recs.extend(recs)
                 dense.update(tensors)
             dense_count = sum(d.in_features * d.out_features for d in dense_recs)
