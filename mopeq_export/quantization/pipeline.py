@@ -72,9 +72,9 @@ class QuantizeConfig:
     # target is the float model's logits, W x_float, instead of W x on this model's own final hidden states:
     # GPTQ then runs around W* = W A G^-1 (A = sum x_float x^T, G = sum x x^T), the least-squares head that
     # maps this model's hidden states to the float model's logits, so lm_head also offsets the error of the
-    # decoder stack. Measured on text-moe's 2.5-bit build: perplexity x1.008 (two seeds) vs x1.020, but KL the
-    # same or worse (0.0858 / 0.0868 vs 0.0855 / 0.0862): it softens the logits (docs/RESULTS.md "Seventh
-    # session"), so off
+    # decoder stack. Measured on text-moe's 2.5-bit build, two seeds: perplexity x1.0135 / x1.0114 vs x1.0203 /
+    # x1.0198, KL 0.0851 / 0.0858 vs 0.0855 / 0.0862 (docs/RESULTS.md "Seventh session"); off until it is
+    # checked in a whole CI run and on vlm-moe
     head_float_target: bool = False
 
     def to_json(self) -> dict:
