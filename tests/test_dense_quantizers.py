@@ -20,7 +20,7 @@ from mopeq_export.quantization.gptq import GPTQConfig
 from mopeq_export.quantization.loader import load_quantized
 from mopeq_export.quantization.pipeline import QuantizeConfig
 from mopeq_export.quantization.signround import SignRoundConfig
-from mopeq_export.quantization.stage import _float_target_head, _head_gram, final_norm
+from mopeq_export.quantization.stage import _float_target_map, _head_gram, final_norm
 from tiny_checkpoint import quantize_random_plan, save_tiny_qwen2_moe, write_text
 
 SAMPLES, SEQ = 8, 48
@@ -166,9 +166,9 @@ def test_float_target_head_maps_own_hidden_states_to_float_logits():
     w = torch.randn(v, h, generator=g)
     gram = Gram(h)
     gram.add(x)
-    star = _float_target_head(w, gram, xf.t() @ x, damp=1e-9)
+    star = (w.double() @ _float_target_map(gram, xf.t() @ x, damp=1e-9)).float()
     torch.testing.assert_close((x.float() @ star.t()), (xf.float() @ w.t()), rtol=1e-3, atol=1e-3)
-    same = _float_target_head(w, gram, x.t() @ x, damp=1e-9)
+    same = (w.double() @ _float_target_map(gram, x.t() @ x, damp=1e-9)).float()
     torch.testing.assert_close(same, w, rtol=1e-4, atol=1e-4)
 
 

@@ -376,13 +376,13 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
                 after_experts(i, decoder_layer)
             if cfg.uses_calibration and (i + 1 < len(runner.stack) or final_pass):
                 runner.run(i, decoder_layer)
-                if float_out is not None and i + 1 < len(runner.stack):
+                if float_out is not None and (i + 1 < len(runner.stack) or cfg.head_float_target):
                     float_hidden = runner.chain(i, float_out)
-            if float_out is not None and final_pass and i + 1 == len(runner.stack):
-                runner.float_hidden = runner.chain(i, float_out)  # the float stack's output, for lm_head
             del float_out
             if after_layer is not None:
                 after_layer(i, decoder_layer)
+    if final_pass and cfg.head_float_target:
+        runner.float_hidden = float_hidden  # the float stack's output, lm_head's float target
     return results
 
 

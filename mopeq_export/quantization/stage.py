@@ -180,13 +180,12 @@ def _head_gram(model, runner: SequentialRunner, source, float_target: bool = Fal
 _HEAD_RIDGE = 1e-4
 
 
-def _float_target_head(w: torch.Tensor, gram: Gram, cross: torch.Tensor, damp: float = _HEAD_RIDGE) -> torch.Tensor:
-    """W* = W A (G + damp)^-1: the head whose outputs on this model's hidden states best match (least
-    squares) W's outputs on the float model's (damp: a fraction of G's mean diagonal)."""
+def _float_target_map(gram: Gram, cross: torch.Tensor, damp: float = _HEAD_RIDGE) -> torch.Tensor:
+    """M = A (G + damp)^-1 [H, H] (float64): W M is the head whose outputs on this model's hidden states best
+    match (least squares) W's outputs on the float model's (damp: a fraction of G's mean diagonal)."""
     g = gram.xtx.to(cross.device)
     g = g + torch.eye(g.shape[0], dtype=g.dtype, device=g.device) * damp * torch.diag(g).mean().clamp_min(1e-12)
-    m = torch.linalg.solve(g, cross.t()).t()  # A G^-1 (G symmetric)
-    return (w.double().to(m.device) @ m).float()
+    return torch.linalg.solve(g, cross.t()).t()  # A G^-1 (G symmetric)
 
 
 # rows of lm_head per GPTQ call: the rows are independent given the Gram matrix, and a vocabulary of 150k
@@ -197,9 +196,9 @@ _HEAD_ROWS = 8192
 def _quantize_outer(model, source, widths: dict[str, int], cfg: QuantizeConfig,
                     head: tuple[Gram, torch.Tensor | None] | None = None, device: torch.device | str = "cpu"):
     """lm_head and the input embeddings (outside the decoder layers): loaded one at a time, round-to-nearest
-    with the clipping search, packed; the model keeps them unloaded. With `head_gram` (QuantizeConfig.head_gptq)
-    lm_head is GPTQ-quantized on it instead, in blocks of rows on `device`; `head` is `_head_gram`'s (Gram, A):
-    with A, around the float-target head `_float_target_head` (QuantizeConfig.head_float_target)."""
+    with the clipping search, packed; the model keeps them unloaded. With `head`, `_head_gram`'s (Gram, A)
+    (QuantizeConfig.head_gptq), lm_head is GPTQ-quantized on the Gram matrix instead, in blocks of rows on
+    `device`; with A too, around the float-target head W M (`_float_target_map`, QuantizeConfig.head_float_target)."""
     head_gram, cross = head if head is not None else (None, None)
     group_size = cfg.group_size
     records, tensors = [], {}
@@ -220,10 +219,9 @@ def _quantize_outer(model, source, widths: dict[str, int], cfg: QuantizeConfig,
         kind = "embedding" if isinstance(module, torch.nn.Embedding) else "linear"
         g = max(group_size, EMBEDDING_GROUP) if kind == "embedding" else group_size
         if kind == "linear" and head_gram is not None and head_gram.n > 0:
-            if cross is not None:
-                w = torch.cat([_float_target_head(rows.to(device), head_gram, cross).cpu()
-                               for rows in w.split(_HEAD_ROWS)])
-            q = QuantizedMatrix.stack_rows([gptq(rows.to(device), head_gram, bits, g, cfg.gptq)
+            m = None if cross is None else _float_target_map(head_gram, cross).to(device)
+            target = (lambda r: r) if m is None else (lambda r: (r.double() @ m).float())  # noqa: E731
+            q = QuantizedMatrix.stack_rows([gptq(target(rows.to(device)), head_gram, bits, g, cfg.gptq)
                                             for rows in w.split(_HEAD_ROWS)])
         else:
             q = rtn(w, bits, g)
