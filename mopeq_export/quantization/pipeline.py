@@ -73,9 +73,9 @@ class QuantizeConfig:
     # GPTQ then runs around W* = W A G^-1 (A = sum x_float x^T, G = sum x x^T), the least-squares head that
     # maps this model's hidden states to the float model's logits, so lm_head also offsets the error of the
     # decoder stack. Measured on text-moe's 2.5-bit build, two seeds: perplexity x1.0135 / x1.0114 vs x1.0203 /
-    # x1.0198, KL 0.0851 / 0.0858 vs 0.0855 / 0.0862 (docs/RESULTS.md "Seventh session"); off until it is
-    # checked in a whole CI run and on vlm-moe
-    head_float_target: bool = False
+    # x1.0198, KL 0.0851 / 0.0858 vs 0.0855 / 0.0862 (docs/RESULTS.md "Seventh session" and "Eighth session");
+    # no effect under --method gptq or rtn (no float stream)
+    head_float_target: bool = True
 
     def to_json(self) -> dict:
         return asdict(self)
