@@ -13,6 +13,9 @@ cached per batch, so an expert of layer L re-runs layers L.. only (checked again
 
 Predictors (all from the sensitivity report or from CALIBRATION data; never the held-out text):
   trace_x_err    Tr(H_e)/n_e * err_e(b): the per-expert term of allocation._predicted_loss (budget plan)
+  trace_x_werr   Tr(H_e) * mean_e' err_e'(b)/n_e': the width's model-mean RTN error per weight in place of
+                 the expert's own (added after the first two runs: within a width `trace` alone ranked better
+                 than trace_x_err there; validated on --window-offset windows and on the in-context truth)
   trace          Tr(H_e) alone (what kmeans clusters)
   freq_x_err     routing frequency * err_e(b)
   frequency      routing frequency alone
@@ -30,6 +33,12 @@ Predictors (all from the sensitivity report or from CALIBRATION data; never the 
   out_err_gniso  sum_t g_t^2 ||df_t||^2 * Tr(G_tt)/H (per-token isotropic downstream weight)
   gn_tokdiag     0.5 * sum_t (v_t . d_t)^2 (G's per-token diagonal blocks only)
   taylor2        grad^T d + 0.5 d^T G d (first-order term from the true calibration loss gradient)
+
+In-context truth (on unless --no-context): what the budget knapsack actually trades. For each pair of
+adjacent widths lo < hi, every expert is set to lo (the truth quantizer's weights), the decoder-layer inputs
+of that quantized model are cached, and each expert alone is raised to hi: its measured gain is
+KL(all at lo) - KL(all at lo, e at hi) on the same windows. A predictor's marginal pred(lo) - pred(hi)
+(or its value, for the width-independent ones) is ranked against that gain.
 
 Statistics: Spearman and Kendall (tau-b) of each predictor against the measured increase, per width and
 pooled over widths, with bootstrap 95% intervals (resampling experts AND held-out windows jointly; the
@@ -63,7 +72,7 @@ from mopeq_export.quantization.primitives import rtn
 from mopeq_export.sensitivity import load_report
 
 PRIMARY_NEW = "gn_output"
-ORDER = ["trace_x_err", "trace", "freq_x_err", "frequency", "wnorm_x_err", "err",
+ORDER = ["trace_x_err", "trace_x_werr", "trace", "freq_x_err", "frequency", "wnorm_x_err", "err",
          "gn_output", "out_err", "out_err_gniso", "gn_tokdiag", "taylor2"]
 
 
@@ -286,6 +295,10 @@ def main():
     ap.add_argument("--calib", default="../shared/data/text_calib.txt")
     ap.add_argument("--eval", default="evaluation_data/text_eval.txt")
     ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--window-offset", type=int, default=0,
+                    help="shift every held-out window index by this much (1..3 at 128 windows: a disjoint set)")
+    ap.add_argument("--no-context", dest="context", action="store_false",
+                    help="skip the in-context truth (every expert at lo, one raised to hi)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--bits", default="2,3")
     ap.add_argument("--group-size", type=int, default=32)
@@ -340,7 +353,8 @@ def main():
 
     # held-out windows, spread evenly over the file (fixed by --windows only)
     allw = text_windows(a.eval, tok, 256)
-    pick = np.unique(np.linspace(0, len(allw) - 1, a.windows).round().astype(int))
+    pick = np.unique(np.clip(np.linspace(0, len(allw) - 1, a.windows).round().astype(int) + a.window_offset,
+                             0, len(allw) - 1))
     windows = allw[pick].to(a.device)
     t1 = time.perf_counter()
     cache = Cached(model, windows, a.batch)
@@ -406,6 +420,11 @@ def main():
             break
     done = sorted(done)
     count = len(done)
+    context = {}
+    if a.context and len(bits) > 1:
+        t4 = time.perf_counter()
+        context = context_truth(model, layers, windows, a.batch, cache, truth_q, bits, done)
+        print(f"[{time.perf_counter() - t0:.0f}s] in-context truth: {time.perf_counter() - t4:.0f}s", flush=True)
     per_window = {b: per_window[b][done] for b in bits}
     per_window_kl = {b: per_window_kl[b][done] for b in bits}
     t_truth = time.perf_counter() - t2
@@ -414,7 +433,9 @@ def main():
     preds = {b: {} for b in bits}
     for b in bits:
         err = np.array([x.quant_error[b] for x in experts])
-        preds[b]["trace_x_err"] = tr / np.array([x.params for x in experts]) * err
+        params = np.array([x.params for x in experts], dtype=np.float64)
+        preds[b]["trace_x_err"] = tr / params * err
+        preds[b]["trace_x_werr"] = tr * float(np.mean(err / params))
         preds[b]["trace"] = tr
         preds[b]["freq_x_err"] = np.array([x.frequency for x in experts]) * err
         preds[b]["frequency"] = np.array([x.frequency for x in experts])
@@ -429,16 +450,53 @@ def main():
     order = ORDER
 
     import pickle
-    state = dict(per_window=per_window, per_window_kl=per_window_kl, all_preds=all_preds, preds=preds, base=base, check_full=check_full, noop=noop,
+    state = dict(context=context, per_window=per_window, per_window_kl=per_window_kl, all_preds=all_preds, preds=preds, base=base, check_full=check_full, noop=noop,
                  err_check=err_check, done=done, t_truth=t_truth, t_pred=t_pred, pick=pick, count=count, names=names,
                  nwin=len(windows), float_nll=float(base.mean()), t_before_stats=time.perf_counter() - t0)
     Path(a.out + ".state.pkl").write_bytes(pickle.dumps(state))
     stats(a, report, state, bits, order, time.perf_counter())
 
 
-def truth_stats(per_window, preds, bits, order, boot: int, rng) -> tuple[dict, dict]:
+def context_truth(model, layers, windows, batch, cache, truth_q, bits, done) -> dict[str, np.ndarray]:
+    """The in-context truth (module docstring): {"lo->hi": gain [measured experts, windows]}."""
+    saved = [(layer.get_w1(e).clone(), layer.get_w2(e).clone()) for layer in layers for e in range(layer.num_experts)]
+    where = [(layer, e) for layer in layers for e in range(layer.num_experts)]
+    out = {}
+    try:
+        for lo, hi in zip(bits[:-1], bits[1:]):
+            for i, (layer, e) in enumerate(where):
+                layer.set_weights(e, *truth_q[lo][i])
+            ctx = Cached(model, windows, batch)
+            ctx.ref_logp = cache.ref_logp  # KL against the float model, as the isolated truth
+            kl0 = ctx.nll_from(0)[1]
+            gain = np.full((len(where), len(windows)), np.nan)
+            for i in done:
+                layer, e = where[i]
+                layer.set_weights(e, *truth_q[hi][i])
+                gain[i] = kl0 - ctx.nll_from(layer.layer)[1]
+                layer.set_weights(e, *truth_q[lo][i])
+            out[f"{lo}->{hi}"] = gain[done]
+            print(f"  context {lo}->{hi}: KL with every expert at {lo} bits {kl0.mean():.5f}", flush=True)
+            del ctx
+    finally:
+        for (layer, e), w in zip(where, saved):
+            layer.set_weights(e, *w)
+    return out
+
+
+def marginals(preds, bits, order) -> dict[str, dict[str, np.ndarray]]:
+    """Each predictor's predicted gain of lo -> hi: pred(lo) - pred(hi), or pred itself where it does not
+    depend on the width (trace, frequency: they rank experts the same at every step)."""
+    out = {}
+    for lo, hi in zip(bits[:-1], bits[1:]):
+        out[f"{lo}->{hi}"] = {k: (preds[lo][k] if np.array_equal(preds[lo][k], preds[hi][k])
+                                  else preds[lo][k] - preds[hi][k]) for k in order}
+    return out
+
+
+def truth_stats(per_window, preds, bits, order, boot: int, rng, fmt: str = "{}bit") -> tuple[dict, dict]:
     """Rank correlations of every predictor with one truth (per_window[b]: [experts, windows])."""
-    groups = {f"{b}bit": [b] for b in bits}
+    groups = {fmt.format(b): [b] for b in bits}
     groups["pooled"] = bits
     results, noise = {}, {}
     for gname, gb in groups.items():
@@ -481,11 +539,19 @@ def stats(a, report, state, bits, order, t0):
     info = report.calibration
     rng = np.random.default_rng(0)
     truths = {"kl": state["per_window_kl"], "nll": state["per_window"]}
+    if state.get("context"):
+        truths["context_kl"] = state["context"]
+    titles = {"kl": "held-out KL(float || quantized)", "nll": "held-out NLL increase",
+              "context_kl": "in context: held-out KL gain of raising one expert lo -> hi, every other at lo"}
     results, noise, tables = {}, {}, {}
     for name, pw in truths.items():
-        results[name], noise[name] = truth_stats(pw, preds, bits, order, a.boot, rng)
+        if name == "context_kl":
+            results[name], noise[name] = truth_stats(pw, marginals(preds, bits, order), list(pw), order,
+                                                     a.boot, rng, fmt="{}")
+        else:
+            results[name], noise[name] = truth_stats(pw, preds, bits, order, a.boot, rng)
         tables[name] = markdown(results[name], order)
-        print(f"truth: held-out {'KL(float || quantized)' if name == 'kl' else 'NLL increase'}")
+        print(f"truth: {titles[name]}")
         print(tables[name])
         for g, nz in noise[name].items():
             print(f"  {g}: median {nz['median_delta']:.2e}, median rel. stderr over windows "
@@ -508,12 +574,14 @@ def stats(a, report, state, bits, order, t0):
         "checks": {"cached_vs_full_max_abs_dnll": check_full, "noop_max_abs_dnll": max(noop),
                    "err_vs_report_max_rel": max(err_check)},
         "truths": {"kl": "mean next-token KL(float || quantized) on the held-out windows",
-                   "nll": "mean next-token NLL of the quantized model minus the float model's"},
+                   "nll": "mean next-token NLL of the quantized model minus the float model's",
+                   "context_kl": "in context: KL(every expert at lo) - KL(the same, this expert at hi), held out"},
         "noise": noise, "results": results, "table_markdown": tables,
         "runtime_s": {"total": round(runtime, 1), "truth": round(t_truth, 1), "predictors": round(t_pred, 1)},
         "threads": a.threads, "device": getattr(a, "device", "cpu"),
         "truth_mean_dnll": {str(b): state["per_window"][b].mean(1).tolist() for b in bits},
         "truth_mean_kl": {str(b): state["per_window_kl"][b].mean(1).tolist() for b in bits},
+        "truth_context_gain": {k: v.mean(1).tolist() for k, v in (state.get("context") or {}).items()},
         "expert_names": [names[i] for i in state["done"]],
         "all_expert_names": names,
         "predictions": state["all_preds"],  # every expert (all_expert_names order) at every width

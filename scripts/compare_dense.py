@@ -10,8 +10,8 @@ evaluation of the QDIR, which computes the exported graph's weights). A variant 
     shared_first         QuantizeConfig.shared_first: shared experts quantized before the routed experts
     head_gptq            QuantizeConfig.head_gptq: lm_head by GPTQ on the final hidden states
     head_rtn             lm_head by round-to-nearest (switches head_gptq off)
-    head_float           QuantizeConfig.head_float_target (the default): lm_head's GPTQ around the float-logit head
-    head_own             head_float_target off: lm_head's GPTQ on its own output (W x on this model's states)
+    head_float           QuantizeConfig.head_float_target on (the text default): lm_head's GPTQ around the float-logit head
+    head_own             head_float_target off (the VLM default): lm_head's GPTQ on its own output (W x on its states)
     mlp_signround        QuantizeConfig.mlp_method "signround": learned rounding of shared experts / dense MLPs
     dense_samples=N      QuantizeConfig.dense_samples: calibration windows of the dense GPTQ (0: all)
     samples=N            calibration windows of the stage (default: the method's, DEFAULT_SAMPLES)

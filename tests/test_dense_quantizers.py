@@ -21,7 +21,7 @@ from mopeq_export.quantization.loader import load_quantized
 from mopeq_export.quantization.pipeline import QuantizeConfig
 from mopeq_export.quantization.signround import SignRoundConfig
 from mopeq_export.quantization.stage import _float_target_map, _head_gram, final_norm
-from tiny_checkpoint import quantize_random_plan, save_tiny_qwen2_moe, write_text
+from tiny_checkpoint import quantize_random_plan, save_tiny, save_tiny_qwen2_moe, write_text
 
 SAMPLES, SEQ = 8, 48
 
@@ -170,6 +170,21 @@ def test_float_target_head_maps_own_hidden_states_to_float_logits():
     torch.testing.assert_close((x.float() @ star.t()), (xf.float() @ w.t()), rtol=1e-3, atol=1e-3)
     same = (w.double() @ _float_target_map(gram, x.t() @ x, damp=1e-9)).float()
     torch.testing.assert_close(same, w, rtol=1e-4, atol=1e-4)
+
+
+def test_head_float_target_default_follows_the_model_kind(tiny, tmp_path):
+    """None, the default, is resolved by the quantize stage from the model's kind (HEAD_FLOAT_TARGET: on for
+    a text model, off for a vision-language one) and recorded resolved; an explicit choice is kept."""
+    assert QuantizeConfig().head_float_target is None
+    (tmp_path / "t").mkdir()
+    (tmp_path / "v").mkdir()
+    text = quantize_random_plan(tiny[0], tmp_path / "t" / "q", cfg=QuantizeConfig(method="rtn"))
+    vlm = quantize_random_plan(save_tiny("llava_olmoe", tmp_path / "vlm"), tmp_path / "v" / "q",
+                               cfg=QuantizeConfig(method="rtn"))
+    assert json.loads((text / RECORD).read_text())["config"]["head_float_target"] is True
+    assert json.loads((vlm / RECORD).read_text())["config"]["head_float_target"] is False
+    assert QuantizeConfig(head_float_target=True).for_kind(is_vlm=True).head_float_target is True
+    assert QuantizeConfig(head_float_target=False).for_kind(is_vlm=False).head_float_target is False
 
 
 def test_head_float_target_brings_calibration_logits_closer_to_float(tiny, tmp_path):

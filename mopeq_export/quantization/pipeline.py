@@ -18,7 +18,7 @@ memory is one layer in float32 plus the calibration activations, not the model (
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -37,6 +37,8 @@ METHODS = ("gptq", "signround", "rtn")
 # calibration samples (text windows of 256 tokens, or VQA samples) when the caller gives none: learned
 # rounding fits each layer's output and overfits 32 windows (text-moe, 2 bits: x1.0636 at 32, x1.0482 at 128)
 DEFAULT_SAMPLES = {"gptq": 32, "signround": 128, "rtn": 0}
+# lm_head's float-logit target (QuantizeConfig.head_float_target) per model kind, chosen by measurement
+HEAD_FLOAT_TARGET = {"text": True, "vlm": False}
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,21 @@ class QuantizeConfig:
     # GPTQ then runs around W* = W A G^-1 (A = sum x_float x^T, G = sum x x^T), the least-squares head that
     # maps this model's hidden states to the float model's logits, so lm_head also offsets the error of the
     # decoder stack. Measured on text-moe's 2.5-bit build, two seeds: perplexity x1.0135 / x1.0114 vs x1.0203 /
-    # x1.0198, KL 0.0851 / 0.0858 vs 0.0855 / 0.0862 (docs/RESULTS.md "Seventh session" and "Eighth session");
-    # no effect under --method gptq or rtn (no float stream)
-    head_float_target: bool = True
+    # x1.0198, KL 0.0851 / 0.0858 vs 0.0855 / 0.0862 (docs/RESULTS.md "Seventh session" and "Eighth session").
+    # On vlm-moe's 2.5-bit plan it raises the answer KL on three seeds (0.00028 / 0.00028 / 0.00030 vs
+    # 0.00025 / 0.00022 / 0.00025), so None, the default, means HEAD_FLOAT_TARGET for the model's kind (on
+    # for text, off for vision-language models; resolved by `for_kind` when the stage knows the model).
+    # No effect under --method gptq or rtn (no float stream)
+    head_float_target: bool | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def for_kind(self, is_vlm: bool) -> "QuantizeConfig":
+        """This config with the model-kind defaults filled in (head_float_target None -> HEAD_FLOAT_TARGET)."""
+        if self.head_float_target is not None:
+            return self
+        return replace(self, head_float_target=HEAD_FLOAT_TARGET["vlm" if is_vlm else "text"])
 
     @property
     def uses_calibration(self) -> bool:

@@ -253,6 +253,7 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
     plan: PlanBits = read_plan_bits(plan_path)
     info = model_info(model_dir)
     plan.check_model(info)
+    cfg = cfg.for_kind(info.is_vlm)
     check_config(plan.bits, calib if cfg.uses_calibration else None, cfg)
     if dense_bits is not None:
         check_width(dense_bits, cfg.group_size)
