@@ -84,11 +84,15 @@ def expert_fn(layer, x, w1, w2):
 
 
 class Cached:
-    """Float model's decoder-layer inputs (and the layers' other arguments) per held-out batch."""
+    """Float model's decoder-layer inputs (and the layers' other arguments) per held-out batch.
 
-    def __init__(self, model, windows: torch.Tensor, batch: int):
+    ref_logp: the reference log-probabilities per batch for the KL truth; None, the default, takes this
+    model's own (the float model's when `model` is float)."""
+
+    def __init__(self, model, windows: torch.Tensor, batch: int, ref_logp: list[torch.Tensor] | None = None):
         self.model = model
-        self.ref_logp = []  # the float model's log-probabilities per batch (float16), for the KL truth
+        own = ref_logp is None
+        self.ref_logp = [] if own else ref_logp  # log-probabilities per batch (float16)
         _, self.stack = decoder_stack(model)
         self.batches = list(windows.split(batch))
         self.inputs, self.kwargs = [], []
@@ -109,8 +113,9 @@ class Cached:
                     h.remove()
             self.inputs.append([g.detach() for g in got])
             self.kwargs.append(kw)
-            self.ref_logp.append(torch.log_softmax(logits[:, :-1].float(), -1).half())
-        self.base, _ = self.nll_from(0)
+            if own:
+                self.ref_logp.append(torch.log_softmax(logits[:, :-1].float(), -1).half())
+        self.base, self.base_kl = self.nll_from(0)
 
     def head(self, h):
         return self.model.lm_head(self.model.model.norm(h))
@@ -466,9 +471,8 @@ def context_truth(model, layers, windows, batch, cache, truth_q, bits, done) -> 
         for lo, hi in zip(bits[:-1], bits[1:]):
             for i, (layer, e) in enumerate(where):
                 layer.set_weights(e, *truth_q[lo][i])
-            ctx = Cached(model, windows, batch)
-            ctx.ref_logp = cache.ref_logp  # KL against the float model, as the isolated truth
-            kl0 = ctx.nll_from(0)[1]
+            ctx = Cached(model, windows, batch, ref_logp=cache.ref_logp)  # KL against the float model
+            kl0 = ctx.base_kl
             gain = np.full((len(where), len(windows)), np.nan)
             for i in done:
                 layer, e = where[i]

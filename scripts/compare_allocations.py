@@ -171,35 +171,52 @@ def _pooled(rows: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.mean([r["units"][k] for r in rows], 0) for k in rows[0]["units"]}
 
 
-def paired_table(rows: list[dict], boot: int = 2000, seed: int = 0) -> list[str]:
-    """The default (budget) plan minus each baseline at the same size and quantizer, per evaluation unit and
-    averaged over seeds, with 95 % bootstrap intervals over the units (windows or samples): the difference in
-    KL and the ratio of perplexity ratios. `worse` only when the whole interval is on the baseline's side."""
+def paired_diff(mine: list[dict], base: list[dict], rng, boot: int = 2000) -> dict:
+    """One plan's rows minus another's, per evaluation unit and averaged over seeds (both scored on the same
+    units), with 95 % bootstrap intervals over the units: the difference in KL and the ratio of perplexity
+    ratios; `verdict_*` is "worse" or "better" only when the whole interval is on one side."""
+    u, v = _pooled(mine), _pooled(base)
+    n = u["n"]
+    dkl, dnll = u["kl"] - v["kl"], u["nll"] - v["nll"]
+    idx = rng.integers(0, n.size, (boot, n.size))
+    bk = dkl[idx].sum(1) / n[idx].sum(1)
+    bn = np.exp(dnll[idx].sum(1) / n[idx].sum(1))
+    lo_k, hi_k = np.percentile(bk, [2.5, 97.5])
+    lo_n, hi_n = np.percentile(bn, [2.5, 97.5])
+    verdict = lambda lo, hi, one: "better" if hi < one else ("worse" if lo > one else "tie")  # noqa: E731
+    ppl = lambda w: float(np.exp((w["nll"].sum() - w["nll_ref"].sum()) / w["n"].sum()))  # noqa: E731
+    return {"kl": float(u["kl"].sum() / n.sum()), "kl_base": float(v["kl"].sum() / n.sum()),
+            "dkl": float(dkl.sum() / n.sum()), "dkl_ci": [float(lo_k), float(hi_k)],
+            "ppl_ratio": ppl(u), "ppl_ratio_base": ppl(v), "ratio": float(np.exp(dnll.sum() / n.sum())),
+            "ratio_ci": [float(lo_n), float(hi_n)], "verdict_kl": verdict(lo_k, hi_k, 0),
+            "verdict_ppl": verdict(lo_n, hi_n, 1)}
+
+
+def paired_line(data, size, q, plan: str, mine: list[dict], base: list[dict], d: dict) -> str:
+    return (f"| {data} | {size:g} | {q} | {plan} | {len(mine)}/{len(base)} | {d['kl']:.5f} / {d['kl_base']:.5f} | "
+            f"{d['dkl']:+.5f} [{d['dkl_ci'][0]:+.5f}, {d['dkl_ci'][1]:+.5f}] | x{d['ppl_ratio']:.4f} / "
+            f"x{d['ppl_ratio_base']:.4f} | {d['ratio']:.4f} [{d['ratio_ci'][0]:.4f}, {d['ratio_ci'][1]:.4f}] | "
+            f"{d['verdict_kl']} / {d['verdict_ppl']} |")
+
+
+PAIRED_HEADER = ["| data | size | quantizer | default vs | seeds | KL default / baseline | dKL [95% CI] | ppl ratio "
+                 "default / baseline | ratio of ratios [95% CI] | verdict KL / ppl |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def paired_table(rows: list[dict], boot: int = 2000, seed: int = 0, pairs=PAIRS) -> list[str]:
+    """The default (budget) plan minus each baseline at the same size and quantizer (`paired_diff`); `pairs`:
+    (baseline family, default family) as PAIRS."""
     rng = np.random.default_rng(seed)
-    lines = ["| data | size | quantizer | default vs | seeds | KL default / baseline | dKL [95% CI] | ppl ratio default / "
-             "baseline | ratio of ratios [95% CI] | verdict KL / ppl |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = list(PAIRED_HEADER)
     keyed: dict[tuple, list[dict]] = {}
     for r in rows:
         keyed.setdefault((r["plan"], round(r["avg_bits"], 4), r["quantizer"], r.get("data")), []).append(r)
     for (plan, size, q, data), base in sorted(keyed.items(), key=lambda kv: (str(kv[0][3]), kv[0][1], kv[0][0])):
-        mine = next((keyed[(d, size, q, data)] for b, d in PAIRS if b == plan and (d, size, q, data) in keyed), None)
+        mine = next((keyed[(d, size, q, data)] for b, d in pairs if b == plan and (d, size, q, data) in keyed), None)
         if mine is None:
             continue
-        u, v = _pooled(mine), _pooled(base)
-        n = u["n"]
-        dkl, dnll = u["kl"] - v["kl"], u["nll"] - v["nll"]
-        idx = rng.integers(0, n.size, (boot, n.size))
-        bk = dkl[idx].sum(1) / n[idx].sum(1)
-        bn = np.exp(dnll[idx].sum(1) / n[idx].sum(1))
-        kl_d, r_d = dkl.sum() / n.sum(), float(np.exp(dnll.sum() / n.sum()))
-        lo_k, hi_k = np.percentile(bk, [2.5, 97.5])
-        lo_n, hi_n = np.percentile(bn, [2.5, 97.5])
-        verdict = lambda lo, hi, one: "better" if hi < one else ("worse" if lo > one else "tie")  # noqa: E731
-        ppl = lambda w: float(np.exp((w["nll"].sum() - w["nll_ref"].sum()) / w["n"].sum()))  # noqa: E731
-        lines.append(f"| {data} | {size:g} | {q} | {plan} | {len(mine)}/{len(base)} | {u['kl'].sum() / n.sum():.5f} / "
-                     f"{v['kl'].sum() / n.sum():.5f} | {kl_d:+.5f} [{lo_k:+.5f}, {hi_k:+.5f}] | x{ppl(u):.4f} / "
-                     f"x{ppl(v):.4f} | {r_d:.4f} [{lo_n:.4f}, {hi_n:.4f}] | {verdict(lo_k, hi_k, 0)} / "
-                     f"{verdict(lo_n, hi_n, 1)} |")
+        lines.append(paired_line(data, size, q, plan, mine, base, paired_diff(mine, base, rng, boot)))
     return lines
 
 
@@ -209,7 +226,10 @@ def write_outputs(rows: list[dict], out_md: Path, out_png: Path, kind: str = "te
     for r in rows:
         lines.append(f"| {r['plan']} | {r['avg_bits']:.3f} | {r['quantizer']} | {r.get('seed', 0)} | "
                      f"{r['expert_mb']:.2f} | {r['ppl_ratio']:.4f} | {r['kl']:.5f} | {r['top1']:.4f} |")
-    lines += ["", *paired_table(rows)]
+    # the default plan also against the budget plans on other predictors' tables (budget:P), from a bootstrap
+    # stream of their own (the baselines' intervals stay those of a run without them)
+    extra = tuple((p, "budget") for p in dict.fromkeys(r["plan"] for r in rows) if p.startswith("budget:"))
+    lines += ["", *paired_table(rows), *(paired_table(rows, pairs=extra)[2:] if extra else [])]
     out_md.write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -245,7 +265,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="2.25,2.5,2.75,3.0,3.5")
     ap.add_argument("--rtn", default="uniform,random,budget",
                     help="plan families also quantized with RTN (comma list; empty for none)")
-    ap.add_argument("--skip", default="", help="plan families to leave out (comma list), e.g. to resume")
+    ap.add_argument("--skip", default="", help="plan families or plan names to leave out (comma list), e.g. to "
+                                               "resume, or uniform-2,uniform-4 to keep only uniform 3 bits")
     ap.add_argument("--quantizer", default="signround", choices=("signround", "gptq"))
     ap.add_argument("--samples", type=int, default=None, help="calibration windows (default: the method's)")
     ap.add_argument("--seeds", default="0", help="signround seeds (comma list): each plan is quantized once per seed")
@@ -280,7 +301,7 @@ def main() -> None:
     seeds = [int(x) for x in args.seeds.split(",") if x]
     for name, avg, bits in plans(report, [float(s) for s in args.sizes.split(",") if s], args.sensitivity, tables,
                                   not args.no_fixed):
-        if family(name) in args.skip.split(","):
+        if family(name) in args.skip.split(",") or name in args.skip.split(","):
             continue
         for method in (args.quantizer, "rtn") if family(name) in args.rtn.split(",") else (args.quantizer,):
             for seed in seeds if method == "signround" else seeds[:1]:  # GPTQ and RTN are deterministic

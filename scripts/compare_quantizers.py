@@ -1,15 +1,17 @@
 """The quantizers at uniform widths on text-moe, in one run: this project's RTN, GPTQ and learned rounding
-(`--method signround`) against AutoRound, the external baseline, installed into its own venv.
+(`--method signround`) against the external baselines AutoRound and GPTQModel, each installed into its own venv.
 
 Protocol (issue 13): routed experts only (everything else float), groups of 32, asymmetric; the same
 --samples x 256 calibration token windows of text_calib for every quantizer; scored against the float16 model
 on the first --windows windows of 256 tokens of text_dev (perplexity ratio, KL, top-1 agreement).
 
-    python scripts/compare_quantizers.py [--bits 2 3 4] [--methods rtn,gptq,signround,autoround] [--samples 128]
+    python scripts/compare_quantizers.py [--bits 2 3 4] [--methods rtn,gptq,signround,autoround,gptqmodel] [--samples 128]
 
 AutoRound 0.16.1 runs through `scripts/autoround_quantize.py` in `--autoround-venv` (made by
-scripts/autoround_env.sh when missing; never a dependency of the toolchain or the runtime). Its seconds include
-its own start-up (model load, torch.compile); ours are the `quantize_layers` call. A table goes to stdout and
+scripts/autoround_env.sh when missing), GPTQModel 7.6.0 through `scripts/gptqmodel_quantize.py` in
+`--gptqmodel-venv` (scripts/gptqmodel_env.sh); neither is ever a dependency of the toolchain or the runtime.
+Their seconds include their own start-up (model load, torch.compile; GPTQModel's also its checkpoint's save
+and reload); ours are the `quantize_layers` call. A table goes to stdout and
 to --out (markdown + json).
 """
 
@@ -40,17 +42,26 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
 
-def autoround(args, ids: torch.Tensor, bits: int, model) -> float:
-    """Quantize with AutoRound in its venv and load its experts' dequantized weights into `model`."""
-    py = Path(args.autoround_venv) / "bin" / "python"
+# the external baselines: each quantizes in its own venv (made by its env script when missing) and writes the
+# experts' dequantized weights under per-expert linear names
+EXTERNAL = {"autoround": ("autoround_env.sh", "autoround_quantize.py"),
+            "gptqmodel": ("gptqmodel_env.sh", "gptqmodel_quantize.py")}
+
+
+def external(args, tool: str, ids: torch.Tensor, bits: int, model) -> float:
+    """Quantize with an external tool in its venv and load its experts' dequantized weights into `model`."""
+    env_script, script = EXTERNAL[tool]
+    venv = Path(getattr(args, f"{tool}_venv"))
+    py = venv / "bin" / "python"
     if not py.exists():
-        subprocess.run(["bash", str(ROOT / "scripts" / "autoround_env.sh"), args.autoround_venv], check=True)
+        subprocess.run(["bash", str(ROOT / "scripts" / env_script), str(venv)], check=True)
+    extra = ["--iters", str(args.iters)] if tool == "autoround" else []
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "ids.npy", ids.numpy())
         out = Path(tmp) / "experts.safetensors"
         t = time.time()
-        subprocess.run([str(py), str(ROOT / "scripts" / "autoround_quantize.py"), "--model", args.model,
-                        "--calib-ids", str(Path(tmp) / "ids.npy"), "--bits", str(bits), "--iters", str(args.iters),
+        subprocess.run([str(py), str(ROOT / "scripts" / script), "--model", args.model,
+                        "--calib-ids", str(Path(tmp) / "ids.npy"), "--bits", str(bits), *extra,
                         "--out", str(out)], check=True, stdout=subprocess.DEVNULL if not args.verbose else None,
                        stderr=subprocess.DEVNULL if not args.verbose else None)
         seconds = time.time() - t
@@ -87,11 +98,12 @@ def main() -> None:
     ap.add_argument("--calib", default=str(SHARED / "data/text_calib.txt"))
     ap.add_argument("--data", default=str(SHARED / "data/text_dev.txt"))
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
-    ap.add_argument("--methods", default="rtn,gptq,signround,autoround")
+    ap.add_argument("--methods", default="rtn,gptq,signround,autoround,gptqmodel")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--windows", type=int, default=128)
     ap.add_argument("--iters", type=int, default=200, help="AutoRound's iterations (ours: SignRoundConfig)")
     ap.add_argument("--autoround-venv", default=str(ROOT / "work" / "autoround-venv"))
+    ap.add_argument("--gptqmodel-venv", default=str(ROOT / "work" / "gptqmodel-venv"))
     ap.add_argument("--out", default=str(ROOT / "work" / "quantizers"))
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
@@ -108,8 +120,8 @@ def main() -> None:
         for method in args.methods.split(","):
             model, _ = load_model(args.model)
             layers = find_moe_layers(model)
-            if method == "autoround":
-                seconds = autoround(args, ids, bits, model)
+            if method in EXTERNAL:
+                seconds = external(args, method, ids, bits, model)
             else:
                 t = time.time()
                 quantize_layers(model, layers, {n: bits for l in layers for n in l.expert_names}, calib,

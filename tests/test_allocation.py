@@ -223,3 +223,29 @@ def test_malformed_sensitivity_file(tmp_path, content):
     path.write_text(content)
     with pytest.raises(MopeqError):
         plan(path)
+
+
+def test_oracle_allocation_bound_is_the_exhaustive_optimum():
+    """scripts/oracle_allocation.py's dynamic programme over the net width offset against every assignment of
+    widths {2, 3, 4} to 7 experts, on fresh random in-context gains (some negative, as measured ones can be)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from oracle_allocation import best_offsets
+
+    rng = np.random.default_rng()
+    n = 7
+    g23, g34 = rng.normal(0.01, 0.01, n), rng.normal(0.003, 0.003, n)
+    best = best_offsets(g23, g34)
+    brute: dict[int, float] = {}
+    for steps in itertools.product((-1, 0, 1), repeat=n):
+        cost = sum(g23[i] if s < 0 else (-g34[i] if s > 0 else 0.0) for i, s in enumerate(steps))
+        off = sum(steps)
+        brute[off] = min(brute.get(off, np.inf), cost)
+    assert sorted(best) == sorted(brute)
+    for off, (cost, widths) in best.items():
+        assert cost == pytest.approx(brute[off], abs=1e-12)
+        assert int((widths - 3).sum()) == off and set(widths.tolist()) <= {2, 3, 4}
+        again = sum(g23[i] if w == 2 else (-g34[i] if w == 4 else 0.0) for i, w in enumerate(widths))
+        assert again == pytest.approx(cost, abs=1e-12)  # the widths returned reach the cost reported

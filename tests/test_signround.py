@@ -203,3 +203,32 @@ def test_runner_capture_of_the_first_batches():
             runner.run(0, layer, first=2)
     assert len(seen) == 2 and all(torch.equal(s, b) for s, b in zip(seen, before[:2]))
     assert all(torch.equal(h, b) for h, b in zip(runner.hidden, before))
+
+
+@pytest.mark.parametrize("method,scope", [("signround", "layer"), ("signround", "expert"), ("gptq", "layer"),
+                                          ("rtn", "layer")])
+def test_per_matrix_widths_reach_each_matrix(method, scope):
+    """A width pair (w1's, w2's) quantizes w1 and w2 at their own widths in every quantizer path, and the
+    pair (b, b) is the integer b exactly (the same codes, scales and zero points)."""
+    ref = tm.ALL_MOE["qwen2_moe"]()
+
+    def run(width):
+        torch.manual_seed(0)
+        model = tm.ALL_MOE["qwen2_moe"]()
+        model.load_state_dict(ref.state_dict())
+        layers = find_moe_layers(model)
+        names = [n for l in layers for n in l.expert_names]
+        bits = {n: width(i) for i, n in enumerate(names)}
+        cfg = QuantizeConfig(method=method, gptq=GPTQConfig(min_tokens=4),
+                             signround=SignRoundConfig(iters=10, batch_tokens=32, scope=scope))
+        return [r for rs in quantize_layers(model, layers, bits, _calib(), cfg) for r in rs]
+
+    mixed = run(lambda i: (3, 2) if i % 2 else (2, 4))
+    for i, r in enumerate(mixed):
+        assert (r.w1.bits, r.w2.bits) == ((3, 2) if i % 2 else (2, 4))
+        assert int(r.w1.codes.max()) < 2 ** r.w1.bits and int(r.w2.codes.max()) < 2 ** r.w2.bits
+    assert int(max(r.w2.codes.max() for r in mixed[::2])) > 3  # the 4-bit matrices use their range
+    same, ints = run(lambda i: (3, 3) if i % 2 else (2, 2)), run(lambda i: 3 if i % 2 else 2)
+    for a, b in zip(same, ints):
+        for qa, qb in ((a.w1, b.w1), (a.w2, b.w2)):
+            assert torch.equal(qa.codes, qb.codes) and torch.equal(qa.scales, qb.scales) and torch.equal(qa.zeros, qb.zeros)

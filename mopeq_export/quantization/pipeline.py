@@ -30,7 +30,7 @@ from ..models.adapters import MoELayer, StopForward
 from ..models.sequential import SequentialRunner
 from .gptq import GPTQConfig, Gram, gptq_batched
 from .packing import GROUP_SIZES
-from .primitives import QuantizedMatrix, check_width, rtn
+from .primitives import QuantizedMatrix, Width, check_width, matrix_widths, rtn
 from .signround import SignRoundConfig, in_row_chunks, routed_sum, signround_experts, signround_layer
 
 METHODS = ("gptq", "signround", "rtn")
@@ -103,7 +103,7 @@ class ExpertResult:
     name: str
     layer: int
     expert: int
-    bits: int
+    bits: Width  # a pair only from a per-matrix study (primitives.Width); the stage packs integers
     method: str  # what was actually used: "gptq", "signround" or "rtn" (fallback or by choice)
     tokens: int
     w1: QuantizedMatrix
@@ -210,7 +210,7 @@ def _gptq_many(mats: list[torch.Tensor], grams: list[torch.Tensor], bits: list[i
     return [QuantizedMatrix(b, cfg.group_size, c, s, z) for b, c, s, z in zip(bits, codes, scales, zeros)]
 
 
-def quantize_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: QuantizeConfig,
+def quantize_layer(layer: MoELayer, routed: Routed, bits: list[Width], cfg: QuantizeConfig,
                    work_bytes: int = 1 << 30, progress: Callable[[], None] | None = None,
                    delta: torch.Tensor | None = None) -> list[ExpertResult]:
     """Every expert of one MoE layer: batched GPTQ for those with at least `min_tokens` routed tokens, RTN
@@ -238,13 +238,13 @@ def quantize_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: Quanti
     for chunk in _chunks([e for e in range(layer.num_experts) if use_gptq[e]], per_bytes, work_bytes):
         inputs = [routed.of(e) for e in chunk]
         first = _gptq_many([layer.get_w1(e) for e in chunk], [_gram(weighted(x, r)) for x, r in inputs],
-                           [bits[e] for e in chunk], cfg)
+                           [matrix_widths(bits[e])[0] for e in chunk], cfg)
         grams2 = []
         for (x, r), q in zip(inputs, first):
             a = x @ q.dequantize().t()
             mid = layer.act(a[:, :layer.intermediate_size]) * a[:, layer.intermediate_size:]
             grams2.append(_gram(weighted(mid, r)))
-        second = _gptq_many([layer.get_w2(e) for e in chunk], grams2, [bits[e] for e in chunk], cfg)
+        second = _gptq_many([layer.get_w2(e) for e in chunk], grams2, [matrix_widths(bits[e])[1] for e in chunk], cfg)
         for e, (x, _), q1, q2 in zip(chunk, inputs, first, second):
             finish(e, x, q1, q2, "gptq")
         del inputs, grams2
@@ -262,8 +262,8 @@ def quantize_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: Quanti
     for e in range(layer.num_experts):
         if e not in results:
             x = routed.of(e)[0]
-            finish(e, x, rtn(layer.get_w1(e), bits[e], cfg.group_size), rtn(layer.get_w2(e), bits[e], cfg.group_size),
-                   "rtn")
+            b1, b2 = matrix_widths(bits[e])
+            finish(e, x, rtn(layer.get_w1(e), b1, cfg.group_size), rtn(layer.get_w2(e), b2, cfg.group_size), "rtn")
     return [results[e] for e in range(layer.num_experts)]
 
 
@@ -275,7 +275,7 @@ def _signround_bytes(layer: MoELayer, cfg: QuantizeConfig) -> int:
     return 4 * 12 * (3 * inter * h) + 4 * 8 * cfg.signround.batch_tokens * (2 * inter + h)
 
 
-def _signround_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: QuantizeConfig, work_bytes: int,
+def _signround_layer(layer: MoELayer, routed: Routed, bits: list[Width], cfg: QuantizeConfig, work_bytes: int,
                      delta: torch.Tensor | None, finish) -> None:
     """Learned rounding on the layer's output, in chunks of experts that fit `work_bytes`. Chunks go one after
     the other: the change the quantized experts of the chunks before made to the layer's output is added to
@@ -313,13 +313,13 @@ def _signround_layer(layer: MoELayer, routed: Routed, bits: list[int], cfg: Quan
         del w1, w2, mats
 
 
-def check_config(bits: dict[str, int], calib: CalibrationSet | None, cfg: QuantizeConfig) -> None:
+def check_config(bits: dict[str, Width], calib: CalibrationSet | None, cfg: QuantizeConfig) -> None:
     if cfg.method not in METHODS:
         raise MopeqError(f"unknown quantization method '{cfg.method}'; use one of {', '.join(METHODS)}")
     if cfg.group_size not in GROUP_SIZES:
         raise MopeqError(f"--group-size {cfg.group_size} is not offered; the quantizer uses one of "
                          f"{', '.join(map(str, GROUP_SIZES))} (docs/FORMAT.md)")
-    for b in set(bits.values()):
+    for b in {w for v in bits.values() for w in matrix_widths(v)}:
         check_width(b, cfg.group_size)
     if cfg.mlp_method not in ("gptq", "signround"):
         raise MopeqError(f"unknown shared-expert / dense-MLP quantizer '{cfg.mlp_method}'; use gptq or signround")
@@ -335,7 +335,7 @@ LayerDone = Callable[[int, torch.nn.Module], None]  # (decoder layer index, the 
 ExpertsDone = Callable[[MoELayer, list[ExpertResult]], None]
 
 
-def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: dict[str, int], cfg: QuantizeConfig,
+def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: dict[str, Width], cfg: QuantizeConfig,
                         progress=None, work_bytes: int = 1 << 30, after_layer: LayerDone | None = None,
                         on_experts: ExpertsDone | None = None, before_layer: LayerDone | None = None,
                         after_experts: LayerDone | None = None, final_pass: bool = False) -> list[list[ExpertResult]]:
@@ -397,10 +397,11 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
     return results
 
 
-def quantize_layers(model, layers: list[MoELayer], bits: dict[str, int], calib: CalibrationSet | None,
+def quantize_layers(model, layers: list[MoELayer], bits: dict[str, Width], calib: CalibrationSet | None,
                     cfg: QuantizeConfig, progress=None) -> list[list[ExpertResult]]:
     """Quantize every routed expert of a model already in memory (its expert weights are replaced by their
-    dequantized values as each layer completes, so later layers calibrate on quantized earlier layers)."""
+    dequantized values as each layer completes, so later layers calibrate on quantized earlier layers). A
+    width may be a pair (w1's, w2's): per-matrix widths, for studies only (primitives.Width)."""
     check_config(bits, calib, cfg)
     device = next(model.parameters()).device
     runner = SequentialRunner(model, calib.batches if cfg.uses_calibration else [], device)

@@ -74,6 +74,17 @@ def _pad_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
     return vals, mask
 
 
+# an expert's width: one for its w1 and w2, or the pair (w1's, w2's). Pairs are a quantizer-side study option
+# (scripts/compare_matrix_widths.py): the packed format holds one width per expert (docs/FORMAT.md), and plan
+# files hold integers only (plan_io.read_plan_bits), so the build never sees a pair
+Width = int | tuple[int, int]
+
+
+def matrix_widths(b: Width) -> tuple[int, int]:
+    """(w1's width, w2's width) of an expert's `Width`."""
+    return (int(b[0]), int(b[1])) if isinstance(b, (tuple, list)) else (int(b), int(b))
+
+
 def qmax_of(bits, ndim: int, device=None) -> float | torch.Tensor:
     """2^b - 1: a number for one width, or a float tensor [E, 1, ...] (ndim dims) for per-expert widths."""
     if isinstance(bits, torch.Tensor):

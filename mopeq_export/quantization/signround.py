@@ -29,8 +29,8 @@ from typing import Callable
 
 import torch
 
-from .primitives import (_MIN_SCALE, CLIP_GRID, QuantizedMatrix, _candidate_error, _pad_groups, _params_from_range,
-                         qmax_of)
+from .primitives import (_MIN_SCALE, CLIP_GRID, QuantizedMatrix, Width, _candidate_error, _pad_groups,
+                         _params_from_range, matrix_widths, qmax_of)
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,12 @@ class SignRoundConfig:
     # with scope "layer": the target is the float model's layer output (a second, float stream of hidden
     # states through the layers), so the experts also offset the error of the layers before them
     float_targets: bool = True
+
+
+def _per_matrix(bits: list[Width]) -> tuple[list[int], list[int]]:
+    """Per-expert widths -> (w1's widths, w2's widths)."""
+    pairs = [matrix_widths(b) for b in bits]
+    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 def _ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +189,7 @@ def _expert_out(x, w1, w2, inter: int, act: Callable) -> torch.Tensor:
     return torch.bmm(act(a[..., :inter]) * a[..., inter:], w2.transpose(1, 2))
 
 
-def signround_experts(w1: torch.Tensor, w2: torch.Tensor, xs: list[torch.Tensor], bits: list[int], group_size: int,
+def signround_experts(w1: torch.Tensor, w2: torch.Tensor, xs: list[torch.Tensor], bits: list[Width], group_size: int,
                       act: Callable, cfg: SignRoundConfig = SignRoundConfig(),
                       rs: list[torch.Tensor] | None = None
                       ) -> list[tuple[QuantizedMatrix, QuantizedMatrix, float, float]]:
@@ -192,8 +198,7 @@ def signround_experts(w1: torch.Tensor, w2: torch.Tensor, xs: list[torch.Tensor]
     relative (||Y' - Y|| / ||Y||) on all of the expert's routed tokens."""
     dev = w1.device
     e_count, inter = w1.shape[0], w2.shape[-1]
-    b = torch.tensor(bits, device=dev)
-    m1, m2 = _Learned(w1, b, group_size), _Learned(w2, b, group_size)
+    m1, m2 = (_Learned(w, torch.tensor(b, device=dev), group_size) for w, b in zip((w1, w2), _per_matrix(bits)))
     w1f, w2f = w1.float(), w2.float()
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
 
@@ -227,8 +232,9 @@ def signround_experts(w1: torch.Tensor, w2: torch.Tensor, xs: list[torch.Tensor]
     out = []
     for e in range(e_count):
         pick = learned if err_new[e] <= err_old[e] else start
-        q1 = QuantizedMatrix(bits[e], group_size, *(t[e] for t in pick[0]))
-        q2 = QuantizedMatrix(bits[e], group_size, *(t[e] for t in pick[1]))
+        b1, b2 = matrix_widths(bits[e])
+        q1 = QuantizedMatrix(b1, group_size, *(t[e] for t in pick[0]))
+        q2 = QuantizedMatrix(b2, group_size, *(t[e] for t in pick[1]))
         out.append((q1, q2, min(err_new[e], err_old[e]), err_old[e]))
     return out
 
@@ -258,7 +264,7 @@ def in_row_chunks(n: int, dev, fn, rows_per: int = 4096) -> torch.Tensor:
 
 
 def signround_layer(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, rw: torch.Tensor,
-                    delta: torch.Tensor | None, bits: list[int], group_size: int, act: Callable,
+                    delta: torch.Tensor | None, bits: list[Width], group_size: int, act: Callable,
                     cfg: SignRoundConfig = SignRoundConfig()) -> tuple[list[tuple[QuantizedMatrix, QuantizedMatrix]], dict]:
     """Learned rounding for E experts of one MoE layer on the layer's own output.
 
@@ -272,8 +278,7 @@ def signround_layer(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, idx: to
     dev = w1.device
     e_count = w1.shape[0]
     n = idx.shape[0]
-    b = torch.tensor(bits, device=dev)
-    m1, m2 = _Learned(w1, b, group_size), _Learned(w2, b, group_size)
+    m1, m2 = (_Learned(w, torch.tensor(b, device=dev), group_size) for w, b in zip((w1, w2), _per_matrix(bits)))
     w1f, w2f = w1.float(), w2.float()
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     hits = max(float((idx >= 0).sum()) / max(n, 1), 1.0)  # routed slots per token in this call
@@ -300,6 +305,6 @@ def signround_layer(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, idx: to
     loss_learned = full_loss(m1.dequantize(learned[0]), m2.dequantize(learned[1]))
     loss_start = full_loss(m1.dequantize(start[0]), m2.dequantize(start[1]))
     pick = learned if loss_learned <= loss_start else start
-    mats = [(QuantizedMatrix(bits[e], group_size, *(t[e] for t in pick[0])),
-             QuantizedMatrix(bits[e], group_size, *(t[e] for t in pick[1]))) for e in range(e_count)]
+    mats = [(QuantizedMatrix(matrix_widths(bits[e])[0], group_size, *(t[e] for t in pick[0])),
+             QuantizedMatrix(matrix_widths(bits[e])[1], group_size, *(t[e] for t in pick[1]))) for e in range(e_count)]
     return mats, {"loss_start": loss_start, "loss_learned": loss_learned}
