@@ -74,6 +74,14 @@ class CalibrationSet:
     def num_tokens(self) -> int:
         return int(sum(b["input_ids"].numel() for b in self.batches))
 
+    def spare_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
+        """Up to `n` spare samples spread evenly over the pool, in model batches (the set is unchanged)."""
+        if self.spare is None or not self.spare.ids or n < 1:
+            return []
+        pick = np.unique(np.linspace(0, len(self.spare.ids) - 1, min(n, len(self.spare.ids))).round().astype(int))
+        ids = [self.spare.ids[i] for i in pick]
+        return [self.spare.collate(ids[i:i + self.batch_size]) for i in range(0, len(ids), self.batch_size)]
+
     def extend(self, ids: list[int]) -> "CalibrationSet":
         """This set plus the spare samples `ids` (in their own batches); they leave the spare pool."""
         if not ids:

@@ -14,6 +14,7 @@ evaluation of the QDIR, which computes the exported graph's weights). A variant 
     head_own             head_float_target off (the VLM default): lm_head's GPTQ on its own output (W x on its states)
     mlp_signround        QuantizeConfig.mlp_method "signround": learned rounding of shared experts / dense MLPs
     dense_samples=N      QuantizeConfig.dense_samples: calibration windows of the dense GPTQ (0: all)
+    balance=N[:S]        QuantizeConfig.balance_tokens N (and balance_samples S): expert-balanced calibration
     samples=N            calibration windows of the stage (default: the method's, DEFAULT_SAMPLES)
     seed=N               the learned rounding's minibatch seed (SignRoundConfig.seed)
     method=M             the routed experts' quantizer (default: --method)
@@ -74,6 +75,9 @@ def variant(spec: str, plan: dict, cfg: QuantizeConfig) -> tuple[dict, QuantizeC
             cfg = replace(cfg, head_float_target=False)
         elif term == "head_rtn":
             cfg = replace(cfg, head_gptq=False)
+        elif term.startswith("balance="):  # expert-balanced calibration: balance_tokens[:balance_samples]
+            n, _, pool = term.split("=")[1].partition(":")
+            cfg = replace(cfg, balance_tokens=int(n), balance_samples=int(pool) if pool else cfg.balance_samples)
         elif term.startswith("dense_samples="):
             n = int(term.split("=")[1])
             cfg = replace(cfg, dense_samples=n or None)

@@ -14,7 +14,9 @@ Plans, at each size of --sizes (average bits over the routed experts' weights):
                  by matrix, with curvature assumed even over an expert's weights)
 plus uniform 3 bits and the two uniform splits w1@3/w2@2 (8/3 bits: w1 holds 2/3 of an expert's weights) and
 w1@2/w2@3 (7/3 bits). Paired differences with bootstrap intervals over the windows (seeds averaged):
-matrix-budget against budget at each size, and both at the largest size against uniform 3.
+matrix-budget against budget at each size, both at the largest size against uniform 3, and budget against each
+uniform split at the split's size. The intervals do not include the quantizer's own run-to-run noise (on CUDA,
+learned rounding is not deterministic).
 
     python scripts/compare_matrix_widths.py --sensitivity work/sens_text/sensitivity.json [--seeds 0,1]
         [--sizes 2.3333,2.5,2.6667,2.75] [--device cuda] [--out docs/matrix_widths]

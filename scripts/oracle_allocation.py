@@ -12,12 +12,17 @@ costs as a predictor table, `--predictions OUT --budget-on context_truth`).
 
     python scripts/oracle_allocation.py [--predictor docs/predictor_signround.json] [--sizes 2.5,2.75,2.875,3]
         [--loss-table work/oracle_table.json]
+    python scripts/oracle_allocation.py --score ROWS.json   # compare_allocations rows: each plan vs uniform-3
+
+The optimum is that of the additive model: an estimate, not a bound (the costs are measured one expert at a
+time, against all-2-bit or all-3-bit contexts, and do not add exactly).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +62,37 @@ def best_offsets(g23: np.ndarray, g34: np.ndarray) -> dict[int, tuple[float, np.
     return out
 
 
+def score(rows_path: str) -> None:
+    """Every plan of a compare_allocations.py run minus its uniform-3 rows, paired over the evaluation units
+    (seeds averaged, bootstrap intervals: compare_allocations.paired_diff)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from compare_allocations import paired_diff
+
+    rows = json.loads(Path(rows_path).read_text())
+    by: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by.setdefault((r["plan"], round(r["avg_bits"], 4)), []).append(r)
+    base = by[("uniform-3", 3.0)]
+    rng = np.random.default_rng(0)
+    print("| plan | avg bits | ppl ratio | KL | dKL vs uniform 3 [95 % CI] |\n|---|---|---|---|---|")
+    for (plan, size), rs in by.items():
+        if plan == "uniform-3":
+            continue
+        d = paired_diff(rs, base, rng)
+        print(f"| {plan} | {size:g} | {d['ppl_ratio']:.4f} | {d['kl']:.5f} | {d['dkl']:+.5f} "
+              f"[{d['dkl_ci'][0]:+.5f}, {d['dkl_ci'][1]:+.5f}] |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--predictor", default=str(ROOT / "docs" / "predictor_signround.json"))
     ap.add_argument("--sizes", default="2.25,2.5,2.75,2.875,3.0")
     ap.add_argument("--loss-table", default=None, help="also write the costs as a predictor table for "
                                                         "compare_allocations.py --predictions")
+    ap.add_argument("--score", default=None, help="compare_allocations.py rows (JSON): each plan vs uniform-3")
     args = ap.parse_args()
+    if args.score:
+        return score(args.score)
     doc = json.loads(Path(args.predictor).read_text())
     gain = doc["truth_context_gain"]
     g23, g34 = np.array(gain["2->3"], dtype=np.float64), np.array(gain["3->4"], dtype=np.float64)
@@ -74,7 +103,7 @@ def main() -> None:
     best = best_offsets(g23, g34)
     print(f"{n} experts; in-context truth on {doc['heldout']['windows']} windows of {doc['heldout']['file']}; "
           f"its quantizer: {doc.get('quantization')}")
-    print("| avg bits | best additive KL change vs uniform 3 | experts at 2 / 3 / 4 |\n|---|---|---|")
+    print("| avg bits | additive model's optimum: KL change vs uniform 3 | experts at 2 / 3 / 4 |\n|---|---|---|")
     rows = []
     for s in (float(x) for x in args.sizes.split(",")):
         off = int(round((s - 3) * n))

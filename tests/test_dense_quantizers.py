@@ -206,3 +206,20 @@ def test_head_float_target_brings_calibration_logits_closer_to_float(tiny, tmp_p
         err[flag] = total
     assert recs[False]["experts"] == recs[True]["experts"]
     assert err[True] < err[False], err
+
+
+@pytest.mark.parametrize("method", ["gptq", "signround"])
+def test_expert_balanced_calibration_through_the_stage(tiny, tmp_path, method):
+    """`balance_tokens` through the quantize stage (layer-by-layer loading, dense weights quantized): with a
+    target above every count, every MoE layer's experts receive every (token, slot) of the `balance_samples`
+    spare windows beside the calibration set's, the record says so, and the checkpoint loads and runs."""
+    recs = {}
+    for bal in (0, 10 ** 6):
+        qdir = _quantize(tiny, tmp_path / f"b{bal}" / "q", method=method, balance_tokens=bal, balance_samples=4)
+        recs[bal] = json.loads((qdir / RECORD).read_text())
+        assert recs[bal]["config"]["balance_tokens"] == bal
+        out = load_quantized(qdir)(input_ids=torch.randint(3, 50, (1, 12))).logits
+        assert torch.isfinite(out).all()
+    tokens = {b: [e["tokens"] for e in r["experts"]] for b, r in recs.items()}
+    layers, top_k = 2, 2  # the tiny Qwen2-MoE: 2 MoE layers, 2 experts per token
+    assert sum(tokens[10 ** 6]) == sum(tokens[0]) + layers * 4 * SEQ * top_k

@@ -20,6 +20,7 @@ from mopeq_export.quantization import packing, reference
 from mopeq_export.quantization.gptq import GPTQConfig, Gram, gptq
 from mopeq_export.quantization.pipeline import QuantizeConfig, quantize_layers
 from mopeq_export.quantization.primitives import choose_params, dequantize, quantize_codes, rtn
+from mopeq_export.quantization.signround import SignRoundConfig
 
 TEXT_MOE = Path(__file__).resolve().parents[2] / "shared" / "models" / "text-moe"
 
@@ -263,3 +264,79 @@ def test_evaluate_cli_writes_a_report(text_qdir, tmp_path):
     bad = CliRunner().invoke(app, ["evaluate", "--model", str(TEXT_MOE), "--quantized", str(tmp_path / "nope"),
                                    "--data", str(data)])
     assert bad.exit_code != 0
+
+
+# -- expert-balanced calibration ------------------------------------------------------------------
+def test_balance_routed_fills_each_shortfall_with_rows_routed_alone():
+    """Fresh random routing: every expert under the target gains min(shortfall, its candidate tokens) rows,
+    each a copy of a candidate token routed to that expert alone with its candidate routing weight; experts at
+    or over the target and the original rows are untouched."""
+    from mopeq_export.quantization.pipeline import Routed, balance_routed
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, (1,))))
+    e, k, h = 6, 2, 5
+
+    def routed(n, p):
+        idx = torch.stack([torch.multinomial(p, k, generator=g) for _ in range(n)])
+        return Routed(torch.randn(n, h, generator=g), idx, torch.rand(n, k, generator=g))
+
+    skew = torch.tensor([8.0, 4, 2, 1, 0.3, 0.05])
+    base, extra = routed(60, skew), routed(40, torch.ones(e))
+    target = 25
+    out, added = balance_routed(base, extra, e, target)
+    count = lambda r, i: int((r.idx == i).any(-1).sum())  # noqa: E731
+    assert torch.equal(out.x[:60], base.x) and torch.equal(out.idx[:60], base.idx) and torch.equal(out.w[:60], base.w)
+    assert added == out.x.shape[0] - 60
+    for i in range(e):
+        want = count(base, i) + max(0, min(target - count(base, i), count(extra, i)))
+        assert count(out, i) == want
+    new_idx, new_w, new_x = out.idx[60:], out.w[60:], out.x[60:]
+    assert ((new_idx >= 0).sum(-1) == 1).all() and (new_idx[:, 1:] == -1).all() and (new_w[:, 1:] == 0).all()
+    for row in range(added):  # each added row is a candidate token of that expert, with its weight
+        ex = int(new_idx[row, 0])
+        match = [(j, s) for j in range(40) for s in range(k) if int(extra.idx[j, s]) == ex
+                 and torch.equal(extra.x[j], new_x[row])]
+        assert match and any(float(extra.w[j, s]) == float(new_w[row, 0]) for j, s in match)
+    assert balance_routed(base, extra, e, 0) == (base, 0)
+
+
+def _calib_with_spare(n=6, spare=6, t=24) -> CalibrationSet:
+    from mopeq_export.calibration import SparePool
+
+    ids = torch.randint(3, tm.V, (n + spare, t), generator=torch.Generator().manual_seed(0))
+    pool = ids[n:]
+    return CalibrationSet(CalibrationInfo("synthetic", "0" * 64, "text", n, t, n * t),
+                          [{"input_ids": b, "labels": b} for b in ids[:n].split(3)],
+                          SparePool(tuple(range(spare)), lambda w: {"input_ids": pool[w], "labels": pool[w]},
+                                    lambda w: len(w) * t), batch_size=3)
+
+
+@pytest.mark.parametrize("method", ["gptq", "signround"])
+def test_expert_balanced_calibration_adds_the_candidates_tokens(method):
+    """With a target above every expert's count, each expert of the first MoE layer (whose inputs do not depend
+    on any quantized layer) gets exactly the tokens the spare samples route to it in the float model; later
+    layers gain the candidates' tokens too; off, the counts are the calibration set's."""
+    from mopeq_export.sensitivity import routing_stats
+
+    ref = tm.ALL_MOE["qwen2_moe"]()
+    calib = _calib_with_spare()
+    layers_ref = find_moe_layers(ref)
+    base_counts = routing_stats(ref, layers_ref, calib.batches).tokens
+    cand_counts = routing_stats(ref, layers_ref, calib.spare_batches(6)).tokens
+    tokens = {}
+    for bal in (0, 10 ** 6):
+        model = tm.ALL_MOE["qwen2_moe"]()
+        model.load_state_dict(ref.state_dict())
+        layers = find_moe_layers(model)
+        bits = {n: 2 for l in layers for n in l.expert_names}
+        cfg = QuantizeConfig(method=method, gptq=GPTQConfig(min_tokens=4), balance_tokens=bal, balance_samples=6,
+                             signround=SignRoundConfig(iters=5, batch_tokens=16))
+        tokens[bal] = [r.tokens for rs in quantize_layers(model, layers, bits, calib, cfg) for r in rs]
+    first = layers_ref[0].num_experts
+    assert tokens[0] == base_counts.tolist()
+    assert tokens[10 ** 6][:first] == (base_counts + cand_counts)[:first].tolist()
+    # every later layer: every candidate (token, slot) too, wherever the quantized layers before route it
+    per_layer = int(cand_counts[:first].sum())
+    assert sum(tokens[10 ** 6][first:]) == sum(tokens[0][first:]) + (len(layers_ref) - 1) * per_layer > 0
+    with pytest.raises(MopeqError, match="balance"):
+        quantize_layers(model, layers, bits, calib, QuantizeConfig(method="gptq", balance_tokens=-1))

@@ -224,10 +224,12 @@ def test_per_matrix_widths_reach_each_matrix(method, scope):
         return [r for rs in quantize_layers(model, layers, bits, _calib(), cfg) for r in rs]
 
     mixed = run(lambda i: (3, 2) if i % 2 else (2, 4))
+    assert method in {r.method for r in mixed}  # the path under test ran (not only the RTN fallback)
     for i, r in enumerate(mixed):
         assert (r.w1.bits, r.w2.bits) == ((3, 2) if i % 2 else (2, 4))
         assert int(r.w1.codes.max()) < 2 ** r.w1.bits and int(r.w2.codes.max()) < 2 ** r.w2.bits
-    assert int(max(r.w2.codes.max() for r in mixed[::2])) > 3  # the 4-bit matrices use their range
+    assert int(max(r.w2.codes.max() for r in mixed[::2])) > 3  # the 4-bit w2 use their range
+    assert int(max(r.w1.codes.max() for r in mixed[1::2])) > 3  # the 3-bit w1 too
     same, ints = run(lambda i: (3, 3) if i % 2 else (2, 2)), run(lambda i: 3 if i % 2 else 2)
     for a, b in zip(same, ints):
         for qa, qb in ((a.w1, b.w1), (a.w2, b.w2)):

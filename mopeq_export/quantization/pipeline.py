@@ -81,6 +81,15 @@ class QuantizeConfig:
     # for text, off for vision-language models; resolved by `for_kind` when the stage knows the model).
     # No effect under --method gptq or rtn (no float stream)
     head_float_target: bool | None = None
+    # expert-balanced calibration: at each MoE layer, an expert the calibration set routes fewer than
+    # `balance_tokens` tokens gets more from a second stream of `balance_samples` spare calibration samples
+    # (CalibrationSet.spare_batches), carried through the quantized layers beside the calibration set: its own
+    # candidate tokens, up to the shortfall, added as rows routed to it alone (so learned rounding's target there
+    # is the float expert's own output). 0: off. Measured with the 2.5-bit plans (docs/RESULTS.md "Tenth session:
+    # expert-balanced calibration"): vlm-moe answer KL 0.000232 vs 0.000264 over six seeds, mostly one seed's
+    # outlier; text-moe a tie. Within noise, so off
+    balance_tokens: int = 0
+    balance_samples: int = 64
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -151,6 +160,36 @@ class Routed:
                    torch.zeros(0, 1, device=device))
 
 
+def balance_routed(routed: Routed, extra: Routed, num_experts: int, target: int) -> tuple[Routed, int]:
+    """`routed` plus, for every expert with fewer than `target` routed tokens, up to the shortfall of the tokens
+    `extra` routes to it (in order), each as a row routed to that expert alone (its other slots -1, weight 0).
+    Returns the set and the number of rows added."""
+    have = routed.idx[routed.idx >= 0]
+    counts = torch.bincount(have, minlength=num_experts)[:num_experts].tolist() if have.numel() else [0] * num_experts
+    k = routed.idx.shape[1] if routed.idx.numel() else extra.idx.shape[1]
+    xs, idxs, ws = [routed.x], [routed.idx], [routed.w]
+    added = 0
+    for e in range(num_experts):
+        short = target - counts[e]
+        if short <= 0:
+            continue
+        hit = extra.idx == e
+        rows = hit.any(-1).nonzero().flatten()[:short]
+        if not rows.numel():
+            continue
+        idx = torch.full((rows.numel(), k), -1, dtype=routed.idx.dtype, device=routed.idx.device)
+        idx[:, 0] = e
+        w = torch.zeros(rows.numel(), k, dtype=routed.w.dtype, device=routed.w.device)
+        w[:, 0] = (extra.w * hit).sum(-1)[rows].to(w.dtype)
+        xs.append(extra.x[rows].to(routed.x.device))
+        idxs.append(idx)
+        ws.append(w)
+        added += int(rows.numel())
+    if not added:
+        return routed, 0
+    return Routed(torch.cat(xs), torch.cat(idxs), torch.cat(ws)), added
+
+
 def kept_rows(mask, device):
     """Index of the non-padding rows of a flattened batch (every row without an attention mask)."""
     return mask.reshape(-1).bool().to(device) if mask is not None else slice(None)
@@ -216,7 +255,8 @@ def quantize_layer(layer: MoELayer, routed: Routed, bits: list[Width], cfg: Quan
     """Every expert of one MoE layer: batched GPTQ for those with at least `min_tokens` routed tokens, RTN
     (with the clipping search) for the others and for `--method rtn`. An expert's routed inputs are taken
     out of the layer's only while its chunk is worked on (with top-k routing they are k times the layer's)."""
-    counts = torch.bincount(routed.idx.flatten(), minlength=layer.num_experts)[:layer.num_experts].tolist()
+    slots = routed.idx[routed.idx >= 0]  # -1: a row's slot that is not routed here (balance_routed's rows)
+    counts = torch.bincount(slots, minlength=layer.num_experts)[:layer.num_experts].tolist()
     use_gptq = [cfg.method == "gptq" and counts[e] >= cfg.gptq.min_tokens for e in range(layer.num_experts)]
     use_sr = [cfg.method == "signround" and cfg.signround.scope == "expert" and counts[e] >= cfg.gptq.min_tokens
               for e in range(layer.num_experts)]
@@ -329,6 +369,9 @@ def check_config(bits: dict[str, Width], calib: CalibrationSet | None, cfg: Quan
                          f"{sr.iters}, {sr.batch_tokens}, {sr.scope!r})")
     if cfg.uses_calibration and calib is None:
         raise MopeqError(f"--method {cfg.method} needs calibration data (--calib), or use --method rtn")
+    if cfg.balance_tokens < 0 or (cfg.balance_tokens and cfg.balance_samples < 1):
+        raise MopeqError(f"expert-balanced calibration needs balance_tokens >= 0 and balance_samples >= 1 (got "
+                         f"{cfg.balance_tokens}, {cfg.balance_samples})")
 
 
 LayerDone = Callable[[int, torch.nn.Module], None]  # (decoder layer index, the loaded layer) after its turn
@@ -338,7 +381,8 @@ ExpertsDone = Callable[[MoELayer, list[ExpertResult]], None]
 def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: dict[str, Width], cfg: QuantizeConfig,
                         progress=None, work_bytes: int = 1 << 30, after_layer: LayerDone | None = None,
                         on_experts: ExpertsDone | None = None, before_layer: LayerDone | None = None,
-                        after_experts: LayerDone | None = None, final_pass: bool = False) -> list[list[ExpertResult]]:
+                        after_experts: LayerDone | None = None, final_pass: bool = False,
+                        candidates: SequentialRunner | None = None) -> list[list[ExpertResult]]:
     """Walk the decoder layers: capture what each MoE layer's experts receive, quantize them, write their
     dequantized weights back, and run the layer to produce the next one's inputs. `after_layer` sees each
     layer while its weights are loaded. Dense-layer quantization: `before_layer` sees each layer before its
@@ -346,7 +390,10 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
     `after_experts` after its experts are written back and before it produces the next layer's inputs
     (shared experts, dense MLPs). With `on_experts` each layer's
     results go there as soon as they exist (the stage packs and writes them) and are not kept. With
-    `final_pass` the last layer also runs, so `runner.hidden` ends as the decoder stack's output."""
+    `final_pass` the last layer also runs, so `runner.hidden` ends as the decoder stack's output. With
+    `candidates` (a runner over spare calibration samples) and `cfg.balance_tokens`, each MoE layer's
+    under-routed experts get candidate tokens too (`balance_routed`); the candidates advance through every
+    quantized layer as the calibration set does."""
     by_index = {}
     for layer in layers:
         prefix = layer.block_path[len(runner.stack_path) + 1:].split(".")[0]
@@ -371,6 +418,12 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
                     del out_q
                 else:
                     routed = capture_routed(runner, i, decoder_layer, moe)
+                if candidates is not None and cfg.balance_tokens and cfg.uses_calibration:
+                    extra = capture_routed(candidates, i, decoder_layer, moe)
+                    routed, added = balance_routed(routed, extra, moe.num_experts, cfg.balance_tokens)
+                    if delta is not None and added:  # their target: the float experts' own output
+                        delta = torch.cat([delta, delta.new_zeros(added, delta.shape[1])])
+                    del extra
                 with heap_reuse():
                     done = quantize_layer(moe, routed, [bits[n] for n in moe.expert_names], cfg, work_bytes,
                                           progress, delta)
@@ -387,6 +440,8 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
                 after_experts(i, decoder_layer)
             if cfg.uses_calibration and (i + 1 < len(runner.stack) or final_pass):
                 runner.run(i, decoder_layer)
+                if candidates is not None and i + 1 < len(runner.stack):
+                    candidates.run(i, decoder_layer)
                 if float_out is not None and (i + 1 < len(runner.stack) or cfg.head_float_target):
                     float_hidden = runner.chain(i, float_out)
             del float_out
@@ -405,4 +460,6 @@ def quantize_layers(model, layers: list[MoELayer], bits: dict[str, Width], calib
     check_config(bits, calib, cfg)
     device = next(model.parameters()).device
     runner = SequentialRunner(model, calib.batches if cfg.uses_calibration else [], device)
-    return quantize_sequential(runner, layers, bits, cfg, progress)
+    spare = calib.spare_batches(cfg.balance_samples) if cfg.balance_tokens and cfg.uses_calibration else []
+    candidates = SequentialRunner(model, spare, device) if spare else None
+    return quantize_sequential(runner, layers, bits, cfg, progress, candidates=candidates)

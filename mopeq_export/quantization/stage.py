@@ -276,6 +276,8 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
                                      samples=samples, seq_len=seq_len)
     work_bytes = work_bytes or default_work_bytes(dev)
     tokens = calib_set.num_tokens if calib_set else 0
+    if calib_set is not None and cfg.balance_tokens:  # the candidate stream is held beside the calibration set
+        tokens += sum(int(b["input_ids"].numel()) for b in calib_set.spare_batches(cfg.balance_samples))
     avg = sum(plan.bits.values()) / len(plan.bits)
     need = quantize_bytes(ModelShape.of(model), tokens, avg, work_bytes, learned=cfg.method == "signround")
     check_fits(need, dev, "quantize", "use --device cuda or fewer --samples")
@@ -348,12 +350,15 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
     try:
         with staged_dir(out, "quantize", force=force, inputs=inputs) as stage:
             runner = SequentialRunner(model, calib_set.batches if calib_set else [], dev, source)
+            spare = calib_set.spare_batches(cfg.balance_samples) if calib_set and cfg.balance_tokens else []
+            candidates = SequentialRunner(model, spare, dev, source) if spare else None  # expert-balanced
             head_gptq = (cfg.head_gptq and calib_set is not None and dense_bits is None
                          and plan.dense["lm_head"] != FLOAT)
             quantize_sequential(runner, layers, plan.bits, cfg, progress, work_bytes, None, on_experts,
                                 before_layer=before,
                                 after_experts=None if cfg.shared_first else quantize_mlps_of,
-                                final_pass=head_gptq)
+                                final_pass=head_gptq, candidates=candidates)
+            del candidates
             if dense_bits is None:  # lm_head and embeddings come with the plan's widths only
                 head = _head_gram(model, runner, source, cfg.head_float_target) if head_gptq else None
                 recs, tensors = _quantize_outer(model, source, plan.dense, cfg, head, dev)
