@@ -128,7 +128,8 @@ def main() -> None:
                   {"ppl_ratio": m["accuracy_retention"], "kl": m["answer_kl"], "top1": m["answer_top1_agreement"]})
         row = {"variant": spec, "method": cfg.method, "seed": cfg.signround.seed, "dense": p["dense"],
                "shared_first": cfg.shared_first, "head_gptq": cfg.head_gptq, "mlp_method": cfg.mlp_method,
-               "dense_samples": cfg.dense_samples, "samples": samples, **scores, "seconds": seconds, "bytes": size}
+               "dense_samples": cfg.dense_samples, "samples": samples, "balance_tokens": cfg.balance_tokens,
+               "balance_samples": cfg.balance_samples, **scores, "seconds": seconds, "bytes": size}
         rows.append(row)
         print(f"{spec:32s} x{row['ppl_ratio']:.4f}  KL {row['kl']:.5f}  top-1 {row['top1']:.4f}  "
               f"{seconds:.0f} s  {size:,} B", flush=True)

@@ -142,7 +142,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @dataclass
 class Routed:
-    """The tokens of the calibration set that entered one MoE layer (padding dropped)."""
+    """The tokens of the calibration set that entered one MoE layer (padding dropped). An index of -1 is a slot
+    that routes nowhere here (`balance_routed`'s rows carry one expert; learned rounding's chunks, experts outside
+    the chunk)."""
 
     x: torch.Tensor  # [N, H] float32
     idx: torch.Tensor  # [N, k]
@@ -162,8 +164,8 @@ class Routed:
 
 def balance_routed(routed: Routed, extra: Routed, num_experts: int, target: int) -> tuple[Routed, int]:
     """`routed` plus, for every expert with fewer than `target` routed tokens, up to the shortfall of the tokens
-    `extra` routes to it (in order), each as a row routed to that expert alone (its other slots -1, weight 0).
-    Returns the set and the number of rows added."""
+    `extra` routes to it (the first ones, in the candidate stream's order), each as a row routed to that expert
+    alone (its other slots -1, weight 0). Returns the set and the number of rows added."""
     have = routed.idx[routed.idx >= 0]
     counts = torch.bincount(have, minlength=num_experts)[:num_experts].tolist() if have.numel() else [0] * num_experts
     k = routed.idx.shape[1] if routed.idx.numel() else extra.idx.shape[1]

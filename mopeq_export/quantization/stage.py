@@ -276,11 +276,15 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
                                      samples=samples, seq_len=seq_len)
     work_bytes = work_bytes or default_work_bytes(dev)
     tokens = calib_set.num_tokens if calib_set else 0
-    if calib_set is not None and cfg.balance_tokens:  # the candidate stream is held beside the calibration set
-        tokens += sum(int(b["input_ids"].numel()) for b in calib_set.spare_batches(cfg.balance_samples))
+    # expert-balanced calibration's candidate stream (spare samples), held beside the calibration set; counted
+    # as calibration tokens in the estimate (an overcount: it has no float stream)
+    spare = calib_set.spare_batches(cfg.balance_samples) if calib_set is not None and cfg.balance_tokens else []
+    if calib_set is not None and cfg.balance_tokens and not spare:
+        say("quantize: expert-balanced calibration has no spare calibration samples to draw from; it adds nothing")
+    tokens += sum(int(b["input_ids"].numel()) for b in spare)
     avg = sum(plan.bits.values()) / len(plan.bits)
     need = quantize_bytes(ModelShape.of(model), tokens, avg, work_bytes, learned=cfg.method == "signround")
-    check_fits(need, dev, "quantize", "use --device cuda or fewer --samples")
+    check_fits(need, dev, "quantize", "use --device cuda, fewer --samples (or fewer balance_samples)")
     say(f"quantize: one decoder layer at a time on {dev}, about {gib(need)} at peak (estimate)")
     meter = Meter(dev, dtype, estimate_bytes=need)
     expert_params = {n for n, p in model.named_parameters() if any(p is q for l in layers for q, _ in l.hessian_params())}
@@ -350,7 +354,6 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
     try:
         with staged_dir(out, "quantize", force=force, inputs=inputs) as stage:
             runner = SequentialRunner(model, calib_set.batches if calib_set else [], dev, source)
-            spare = calib_set.spare_batches(cfg.balance_samples) if calib_set and cfg.balance_tokens else []
             candidates = SequentialRunner(model, spare, dev, source) if spare else None  # expert-balanced
             head_gptq = (cfg.head_gptq and calib_set is not None and dense_bits is None
                          and plan.dense["lm_head"] != FLOAT)
