@@ -150,6 +150,11 @@ class Routed:
     idx: torch.Tensor  # [N, k]
     w: torch.Tensor  # [N, k] float32
 
+    def counts(self, num_experts: int) -> list[int]:
+        """Routed tokens per expert (the -1 slots not counted)."""
+        slots = self.idx[self.idx >= 0]
+        return torch.bincount(slots, minlength=num_experts)[:num_experts].tolist()
+
     def of(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's inputs [n, H] and the routing weights they were sent with [n]."""
         hit = self.idx == e
@@ -166,9 +171,7 @@ def balance_routed(routed: Routed, extra: Routed, num_experts: int, target: int)
     """`routed` plus, for every expert with fewer than `target` routed tokens, up to the shortfall of the tokens
     `extra` routes to it (the first ones, in the candidate stream's order), each as a row routed to that expert
     alone (its other slots -1, weight 0). Returns the set and the number of rows added."""
-    have = routed.idx[routed.idx >= 0]
-    counts = torch.bincount(have, minlength=num_experts)[:num_experts].tolist() if have.numel() else [0] * num_experts
-    k = routed.idx.shape[1] if routed.idx.numel() else extra.idx.shape[1]
+    counts, k = routed.counts(num_experts), routed.idx.shape[1]
     xs, idxs, ws = [routed.x], [routed.idx], [routed.w]
     added = 0
     for e in range(num_experts):
@@ -257,8 +260,7 @@ def quantize_layer(layer: MoELayer, routed: Routed, bits: list[Width], cfg: Quan
     """Every expert of one MoE layer: batched GPTQ for those with at least `min_tokens` routed tokens, RTN
     (with the clipping search) for the others and for `--method rtn`. An expert's routed inputs are taken
     out of the layer's only while its chunk is worked on (with top-k routing they are k times the layer's)."""
-    slots = routed.idx[routed.idx >= 0]  # -1: a row's slot that is not routed here (balance_routed's rows)
-    counts = torch.bincount(slots, minlength=layer.num_experts)[:layer.num_experts].tolist()
+    counts = routed.counts(layer.num_experts)
     use_gptq = [cfg.method == "gptq" and counts[e] >= cfg.gptq.min_tokens for e in range(layer.num_experts)]
     use_sr = [cfg.method == "signround" and cfg.signround.scope == "expert" and counts[e] >= cfg.gptq.min_tokens
               for e in range(layer.num_experts)]
@@ -393,7 +395,7 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
     (shared experts, dense MLPs). With `on_experts` each layer's
     results go there as soon as they exist (the stage packs and writes them) and are not kept. With
     `final_pass` the last layer also runs, so `runner.hidden` ends as the decoder stack's output. With
-    `candidates` (a runner over spare calibration samples) and `cfg.balance_tokens`, each MoE layer's
+    `candidates` (a runner over spare calibration samples, given when `cfg.balance_tokens` asks), each MoE layer's
     under-routed experts get candidate tokens too (`balance_routed`); the candidates advance through every
     quantized layer as the calibration set does."""
     by_index = {}
@@ -420,7 +422,7 @@ def quantize_sequential(runner: SequentialRunner, layers: list[MoELayer], bits: 
                     del out_q
                 else:
                     routed = capture_routed(runner, i, decoder_layer, moe)
-                if candidates is not None and cfg.balance_tokens and cfg.uses_calibration:
+                if candidates is not None:
                     extra = capture_routed(candidates, i, decoder_layer, moe)
                     routed, added = balance_routed(routed, extra, moe.num_experts, cfg.balance_tokens)
                     if delta is not None and added:  # their target: the float experts' own output

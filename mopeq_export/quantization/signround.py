@@ -198,7 +198,9 @@ def signround_experts(w1: torch.Tensor, w2: torch.Tensor, xs: list[torch.Tensor]
     relative (||Y' - Y|| / ||Y||) on all of the expert's routed tokens."""
     dev = w1.device
     e_count, inter = w1.shape[0], w2.shape[-1]
-    m1, m2 = (_Learned(w, torch.tensor(b, device=dev), group_size) for w, b in zip((w1, w2), _per_matrix(bits)))
+    b1, b2 = _per_matrix(bits)
+    m1 = _Learned(w1, torch.tensor(b1, device=dev), group_size)
+    m2 = _Learned(w2, torch.tensor(b2, device=dev), group_size)
     w1f, w2f = w1.float(), w2.float()
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
 
@@ -232,9 +234,8 @@ def signround_experts(w1: torch.Tensor, w2: torch.Tensor, xs: list[torch.Tensor]
     out = []
     for e in range(e_count):
         pick = learned if err_new[e] <= err_old[e] else start
-        b1, b2 = matrix_widths(bits[e])
-        q1 = QuantizedMatrix(b1, group_size, *(t[e] for t in pick[0]))
-        q2 = QuantizedMatrix(b2, group_size, *(t[e] for t in pick[1]))
+        q1 = QuantizedMatrix(b1[e], group_size, *(t[e] for t in pick[0]))
+        q2 = QuantizedMatrix(b2[e], group_size, *(t[e] for t in pick[1]))
         out.append((q1, q2, min(err_new[e], err_old[e]), err_old[e]))
     return out
 
@@ -278,7 +279,9 @@ def signround_layer(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, idx: to
     dev = w1.device
     e_count = w1.shape[0]
     n = idx.shape[0]
-    m1, m2 = (_Learned(w, torch.tensor(b, device=dev), group_size) for w, b in zip((w1, w2), _per_matrix(bits)))
+    b1, b2 = _per_matrix(bits)
+    m1 = _Learned(w1, torch.tensor(b1, device=dev), group_size)
+    m2 = _Learned(w2, torch.tensor(b2, device=dev), group_size)
     w1f, w2f = w1.float(), w2.float()
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     hits = max(float((idx >= 0).sum()) / max(n, 1), 1.0)  # routed slots per token in this call
@@ -305,6 +308,6 @@ def signround_layer(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, idx: to
     loss_learned = full_loss(m1.dequantize(learned[0]), m2.dequantize(learned[1]))
     loss_start = full_loss(m1.dequantize(start[0]), m2.dequantize(start[1]))
     pick = learned if loss_learned <= loss_start else start
-    mats = [(QuantizedMatrix(matrix_widths(bits[e])[0], group_size, *(t[e] for t in pick[0])),
-             QuantizedMatrix(matrix_widths(bits[e])[1], group_size, *(t[e] for t in pick[1]))) for e in range(e_count)]
+    mats = [(QuantizedMatrix(b1[e], group_size, *(t[e] for t in pick[0])),
+             QuantizedMatrix(b2[e], group_size, *(t[e] for t in pick[1]))) for e in range(e_count)]
     return mats, {"loss_start": loss_start, "loss_learned": loss_learned}

@@ -278,9 +278,11 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
     tokens = calib_set.num_tokens if calib_set else 0
     # expert-balanced calibration's candidate stream (spare samples), held beside the calibration set; counted
     # as calibration tokens in the estimate (an overcount: it has no float stream)
-    spare = calib_set.spare_batches(cfg.balance_samples) if calib_set is not None and cfg.balance_tokens else []
-    if calib_set is not None and cfg.balance_tokens and not spare:
-        say("quantize: expert-balanced calibration has no spare calibration samples to draw from; it adds nothing")
+    spare = []
+    if calib_set is not None and cfg.balance_tokens:
+        spare = calib_set.spare_batches(cfg.balance_samples)
+        if not spare:
+            say("quantize: expert-balanced calibration has no spare calibration samples to draw from; it adds nothing")
     tokens += sum(int(b["input_ids"].numel()) for b in spare)
     avg = sum(plan.bits.values()) / len(plan.bits)
     need = quantize_bytes(ModelShape.of(model), tokens, avg, work_bytes, learned=cfg.method == "signround")
