@@ -48,6 +48,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="analyze samples per probe")
     ap.add_argument("--probes", type=int, default=None)
     ap.add_argument("--quantize-samples", type=int, default=None)
+    ap.add_argument("--quantize-args", action="append", default=None,
+                    help="more flags of the quantize stage, one string (e.g. '--method signround "
+                         "--balance-tokens 1024'); repeated: one quantize run each, in order, in the same table "
+                         "(the first one's output is what export reads)")
     ap.add_argument("--avg-bits", type=float, default=2.5)
     ap.add_argument("--target", default="cpu")
     ap.add_argument("--build", action="store_true", help="also the whole build, in one process")
@@ -76,10 +80,20 @@ def main() -> None:
     }
     records = {"analyze": w / "sens" / "sensitivity.json", "quantize": w / "q" / "quantized.json",
                "export": w / "onnx" / "export.json"}
+    logs = {}
+    base = commands["quantize"]
+    for i, extra in enumerate(args.quantize_args or [""]):  # each variant its own stage process and output
+        name, q = ("quantize", w / "q") if i == 0 else (f"quantize {extra}", w / f"q{i}")
+        commands[name] = [*(str(q) if c == str(w / "q") else c for c in base), *extra.split()]
+        records[name], logs[name] = q / "quantized.json", w / f"quantize{i or ''}.log"
+    stages = []
+    for stage in [s for s in args.stages.split(",") if s]:
+        stages += [n for n in commands if n.startswith("quantize")] if stage == "quantize" else [stage]
     ck = checkpoint_bytes(args.model)
     rows = []
-    for stage in [s for s in args.stages.split(",") if s]:
-        code, wall, rss = run(commands[stage], w / f"{stage}.log")
+    for stage in stages:
+        log = logs.get(stage, w / f"{stage}.log")
+        code, wall, rss = run(commands[stage], log)
         res = {}
         if code == 0 and stage in records:
             res = json.loads(records[stage].read_text()).get("resources") or {}
@@ -87,7 +101,7 @@ def main() -> None:
                      "peak_gpu": res.get("peak_gpu_bytes"), "estimate": res.get("estimate_bytes"),
                      "device": res.get("device")})
         if code != 0:
-            print(f"{stage} failed (exit {code}); see {w / f'{stage}.log'}", file=sys.stderr)
+            print(f"{stage} failed (exit {code}); see {log}", file=sys.stderr)
             break
     if args.build:
         build = [*cli, "build", "--model", m, "--target", args.target, "--avg-bits", str(args.avg_bits), *calib,

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_allocations import RefLogProbs  # noqa: E402
+from compare_allocations import RefAnswers, RefLogProbs  # noqa: E402
 
 from mopeq_export.calibration import load_calibration  # noqa: E402
 from mopeq_export.evaluate import text_windows  # noqa: E402
@@ -48,7 +48,7 @@ EXTERNAL = {"autoround": ("autoround_env.sh", "autoround_quantize.py"),
             "gptqmodel": ("gptqmodel_env.sh", "gptqmodel_quantize.py")}
 
 
-def external(args, tool: str, ids: torch.Tensor, bits: int, model) -> float:
+def external(args, tool: str, calib, is_vlm: bool, bits: int, model) -> float:
     """Quantize with an external tool in its venv and load its experts' dequantized weights into `model`."""
     env_script, script = EXTERNAL[tool]
     venv = Path(getattr(args, f"{tool}_venv"))
@@ -57,12 +57,19 @@ def external(args, tool: str, ids: torch.Tensor, bits: int, model) -> float:
         subprocess.run(["bash", str(ROOT / "scripts" / env_script), str(venv)], check=True)
     extra = ["--iters", str(args.iters)] if tool == "autoround" else []
     with tempfile.TemporaryDirectory() as tmp:
-        np.save(Path(tmp) / "ids.npy", ids.numpy())
+        if is_vlm:  # the model-input batches themselves (images and prompts), labels left out
+            data = Path(tmp) / "batches.pt"
+            torch.save([{k: v for k, v in b.items() if k != "labels"} for b in calib.batches], data)
+            extra += ["--calib-batches", str(data)]
+        else:
+            data = Path(tmp) / "ids.npy"
+            np.save(data, torch.cat([b["input_ids"] for b in calib.batches]).numpy())
+            extra += ["--calib-ids", str(data)]
         out = Path(tmp) / "experts.safetensors"
         t = time.time()
-        subprocess.run([str(py), str(ROOT / "scripts" / script), "--model", args.model,
-                        "--calib-ids", str(Path(tmp) / "ids.npy"), "--bits", str(bits), *extra,
-                        "--out", str(out)], check=True, stdout=subprocess.DEVNULL if not args.verbose else None,
+        subprocess.run([str(py), str(ROOT / "scripts" / script), "--model", args.model, "--bits", str(bits),
+                        *extra, "--out", str(out)], check=True,
+                       stdout=subprocess.DEVNULL if not args.verbose else None,
                        stderr=subprocess.DEVNULL if not args.verbose else None)
         seconds = time.time() - t
         state = load_file(out)
@@ -84,7 +91,7 @@ def write_table(rows: list[dict], out: Path) -> str:
         cells = []
         for b in widths:
             r = cell.get((m, b))
-            cells.append("-" if r is None else f"x{r['ppl_ratio']:.4f} / {r['kl']:.4f} / {r['seconds']:.0f}")
+            cells.append("-" if r is None else f"x{r['ppl_ratio']:.4f} / {r['kl']:.5f} / {r['seconds']:.0f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     out.with_suffix(".md").write_text(text + "\n")
@@ -95,12 +102,12 @@ def write_table(rows: list[dict], out: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(SHARED / "models/text-moe"))
-    ap.add_argument("--calib", default=str(SHARED / "data/text_calib.txt"))
-    ap.add_argument("--data", default=str(SHARED / "data/text_dev.txt"))
+    ap.add_argument("--calib", default=None, help="default: text_calib.txt, or vqa_calib.npz for a VLM")
+    ap.add_argument("--data", default=None, help="default: text_dev.txt, or vqa_dev.npz for a VLM")
     ap.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--methods", default="rtn,gptq,signround,autoround,gptqmodel")
     ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--windows", type=int, default=128)
+    ap.add_argument("--windows", type=int, default=128, help="text windows or VQA samples scored (0: all)")
     ap.add_argument("--iters", type=int, default=200, help="AutoRound's iterations (ours: SignRoundConfig)")
     ap.add_argument("--autoround-venv", default=str(ROOT / "work" / "autoround-venv"))
     ap.add_argument("--gptqmodel-venv", default=str(ROOT / "work" / "gptqmodel-venv"))
@@ -108,11 +115,18 @@ def main() -> None:
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
-    ref, _ = load_model(args.model)
+    ref, info = load_model(args.model)
+    if info.is_vlm and "gptqmodel" in args.methods.split(","):
+        # checked before any work: GPTQModel 7.6.0 defines llava only with a Qwen2 language model (llava_qwen2)
+        raise SystemExit("gptqmodel has no model definition for this vision-language model (model_type "
+                         f"{ref.config.model_type!r} with a {ref.config.text_config.model_type!r} language model); "
+                         "leave it out of --methods")
     tok = load_tokenizer(args.model)
-    ref_lp = RefLogProbs(ref, text_windows(args.data, tok, max_windows=args.windows))
-    calib = load_calibration(args.calib, tok, ref.config, samples=args.samples)
-    ids = torch.cat([b["input_ids"] for b in calib.batches])
+    data = args.data or str(SHARED / "data" / ("vqa_dev.npz" if info.is_vlm else "text_dev.txt"))
+    calib_path = args.calib or str(SHARED / "data" / ("vqa_calib.npz" if info.is_vlm else "text_calib.txt"))
+    ref_lp = (RefAnswers(ref, data, tok, args.windows or None) if info.is_vlm
+              else RefLogProbs(ref, text_windows(data, tok, max_windows=args.windows or None)))
+    calib = load_calibration(calib_path, tok, ref.config, samples=args.samples)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -121,15 +135,16 @@ def main() -> None:
             model, _ = load_model(args.model)
             layers = find_moe_layers(model)
             if method in EXTERNAL:
-                seconds = external(args, method, ids, bits, model)
+                seconds = external(args, method, calib, info.is_vlm, bits, model)
             else:
                 t = time.time()
                 quantize_layers(model, layers, {n: bits for l in layers for n in l.expert_names}, calib,
                                 QuantizeConfig(method=method))
                 seconds = time.time() - t
-            row = {"method": method, "bits": bits, "seconds": seconds, "samples": args.samples, **ref_lp.score(model)}
+            row = {"method": method, "bits": bits, "seconds": seconds, "samples": args.samples, "kind": ref_lp.kind,
+                   "data": Path(data).name, **ref_lp.score(model)}
             rows.append(row)
-            print(f"{method:10s} {bits} bits  ppl x{row['ppl_ratio']:.4f}  kl {row['kl']:.4f}  top1 {row['top1']:.4f}"
+            print(f"{method:10s} {bits} bits  ppl x{row['ppl_ratio']:.4f}  kl {row['kl']:.6f}  top1 {row['top1']:.4f}"
                   f"  {seconds:.0f} s  (float16 ppl {row['ppl_ref']:.4f})", flush=True)
             write_table(rows, out)
     print(write_table(rows, out))

@@ -5,6 +5,7 @@
 # (TOKENIZER=DIR with tokenizer.json: ../shared beside the checkout does not travel). Results land in $OUT,
 # with nvidia-smi's memory readings every second (nvidia-smi.csv) beside the allocator peaks of the stages.
 #   TOKENIZER=DIR bash scripts/device_realsize.sh olmoe-1b-7b jetson-agx-orin [extra bench_realsize.py flags]
+# BUILD=0 leaves out the whole build (then pass --stages, e.g. analyze,plan,quantize with --quantize-args variants).
 # A run that outlives one device call (setsid) must run from a copy outside the carried tree (cp -a to /root/tree):
 # the next call replaces the tree, and a file the run has yet to read can be missing meanwhile.
 set -euo pipefail
@@ -26,7 +27,8 @@ echo "checkpoint ready after $(( $(date +%s) - t0 )) s"
 work=/root/bench-$shape-$(date +%s)
 rc=0
 # LIMIT=S stops the benchmark after S seconds so that its logs still come back ($OUT) inside one device call
-timeout "${LIMIT:-0}" python3 scripts/bench_realsize.py --model "$ck" --work "$work" --device "$device" --stages "" --build \
+timeout "${LIMIT:-0}" python3 scripts/bench_realsize.py --model "$ck" --work "$work" --device "$device" --stages "" \
+  $([ "${BUILD:-1}" = 0 ] || echo --build) \
   --target "$target" --json "$out/$shape.json" "$@" | tee "$out/$shape.txt" || rc=$?
 cp "$work"/*.log "$out/" 2>/dev/null || true
 cp "$work/summary.json" "$out/$shape-summary.json" 2>/dev/null || true

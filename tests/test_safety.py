@@ -201,6 +201,27 @@ def test_out_dot_in_a_project_folder_is_refused(tiny_model, tmp_path, capsys, mo
     assert tree(project) == {"main.py": b"print('mine')"}
 
 
+def test_quantize_balance_flags_reach_the_stage_and_bad_values_are_refused(tiny_model, tmp_path, capsys):
+    """--balance-tokens / --balance-samples are QuantizeConfig's expert-balanced calibration: recorded as given,
+    with the spare candidate tokens it added per layer; a negative count is refused before anything is written."""
+    plan = _plan(tmp_path, tiny_model)
+    code, err = main(["quantize", "--model", tiny_model, "--plan", plan, "--out", tmp_path / "q", "--method", "gptq",
+                      "--samples", "2", "--seq-len", "32", "--balance-tokens", "100000", "--balance-samples", "3"],
+                     capsys)
+    assert code == 0, err
+    rec = json.loads((tmp_path / "q" / "quantized.json").read_text())
+    assert rec["config"]["balance_tokens"] == 100000 and rec["config"]["balance_samples"] == 3
+    code, err = main(["quantize", "--model", tiny_model, "--plan", plan, "--out", tmp_path / "q0", "--method", "gptq",
+                      "--samples", "2", "--seq-len", "32"], capsys)
+    assert code == 0, err
+    off = {e["name"]: e["tokens"] for e in json.loads((tmp_path / "q0" / "quantized.json").read_text())["experts"]}
+    on = {e["name"]: e["tokens"] for e in rec["experts"]}
+    assert all(on[n] >= off[n] for n in off) and sum(on.values()) > sum(off.values())  # the spare tokens arrived
+    code, err = main(["quantize", "--model", tiny_model, "--plan", plan, "--out", tmp_path / "q2", "--method", "gptq",
+                      "--samples", "2", "--seq-len", "32", "--balance-tokens", "-1"], capsys)
+    assert code == 2 and "expert-balanced calibration needs" in err and not (tmp_path / "q2").exists()
+
+
 @pytest.mark.parametrize("widths,match", [({"x": 2.5}, "must be a JSON integer"), ({"x": "3"}, "must be a JSON integer"),
                                           ({"x": True}, "must be a JSON integer")])
 def test_plans_with_non_integer_widths_are_refused(tiny_model, tmp_path, capsys, widths, match):

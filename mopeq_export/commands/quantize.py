@@ -39,6 +39,11 @@ def quantize(
     shared_first: bool = typer.Option(QuantizeConfig.shared_first, "--shared-first/--shared-last",
                                       help="quantize shared experts before the routed experts (learned rounding "
                                            "then offsets their error) or after them"),
+    balance_tokens: int = typer.Option(QuantizeConfig.balance_tokens, "--balance-tokens",
+                                       help="expert-balanced calibration: an expert routed fewer tokens gets more "
+                                            "from spare calibration samples, up to N (0: off, the default)"),
+    balance_samples: int = typer.Option(QuantizeConfig.balance_samples, "--balance-samples",
+                                        help="with --balance-tokens: spare calibration samples carried beside the set"),
     quantize_dense: Optional[int] = typer.Option(None, "--quantize-dense",
                                                  help="also quantize shared experts uniformly to 4 or 8 bits"),
     dense_attention: bool = typer.Option(False, "--dense-attention", help="with --quantize-dense: attention too"),
@@ -55,7 +60,7 @@ def quantize(
     cfg = QuantizeConfig(method=method, group_size=group_size,
                          gptq=GPTQConfig(damp=damp, act_order=act_order, min_tokens=min_tokens),
                          signround=SignRoundConfig(iters=iters), head_gptq=head_gptq, mlp_method=mlp_method,
-                         shared_first=shared_first)
+                         shared_first=shared_first, balance_tokens=balance_tokens, balance_samples=balance_samples)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"quantizing experts ({method})", total=None)
 
