@@ -20,6 +20,11 @@ per evaluation unit, seeds averaged, with bootstrap intervals over the units.
     python scripts/compare_allocations.py --sensitivity work/sens/sensitivity.json [--windows 128] [--rtn uniform,random,budget]
         [--quantizer signround|gptq] [--seeds 0,1] [--device cuda] [--predictions docs/predictor.json --budget-on gn_output]
     python scripts/compare_allocations.py merge docs/compare_x part0/compare_text.json part1/compare_text.json ...
+        [--external work/ext/text.json ...]
+
+`--external` adds scripts/compare_quantizers.py's rows of other quantizers (AutoRound, GPTQModel) at uniform widths,
+scored on the same data and units, as plans "uniform-B" of their own quantizer (bytes: this format's at that width),
+each compared with this project's default quantizer on the same uniform plan (`external_table`).
 """
 
 from __future__ import annotations
@@ -255,6 +260,18 @@ def write_outputs(rows: list[dict], out_md: Path, out_png: Path, kind: str = "te
     fig.savefig(out_png, dpi=120)
 
 
+def signround_fields(spec: str) -> dict:
+    """"k=v,k=v" -> SignRoundConfig keyword arguments, typed by the field's default."""
+    out = {}
+    for term in filter(None, spec.split(",")):
+        k, _, v = term.partition("=")
+        if k not in SignRoundConfig.__dataclass_fields__ or k in ("iters", "seed"):
+            raise SystemExit(f"--signround: {k!r} is not a SignRoundConfig field (iters and seed have their options)")
+        default = getattr(SignRoundConfig, k)
+        out[k] = (v == "true") if isinstance(default, bool) else type(default)(v) if default is not None else float(v)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sensitivity", required=True)
@@ -272,6 +289,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="signround seeds (comma list): each plan is quantized once per seed")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--iters", type=int, default=SignRoundConfig.iters, help="signround's steps per layer")
+    ap.add_argument("--signround", default="", help="other SignRoundConfig fields, e.g. v_range=1.0,batch_tokens=256")
     ap.add_argument("--predictions", default=None, help="scripts/bench_predictor.py's JSON (all experts' predictions)")
     ap.add_argument("--budget-on", default="", help="predictors of --predictions to allocate by (comma list)")
     ap.add_argument("--no-fixed", action="store_true", help="leave out uniform and k-means (e.g. a parallel part)")
@@ -296,6 +314,7 @@ def main() -> None:
         doc = json.loads(Path(args.predictions).read_text())
         assert doc["all_expert_names"] == [e.name for e in report.experts], "predictions are for another model"
         tables = {k: doc["predictions"][k] for k in args.budget_on.split(",") if k}
+    sr_fields = signround_fields(args.signround)
     rows = []
     family = lambda name: name.split("@")[0].split("-")[0]  # noqa: E731
     seeds = [int(x) for x in args.seeds.split(",") if x]
@@ -309,9 +328,10 @@ def main() -> None:
                 layers = find_moe_layers(model)
                 t = time.time()
                 res = quantize_layers(model, layers, bits, calib, QuantizeConfig(
-                    method=method, signround=SignRoundConfig(iters=args.iters, seed=seed)))
+                    method=method, signround=SignRoundConfig(iters=args.iters, seed=seed, **sr_fields)))
                 nbytes = sum(a.nbytes for rs in res for a in layer_tensors(rs).values())
-                row = {"plan": name, "avg_bits": avg, "quantizer": method, "seed": seed, "iters": args.iters,
+                label = method + (f"[{args.signround}]" if sr_fields and method == "signround" else "")
+                row = {"plan": name, "avg_bits": avg, "quantizer": label, "seed": seed, "iters": args.iters,
                        "samples": samples, "data": Path(data).name, "kind": scorer.kind, "expert_mb": nbytes / 1e6,
                        "seconds": time.time() - t, **scorer.score(model)}
                 rows.append(row)
@@ -322,19 +342,69 @@ def main() -> None:
     write_outputs(rows, out / "compare_text.md", out / "compare_text.png", scorer.kind)
 
 
-def merge(paths: list[str], out: str) -> None:
-    """Several parts' compare_text.json (parallel processes) into one table, paired comparison and plot."""
-    rows = [r for p in paths for r in json.loads(Path(p).read_text())]
+def external_rows(quantizer_rows: list[dict], study: list[dict]) -> list[dict]:
+    """compare_quantizers.py's rows (method, bits, scores) of quantizers the study does not have, as study rows:
+    plan "uniform-B" of quantizer `method`, with the study's own uniform-B bytes (the same format at that width).
+    Refused unless they were scored on the study's data, kind and units, and the study has that uniform plan."""
+    out = []
+    ours = {r["quantizer"] for r in study}
+    for q in quantizer_rows:
+        if q["method"] in ours:  # the study's own rows of that quantizer stand
+            continue
+        mine = [r for r in study if r["plan"] == f"uniform-{q['bits']}"]
+        if not mine:
+            raise SystemExit(f"the study has no uniform-{q['bits']} plan to size {q['method']}'s row by")
+        for key in ("data", "kind"):
+            if q.get(key) != mine[0].get(key):
+                raise SystemExit(f"{q['method']} at {q['bits']} bits was scored on {key} {q.get(key)!r}, the study on "
+                                 f"{mine[0].get(key)!r}")
+        # the same units: token counts equal, the float16 references equal up to the device's arithmetic (the study
+        # may have run on CUDA, the external tools on the CPU)
+        ref_q, ref_s = np.array(q["units"]["nll_ref"]), np.array(mine[0]["units"]["nll_ref"])
+        if q["units"]["n"] != mine[0]["units"]["n"] or not np.allclose(ref_q, ref_s, rtol=2e-3, atol=0.05):
+            raise SystemExit(f"{q['method']} at {q['bits']} bits was scored on other evaluation units than the study "
+                             "(compare_quantizers.py --windows must match the study's, 0 for all)")
+        out.append({**{k: v for k, v in q.items() if k not in ("method", "bits")}, "plan": f"uniform-{q['bits']}",
+                    "avg_bits": float(q["bits"]), "quantizer": q["method"], "seed": 0,
+                    "expert_mb": mine[0]["expert_mb"], "external": True})
+    return out
+
+
+def external_table(rows: list[dict], default: str = "signround", boot: int = 2000, seed: int = 0) -> list[str]:
+    """This project's default quantizer on each uniform plan minus each external quantizer on it (`paired_diff`)."""
+    rng = np.random.default_rng(seed)
+    lines = [PAIRED_HEADER[0].replace("default vs", "quantizer vs"), PAIRED_HEADER[1]]
+    for r in rows:
+        if not r.get("external"):
+            continue
+        mine = [m for m in rows if m["plan"] == r["plan"] and m["quantizer"] == default and not m.get("external")]
+        if mine:
+            lines.append(paired_line(r["data"], r["avg_bits"], default, f"{r['plan']} ({r['quantizer']})", mine, [r],
+                                     paired_diff(mine, [r], rng, boot)))
+    return lines
+
+
+def merge(paths: list[str], out: str, external: list[str] = ()) -> None:
+    """Several parts' compare_text.json (parallel processes) into one table, paired comparison and plot, with
+    other quantizers' rows from compare_quantizers.py (`external_rows`)."""
+    rows = [r for p in paths for r in json.loads(Path(p).read_text()) if not r.get("external")]
+    ext = external_rows([q for p in external for q in json.loads(Path(p).read_text())], rows)
+    rows += ext
     o = Path(out)
     o.parent.mkdir(parents=True, exist_ok=True)
     o.with_suffix(".json").write_text(json.dumps(rows))
     write_outputs(rows, o.with_suffix(".md"), o.with_suffix(".png"), rows[0].get("kind", "text"))
+    if ext:
+        with o.with_suffix(".md").open("a") as f:
+            f.write("\n" + "\n".join(external_table(rows)) + "\n")
 
 
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) > 2 and sys.argv[1] == "merge":  # compare_allocations.py merge OUT PART.json ...
-        merge(sys.argv[3:], sys.argv[2])
+    if len(sys.argv) > 2 and sys.argv[1] == "merge":  # compare_allocations.py merge OUT PART.json ... [--external Q.json ...]
+        argv = sys.argv[3:]
+        cut = argv.index("--external") if "--external" in argv else len(argv)
+        merge(argv[:cut], sys.argv[2], argv[cut + 1:])
     else:
         main()

@@ -249,3 +249,47 @@ def test_oracle_allocation_bound_is_the_exhaustive_optimum():
         assert int((widths - 3).sum()) == off and set(widths.tolist()) <= {2, 3, 4}
         again = sum(g23[i] if w == 2 else (-g34[i] if w == 4 else 0.0) for i, w in enumerate(widths))
         assert again == pytest.approx(cost, abs=1e-12)  # the widths returned reach the cost reported
+
+
+def _study_row(plan, bits, quantizer, seed, units, **over):
+    return {"plan": plan, "avg_bits": float(bits), "quantizer": quantizer, "seed": seed, "data": "text_dev.txt",
+            "kind": "text", "expert_mb": 1.0 + bits, "units": units, **over}
+
+
+def _units(rng, n_units=12, ref=None):
+    n = [255.0] * n_units
+    nll_ref = ref if ref is not None else list(rng.uniform(500, 900, n_units))
+    return {"n": n, "nll_ref": nll_ref, "nll": list(np.array(nll_ref) + rng.uniform(0, 30, n_units)),
+            "kl": list(rng.uniform(10, 40, n_units)), "agree": list(rng.uniform(150, 250, n_units))}
+
+
+def test_external_quantizer_rows_join_the_study_on_the_same_units():
+    """scripts/compare_allocations.py's `--external` merge: another quantizer's uniform rows (compare_quantizers.py's)
+    become study rows with the study's bytes at that width, are refused on other data or other units, and are
+    compared with this project's quantizer on the same plan unit by unit."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from compare_allocations import external_rows, external_table
+
+    rng = np.random.default_rng()
+    ref = list(rng.uniform(500, 900, 12))
+    study = [_study_row("uniform-2", 2, "signround", s, _units(rng, ref=ref)) for s in (0, 1)]
+    study.append(_study_row("budget", 2.5, "signround", 0, _units(rng, ref=ref)))
+    theirs = {"method": "autoround", "bits": 2, "data": "text_dev.txt", "kind": "text", "seconds": 9.0,
+              "units": _units(rng, ref=[x * (1 + 1e-4) for x in ref])}  # another device's float16 reference
+    ours_again = {**theirs, "method": "signround"}
+    rows = external_rows([theirs, ours_again], study)
+    assert len(rows) == 1  # the study's own quantizer keeps its rows
+    r = rows[0]
+    assert (r["plan"], r["avg_bits"], r["quantizer"], r["expert_mb"], r["external"]) == ("uniform-2", 2.0, "autoround", 3.0, True)
+    for bad in ({"data": "text_eval.txt"}, {"bits": 4},
+                {"units": {**theirs["units"], "nll_ref": list(rng.uniform(500, 900, 12))}},
+                {"units": {k: v[:11] for k, v in theirs["units"].items()}}):
+        with pytest.raises(SystemExit):
+            external_rows([{**theirs, **bad}], study)
+    line = external_table(study + rows, boot=200)[2]
+    mean_kl = np.mean([s["units"]["kl"] for s in study[:2]], 0)
+    want = (mean_kl.sum() - np.sum(theirs["units"]["kl"])) / (255.0 * 12)
+    assert "uniform-2 (autoround)" in line and f"{want:+.5f}" in line

@@ -234,3 +234,53 @@ def test_per_matrix_widths_reach_each_matrix(method, scope):
     for a, b in zip(same, ints):
         for qa, qb in ((a.w1, b.w1), (a.w2, b.w2)):
             assert torch.equal(qa.codes, qb.codes) and torch.equal(qa.scales, qb.scales) and torch.equal(qa.zeros, qb.zeros)
+
+
+@pytest.mark.parametrize("v_range", [0.5, 1.5])
+def test_offset_bound_decides_how_far_a_code_moves(v_range):
+    """SignRound's bound 0.5 keeps every code within one level of round-to-nearest's at the learned scale and zero;
+    a wider bound (`SignRoundConfig.v_range`), with its step scaled to reach it, lets codes move further."""
+    from mopeq_export.quantization.signround import _descend
+    w1, w2, x, _, _ = _problem(11)
+    cfg = SignRoundConfig(iters=60, v_range=v_range, lr=0.05)
+    m1 = _Learned(w1, torch.tensor([3] * 4), 32, v_range)
+    m2 = _Learned(w2, torch.tensor([3] * 4), 32, v_range)
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(x.shape[0], 64, generator=gen)  # far from the float output: the offsets go to their bound
+
+    def loss_of(q1, q2):
+        rows = torch.randint(0, x.shape[0], (64,), generator=gen)
+        y = torch.stack([_expert(x[rows], q1[e], q2[e], 48) for e in range(4)]).sum(0)
+        return ((y - target[rows]) ** 2).sum()
+
+    _descend(m1, m2, loss_of, cfg)
+    assert float(m1.v.detach().abs().max()) <= v_range + 1e-6
+    s, z = m1._scale_zero(hard=True)
+    nearest = (torch.round(m1.w / m1._expand(s)) + m1._expand(z)).clamp(0, 7)
+    moved = int((m1.export()[0].float() - nearest).abs().max())
+    assert moved == 1 if v_range == 0.5 else moved == 2
+
+
+def test_step_per_bit_scales_each_width():
+    """`lr_per_bit` multiplies an expert's step by lr_per_bit ** (bits - 2): at 0 only the 2-bit experts move off the
+    start, at 1 every width moves."""
+    w1, w2, x, idx, rw = _problem(12)
+    moved = {}
+    for per_bit in (0.0, 1.0):
+        start, _ = signround_layer(w1, w2, x, idx, rw, None, [2, 3, 4, 2], 32, act, SignRoundConfig(iters=0))
+        cfg = SignRoundConfig(iters=40, batch_tokens=64, lr_per_bit=per_bit)
+        b1, b2 = _Learned(w1, torch.tensor([2, 3, 4, 2]), 32), _Learned(w2, torch.tensor([2, 3, 4, 2]), 32)
+        from mopeq_export.quantization.signround import _descend
+        gen = torch.Generator().manual_seed(0)
+
+        def loss_of(q1, q2):
+            rows = torch.randint(0, x.shape[0], (64,), generator=gen)
+            y = torch.stack([_expert(x[rows], q1[e], q2[e], 48) for e in range(4)])
+            ref = torch.stack([_expert(x[rows], w1[e], w2[e], 48) for e in range(4)])
+            return ((y - ref) ** 2).sum()
+
+        _descend(b1, b2, loss_of, cfg)
+        codes = b1.export()[0]
+        moved[per_bit] = [not torch.equal(codes[e], start[e][0].codes) for e in range(4)]
+    assert moved[0.0] == [True, False, False, True]
+    assert moved[1.0] == [True, True, True, True]

@@ -15,6 +15,9 @@ of LLMs", 2023), with both matrices of each expert optimised together. Two objec
                        target that can carry the float model's output (delta; quantization/pipeline.py)
     signround_experts  each expert on its own output ||expert(X_e; w1', w2') - expert(X_e; w1, w2)||^2
 
+Two study options, off by default (docs/RESULTS.md "Eleventh session"): a wider or narrower bound of V
+(`SignRoundConfig.v_range`) and a step scaled per bit of width (`lr_per_bit`).
+
 The start is round-to-nearest with the clipping search's factor, and the result is kept only where it lowers
 the loss on all calibration tokens; otherwise that start is. The codes, scales and zeros are the packed
 format's (docs/FORMAT.md §2): nothing downstream changes. Every expert of a call is optimised at once
@@ -50,6 +53,11 @@ class SignRoundConfig:
     # with scope "layer": the target is the float model's layer output (a second, float stream of hidden
     # states through the layers), so the experts also offset the error of the layers before them
     float_targets: bool = True
+    # the bound of the rounding offsets V: 0.5 reaches the two grid points around w / s (SignRound); a larger bound
+    # lets a code move further (a study option; V's step grows with it so that the bound is reachable)
+    v_range: float = 0.5
+    # the step of an expert at b bits is lr * lr_per_bit ** (b - 2): 1 gives every width the same step
+    lr_per_bit: float = 1.0
 
 
 def _per_matrix(bits: list[Width]) -> tuple[list[int], list[int]]:
@@ -90,8 +98,8 @@ class _FakeQuant(torch.autograd.Function):
 class _Learned:
     """One batch of matrices [E, rows, K] at widths bits [E], with their learnable V, alpha, beta."""
 
-    def __init__(self, w: torch.Tensor, bits: torch.Tensor, group_size: int):
-        self.w, self.group_size = w.float(), group_size
+    def __init__(self, w: torch.Tensor, bits: torch.Tensor, group_size: int, v_range: float = 0.5):
+        self.w, self.group_size, self.v_range = w.float(), group_size, v_range
         self.k = w.shape[-1]
         vals, mask = _pad_groups(self.w, group_size)
         big = torch.finfo(torch.float32).max
@@ -132,7 +140,7 @@ class _Learned:
 
     @torch.no_grad()
     def clamp_(self) -> None:
-        self.v.clamp_(-0.5, 0.5)
+        self.v.clamp_(-self.v_range, self.v_range)
         self.alpha.clamp_(0.5, 1.0)
         self.beta.clamp_(0.5, 1.0)
 
@@ -172,13 +180,17 @@ def _descend(m1: _Learned, m2: _Learned, loss_of: Callable[[torch.Tensor, torch.
     decaying linearly from lr to zero, the parameters clamped to their ranges after each."""
     params = m1.params() + m2.params()
     lr0 = cfg.lr if cfg.lr is not None else 1.0 / max(cfg.iters, 1)
+    # V's step scaled with its bound (1 at SignRound's 0.5), and every parameter's by its matrix's width ([E, 1, 1]);
+    # none at the defaults
+    scale = [None] * 6 if (cfg.v_range, cfg.lr_per_bit) == (0.5, 1.0) else \
+        [k * cfg.lr_per_bit ** (torch.log2(m.qmax + 1) - 2) for m in (m1, m2) for k in (cfg.v_range / 0.5, 1.0, 1.0)]
     for step in range(cfg.iters):
         grads = torch.autograd.grad(loss_of(m1.forward(), m2.forward()), params, allow_unused=True)
         lr = lr0 * (1.0 - step / cfg.iters)
         with torch.no_grad():
-            for p, g in zip(params, grads):
+            for p, g, k in zip(params, grads, scale):
                 if g is not None:
-                    p.sub_(lr * torch.sign(g))
+                    p.sub_((lr if k is None else lr * k) * torch.sign(g))
         m1.clamp_()
         m2.clamp_()
 
@@ -199,8 +211,8 @@ def signround_experts(w1: torch.Tensor, w2: torch.Tensor, xs: list[torch.Tensor]
     dev = w1.device
     e_count, inter = w1.shape[0], w2.shape[-1]
     b1, b2 = _per_matrix(bits)
-    m1 = _Learned(w1, torch.tensor(b1, device=dev), group_size)
-    m2 = _Learned(w2, torch.tensor(b2, device=dev), group_size)
+    m1 = _Learned(w1, torch.tensor(b1, device=dev), group_size, cfg.v_range)
+    m2 = _Learned(w2, torch.tensor(b2, device=dev), group_size, cfg.v_range)
     w1f, w2f = w1.float(), w2.float()
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
 
@@ -280,8 +292,8 @@ def signround_layer(w1: torch.Tensor, w2: torch.Tensor, x: torch.Tensor, idx: to
     e_count = w1.shape[0]
     n = idx.shape[0]
     b1, b2 = _per_matrix(bits)
-    m1 = _Learned(w1, torch.tensor(b1, device=dev), group_size)
-    m2 = _Learned(w2, torch.tensor(b2, device=dev), group_size)
+    m1 = _Learned(w1, torch.tensor(b1, device=dev), group_size, cfg.v_range)
+    m2 = _Learned(w2, torch.tensor(b2, device=dev), group_size, cfg.v_range)
     w1f, w2f = w1.float(), w2.float()
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     hits = max(float((idx >= 0).sum()) / max(n, 1), 1.0)  # routed slots per token in this call
