@@ -268,7 +268,12 @@ def signround_fields(spec: str) -> dict:
         if k not in SignRoundConfig.__dataclass_fields__ or k in ("iters", "seed"):
             raise SystemExit(f"--signround: {k!r} is not a SignRoundConfig field (iters and seed have their options)")
         default = getattr(SignRoundConfig, k)
-        out[k] = (v == "true") if isinstance(default, bool) else type(default)(v) if default is not None else float(v)
+        if isinstance(default, bool):
+            if v.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--signround: {k} takes true or false, not {v!r}")
+            out[k] = v.lower() in ("true", "1")
+        else:
+            out[k] = type(default)(v) if default is not None else float(v)
     return out
 
 
@@ -315,6 +320,8 @@ def main() -> None:
         assert doc["all_expert_names"] == [e.name for e in report.experts], "predictions are for another model"
         tables = {k: doc["predictions"][k] for k in args.budget_on.split(",") if k}
     sr_fields = signround_fields(args.signround)
+    if sr_fields and args.quantizer != "signround":
+        raise SystemExit("--signround sets learned rounding's fields: it needs --quantizer signround")
     rows = []
     family = lambda name: name.split("@")[0].split("-")[0]  # noqa: E731
     seeds = [int(x) for x in args.seeds.split(",") if x]
@@ -330,7 +337,8 @@ def main() -> None:
                 res = quantize_layers(model, layers, bits, calib, QuantizeConfig(
                     method=method, signround=SignRoundConfig(iters=args.iters, seed=seed, **sr_fields)))
                 nbytes = sum(a.nbytes for rs in res for a in layer_tensors(rs).values())
-                label = method + (f"[{args.signround}]" if sr_fields and method == "signround" else "")
+                label = method + (f"[{','.join(f'{k}={v}' for k, v in sr_fields.items())}]"
+                                  if sr_fields and method == "signround" else "")
                 row = {"plan": name, "avg_bits": avg, "quantizer": label, "seed": seed, "iters": args.iters,
                        "samples": samples, "data": Path(data).name, "kind": scorer.kind, "expert_mb": nbytes / 1e6,
                        "seconds": time.time() - t, **scorer.score(model)}
@@ -359,9 +367,10 @@ def external_rows(quantizer_rows: list[dict], study: list[dict]) -> list[dict]:
                 raise SystemExit(f"{q['method']} at {q['bits']} bits was scored on {key} {q.get(key)!r}, the study on "
                                  f"{mine[0].get(key)!r}")
         # the same units: token counts equal, the float16 references equal up to the device's arithmetic (the study
-        # may have run on CUDA, the external tools on the CPU)
+        # may have run on CUDA, the external tools on the CPU; measured 2e-6 nats per token on text_dev, 3e-5 on
+        # vqa_dev), so that a perplexity ratio against either reference differs by less than 1e-4
         ref_q, ref_s = np.array(q["units"]["nll_ref"]), np.array(mine[0]["units"]["nll_ref"])
-        if q["units"]["n"] != mine[0]["units"]["n"] or not np.allclose(ref_q, ref_s, rtol=2e-3, atol=0.05):
+        if q["units"]["n"] != mine[0]["units"]["n"] or np.abs(ref_q - ref_s).sum() > 1e-4 * np.sum(q["units"]["n"]):
             raise SystemExit(f"{q['method']} at {q['bits']} bits was scored on other evaluation units than the study "
                              "(compare_quantizers.py --windows must match the study's, 0 for all)")
         out.append({**{k: v for k, v in q.items() if k not in ("method", "bits")}, "plan": f"uniform-{q['bits']}",

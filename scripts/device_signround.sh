@@ -4,7 +4,7 @@
 # text_dev (or vqa_dev); one process per variant and size, at once. Needs work/devshare (text-moe, text_calib.txt,
 # text_dev.txt; for MODEL=vlm: vlm-moe, vqa_calib.npz, vqa_dev.npz) and build/ort-headers carried along; the
 # sensitivity report is made here (analyze on the GPU). Parts come back as $OUT/parts.tgz (merge:
-# `python scripts/compare_allocations.py merge OUT part*/compare_text.json`).
+# `python scripts/compare_allocations.py merge OUT */compare_text.json` in the unpacked folder).
 #   VARIANTS="base v_range=1.0" (one set of processes each; "base" is the default config), SIZES (default 2.75),
 #   SEEDS (default 0,1), LIMIT seconds per process, UNIFORM="2 3" (the uniform widths; empty for none).
 set -uo pipefail
@@ -12,6 +12,7 @@ out=${OUT:-/tmp/out}
 d=work/devshare
 parts=/tmp/parts
 OUT=/tmp/install bash scripts/device_install.sh || exit 1
+rm -rf "$parts"  # a warm machine keeps an earlier call's parts
 mkdir -p "$parts"
 if [ "${MODEL:-text}" = vlm ]; then
   M=(--model $d/vlm-moe --calib $d/vqa_calib.npz --data $d/vqa_dev.npz); sens=/tmp/sens_vlm; calib=$d/vqa_calib.npz; model=$d/vlm-moe

@@ -253,7 +253,7 @@ def test_oracle_allocation_bound_is_the_exhaustive_optimum():
 
 def _study_row(plan, bits, quantizer, seed, units, **over):
     return {"plan": plan, "avg_bits": float(bits), "quantizer": quantizer, "seed": seed, "data": "text_dev.txt",
-            "kind": "text", "expert_mb": 1.0 + bits, "units": units, **over}
+            "kind": "text", "expert_mb": 1.0 + bits, "units": units, "ppl_ratio": 1.01, "kl": 0.1, "top1": 0.8, **over}
 
 
 def _units(rng, n_units=12, ref=None):
@@ -271,14 +271,15 @@ def test_external_quantizer_rows_join_the_study_on_the_same_units():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from compare_allocations import external_rows, external_table
+    from compare_allocations import external_rows, external_table, merge
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(13)
     ref = list(rng.uniform(500, 900, 12))
     study = [_study_row("uniform-2", 2, "signround", s, _units(rng, ref=ref)) for s in (0, 1)]
     study.append(_study_row("budget", 2.5, "signround", 0, _units(rng, ref=ref)))
     theirs = {"method": "autoround", "bits": 2, "data": "text_dev.txt", "kind": "text", "seconds": 9.0,
-              "units": _units(rng, ref=[x * (1 + 1e-4) for x in ref])}  # another device's float16 reference
+              "ppl_ratio": 1.02, "kl": 0.11, "top1": 0.79,
+              "units": _units(rng, ref=[x + rng.uniform(-0.01, 0.01) for x in ref])}  # another device's float16 reference
     ours_again = {**theirs, "method": "signround"}
     rows = external_rows([theirs, ours_again], study)
     assert len(rows) == 1  # the study's own quantizer keeps its rows
@@ -286,10 +287,23 @@ def test_external_quantizer_rows_join_the_study_on_the_same_units():
     assert (r["plan"], r["avg_bits"], r["quantizer"], r["expert_mb"], r["external"]) == ("uniform-2", 2.0, "autoround", 3.0, True)
     for bad in ({"data": "text_eval.txt"}, {"bits": 4},
                 {"units": {**theirs["units"], "nll_ref": list(rng.uniform(500, 900, 12))}},
-                {"units": {k: v[:11] for k, v in theirs["units"].items()}}):
+                {"units": {k: v[:11] for k, v in theirs["units"].items()}},
+                {"units": {**theirs["units"], "nll_ref": [x * (1 + 1e-3) for x in ref]}}):  # 0.1 %, 3e-3 nats a token: another reference
         with pytest.raises(SystemExit):
             external_rows([{**theirs, **bad}], study)
     line = external_table(study + rows, boot=200)[2]
     mean_kl = np.mean([s["units"]["kl"] for s in study[:2]], 0)
     want = (mean_kl.sum() - np.sum(theirs["units"]["kl"])) / (255.0 * 12)
     assert "uniform-2 (autoround)" in line and f"{want:+.5f}" in line
+    # merge: the study's parts and the external file; merging the merged file again adds nothing twice
+    import json
+
+    tmp = Path(__import__("tempfile").mkdtemp())
+    (tmp / "part.json").write_text(json.dumps(study))
+    (tmp / "ext.json").write_text(json.dumps([theirs]))
+    merge([str(tmp / "part.json")], str(tmp / "m1"), [str(tmp / "ext.json")])
+    merge([str(tmp / "m1.json")], str(tmp / "m2"), [str(tmp / "ext.json")])
+    for m in ("m1", "m2"):
+        got = json.loads((tmp / f"{m}.json").read_text())
+        assert [(r["plan"], r["quantizer"]) for r in got].count(("uniform-2", "autoround")) == 1 and len(got) == 4
+        assert "uniform-2 (autoround)" in (tmp / f"{m}.md").read_text()
