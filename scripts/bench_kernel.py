@@ -93,6 +93,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--threads", default="1,2", help="comma-separated ORT intra-op thread counts")
+    ap.add_argument("--paths", default="avx2,avx512,i8-avx2,i8-avx512,i8-avx512vnni,auto")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     layer = random_layer(rng, BITS)
@@ -106,7 +107,7 @@ def main():
     print(f"{'path':<8} {'threads':>7} {'latency ms':>11} {'weight GB/s':>12} {'vs copy':>8}")
     for threads in [int(t) for t in args.threads.split(",")]:
         sess = make_session(layer, threads)
-        for path in ("scalar", "avx2", "avx512", "auto"):
+        for path in args.paths.split(","):
             os.environ["MOPEQ_KERNEL"] = path
             try:
                 t, nbytes = bench(sess, routes, rng, args.calls)

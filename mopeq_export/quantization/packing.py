@@ -245,9 +245,29 @@ def layer_dims(layer: Mapping[str, np.ndarray], expert_bits: Sequence[int], grou
     return e, h, i
 
 
+def int8_activations(x: np.ndarray) -> np.ndarray:
+    """The integer kernels' view of float32 activations [T, K]: per 32-value block, q = rint(x * 127 / max|x|)
+    in [-127, 127] and d = max|x| / 127 (float32, the kernel's operations); returns q * d as float32."""
+    x = np.asarray(x, np.float32)
+    t, k = x.shape
+    blocks = np.zeros((t, num_blocks(k) * BLOCK), np.float32)
+    blocks[:, :k] = x
+    blocks = blocks.reshape(t, -1, BLOCK)
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(blocks * inv), -127, 127)
+    d = (amax / np.float32(127)).astype(np.float32)
+    return (q * d).reshape(t, -1)[:, :k].astype(np.float32)
+
+
 def moe_experts_reference(hidden, indices, weights, layer_tensors: Mapping[str, np.ndarray],
-                          expert_bits: Sequence[int], group_size: int, activation: str = "silu") -> np.ndarray:
-    """out[t] = sum_j weights[t,j] * expert_{indices[t,j]}(hidden[t]); returns hidden's dtype."""
+                          expert_bits: Sequence[int], group_size: int, activation: str = "silu",
+                          int8: bool = False) -> np.ndarray:
+    """out[t] = sum_j weights[t,j] * expert_{indices[t,j]}(hidden[t]); returns hidden's dtype.
+
+    int8: the integer kernels' arithmetic: each expert input (x, then act(gate) * up) seen through
+    `int8_activations`, float32 accumulation as above."""
     hidden, indices, weights = np.asarray(hidden), np.asarray(indices), np.asarray(weights)
     require(activation in ACTIVATIONS, f"activation '{activation}' unknown; use one of {ACTIVATIONS}")
     e_count, h, i = layer_dims(layer_tensors, expert_bits, group_size)
@@ -259,6 +279,8 @@ def moe_experts_reference(hidden, indices, weights, layer_tensors: Mapping[str, 
             f"routing indices must lie in [0, {e_count}); found [{indices.min()}, {indices.max()}]")
     slots = slot_table(expert_bits)
     x = hidden.astype(np.float32)
+    quant = int8_activations if int8 else (lambda v: v)
+    x = quant(x)
     out = np.zeros((hidden.shape[0], h), np.float32)
     for e in np.unique(indices):
         b, s = int(expert_bits[e]), slots[e]
@@ -268,7 +290,7 @@ def moe_experts_reference(hidden, indices, weights, layer_tensors: Mapping[str, 
                         layer_tensors["w2.zeros"][e], b, i, group_size)
         tok, slot = np.nonzero(indices == e)
         a = x[tok] @ w1.T
-        act = _activation(a[:, :i], activation) * a[:, i:]
+        act = quant(_activation(a[:, :i], activation) * a[:, i:])
         y = act @ w2.T
         np.add.at(out, tok, weights[tok, slot].astype(np.float32)[:, None] * y)
     return out.astype(hidden.dtype)

@@ -9,8 +9,7 @@ namespace mopeq {
 
 namespace {
 struct Path {
-  const char* name;
-  QGemmFn fn;
+  KernelPath kernel;
   bool (*supported)();
 };
 
@@ -18,40 +17,53 @@ bool always() { return true; }
 #if defined(__x86_64__) || defined(_M_X64)
 // __builtin_cpu_supports also checks that the OS saves the wide registers (XCR0).
 bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"); }
+bool has_avxvnni() { return has_avx2() && __builtin_cpu_supports("avxvnni"); }
 bool has_avx512() {
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 }
+bool has_avx512vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
 #endif
 
-// Best first: "auto" takes the first supported entry.
+// Best first: "auto" takes the first supported entry (integer paths before the float reference paths).
 const Path kPaths[] = {
 #if defined(__x86_64__) || defined(_M_X64)
-    {"avx512", qgemm_avx512, has_avx512},
-    {"avx2", qgemm_avx2, has_avx2},
+    {{"i8-avx512vnni", nullptr, qgemm_i8_avx512vnni}, has_avx512vnni},
+    {{"i8-avx512", nullptr, qgemm_i8_avx512}, has_avx512},
+    {{"i8-avxvnni", nullptr, qgemm_i8_avxvnni}, has_avxvnni},
+    {{"i8-avx2", nullptr, qgemm_i8_avx2}, has_avx2},
 #endif
 #if defined(__aarch64__)
-    {"neon", qgemm_neon, always},
+    {{"i8-neon", nullptr, qgemm_i8_neon}, neon_has_dotprod},
 #endif
-    {"scalar", qgemm_scalar, always},
+    {{"i8-scalar", nullptr, qgemm_i8_scalar}, always},
+#if defined(__x86_64__) || defined(_M_X64)
+    {{"avx512", qgemm_avx512, nullptr}, has_avx512},
+    {{"avx2", qgemm_avx2, nullptr}, has_avx2},
+#endif
+#if defined(__aarch64__)
+    {{"neon", qgemm_neon, nullptr}, always},
+#endif
+    {{"scalar", qgemm_scalar, nullptr}, always},
 };
 }  // namespace
 
-QGemmFn select_qgemm(const char** name, const char** error) {
+bool select_kernel(KernelPath* path, const char** error) {
   const char* want = std::getenv("MOPEQ_KERNEL");
   const bool any = want == nullptr || *want == '\0' || std::strcmp(want, "auto") == 0;
   for (const Path& p : kPaths) {
-    if (!any && std::strcmp(want, p.name) != 0) continue;
+    if (!any && std::strcmp(want, p.kernel.name) != 0) continue;
     if (!p.supported()) {
       if (any) continue;
       *error = "MOPEQ_KERNEL forces a SIMD path this CPU does not support; unset it or use auto";
-      return nullptr;
+      return false;
     }
-    *name = p.name;
-    return p.fn;
+    *path = p.kernel;
+    return true;
   }
-  *error = "MOPEQ_KERNEL must be one of auto, scalar, avx2, avx512 (x86-64) or neon (aarch64)";
-  return nullptr;
+  *error = "MOPEQ_KERNEL must be one of auto, scalar, i8-scalar, avx2, avx512, i8-avx2, i8-avxvnni, i8-avx512, "
+           "i8-avx512vnni (x86-64), neon or i8-neon (aarch64)";
+  return false;
 }
 
 }  // namespace mopeq

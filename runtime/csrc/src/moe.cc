@@ -1,5 +1,6 @@
 // Plan of one call: tokens are bucketed by expert, so each routed expert's codes are streamed once per
 // chunk of tokens and reused across its tokens inside the kernel (a small GEMM; a GEMV for one token).
+// Integer paths quantize x once per token and h once per (token, slot) pair (kernels.h, QActs).
 //
 //   x [T,H] ──► for each expert e: A_e = W1_e · x[tokens of e]    (tasks: expert × 64 rows)
 //           ──► h = act(A[:, :I]) * A[:, I:]                      (per (token, slot) pair)
@@ -46,7 +47,7 @@ float activate(float v, Activation act) {
 
 // Copies rows into a zero-padded buffer [n, ld] and sums each group (kernels subtract z * sum(x_g)).
 void pad_and_sum(const float* src, int K, int g, float* dst, int ld, float* sums) {
-  if (src != dst) std::copy(src, src + K, dst);  // the gate step pads its own buffer in place
+  if (src != dst) std::copy(src, src + K, dst);
   std::fill(dst + K, dst + ld, 0.f);
   for (int gi = 0; gi * g < K; ++gi) {
     float s = 0.f;
@@ -54,6 +55,61 @@ void pad_and_sum(const float* src, int K, int g, float* dst, int ld, float* sums
     sums[gi] = s;
   }
 }
+
+// The activations [n, K] a kernel reads, in the form its path takes: float rows padded to whole blocks with
+// group sums, or int8 rows (quantize_acts). Buffers only grow, so steady decoding allocates nothing.
+struct Activations {
+  bool int8 = false;
+  int K = 0, g = 0, ld = 0, G = 0, nbp = 0;
+  std::vector<float> x, xs, d, gs;
+  std::vector<int8_t> q;
+
+  void reset(bool i8, int n, int k, int group) {
+    int8 = i8, K = k, g = group, G = static_cast<int>(num_groups(k, group));
+    ld = static_cast<int>(num_blocks(k)) * kBlock, nbp = padded_blocks(k);
+    const QActs shape{nullptr, nullptr, nullptr, nullptr, 0, nbp, G};
+    grow(gs, static_cast<size_t>(n) * G);
+    if (int8) {
+      grow(q, n * shape.ldq()), grow(d, n * shape.ldd());
+    } else {
+      grow(x, static_cast<size_t>(n) * ld), grow(xs, static_cast<size_t>(n) * G);
+    }
+  }
+  template <class T>
+  static void grow(std::vector<T>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+  }
+  // Row i from src[K]; src may be scratch the caller reuses afterwards.
+  void set_row(size_t i, const float* src) {
+    if (int8) {
+      const QActs s = view(nullptr, 0, 0);
+      quantize_acts(src, K, g, &q[i * s.ldq()], &d[i * s.ldd()], &gs[i * G]);
+    } else {
+      pad_and_sum(src, K, g, &x[i * ld], ld, &xs[i * G]);
+    }
+  }
+  // Rows first.. of the buffer, or (ids) rows ids[0..n) of it.
+  Acts f32(const int32_t* ids, size_t first, int n) const { return {&x[first * ld], &xs[first * G], ids, n, ld, G}; }
+  QActs view(const int32_t* ids, size_t first, int n) const {
+    QActs a{nullptr, nullptr, nullptr, ids, n, nbp, G};
+    a.q = q.data() + first * a.ldq(), a.d = d.data() + first * a.ldd(), a.gsum = gs.data() + first * G;
+    return a;
+  }
+};
+
+void gemm(const KernelPath& k, const QMatrix& w, const Activations& a, const int32_t* ids, size_t first, int n,
+          int r0, int r1, float* y, int ldy) {
+  if (k.i8)
+    k.i8(w, a.view(ids, first, n), r0, r1, y, ldy);
+  else
+    k.f32(w, a.f32(ids, first, n), r0, r1, y, ldy);
+}
+
+// Scratch of one call, kept per thread (ORT may run several sessions' nodes on different threads).
+struct Workspace {
+  Activations x, h;
+  std::vector<float> a, y;
+};
 
 std::vector<Task> row_tasks(const std::vector<int32_t>& offset, int rows) {
   std::vector<Task> tasks;
@@ -64,10 +120,8 @@ std::vector<Task> row_tasks(const std::vector<int32_t>& offset, int rows) {
 }
 
 void forward_chunk(const LayerView& L, const float* x, const int64_t* idx, const float* wts, int n, int k,
-                   Activation act, QGemmFn gemm, const Parallel& par, float* out) {
-  const int H = L.H, I = L.I, g = L.group_size, P = n * k;
-  const int ldH = static_cast<int>(num_blocks(H)) * kBlock, G1 = static_cast<int>(num_groups(H, g));
-  const int ldI = static_cast<int>(num_blocks(I)) * kBlock, G2 = static_cast<int>(num_groups(I, g));
+                   Activation act, const KernelPath& kernel, const Parallel& par, Workspace& ws, float* out) {
+  const int H = L.H, I = L.I, P = n * k;
 
   // Counting sort of (token, slot) pairs by expert; stable, so results do not depend on threads.
   std::vector<int32_t> offset(L.E + 1, 0), pair_token(P), pair_of(P);
@@ -80,36 +134,38 @@ void forward_chunk(const LayerView& L, const float* x, const int64_t* idx, const
     pair_of[p] = dst;
   }
 
-  std::vector<float> xp(static_cast<size_t>(n) * ldH), xs(static_cast<size_t>(n) * G1);
-  for (int t = 0; t < n; ++t)
-    pad_and_sum(x + static_cast<size_t>(t) * H, H, g, &xp[static_cast<size_t>(t) * ldH], ldH, &xs[static_cast<size_t>(t) * G1]);
+  const bool i8 = kernel.i8 != nullptr;
+  ws.x.reset(i8, n, H, L.group_size);
+  for (int t = 0; t < n; ++t) ws.x.set_row(t, x + static_cast<size_t>(t) * H);
 
-  std::vector<float> a(static_cast<size_t>(P) * 2 * I);
+  Activations::grow(ws.a, static_cast<size_t>(P) * 2 * I);
+  float* a = ws.a.data();
   const std::vector<Task> t1 = row_tasks(offset, 2 * I);
   auto gemm1 = [&](size_t i) {
     const Task& tk = t1[i];
     const int first = offset[tk.e];
-    const Acts acts{xp.data(), xs.data(), &pair_token[first], offset[tk.e + 1] - first, ldH, G1};
-    gemm(L.w1(tk.e), acts, tk.r0, tk.r1, &a[static_cast<size_t>(first) * 2 * I], 2 * I);
+    gemm(kernel, L.w1(tk.e), ws.x, &pair_token[first], 0, offset[tk.e + 1] - first, tk.r0, tk.r1,
+         a + static_cast<size_t>(first) * 2 * I, 2 * I);
   };
   parallel(par, t1.size(), gemm1);
 
-  std::vector<float> h(static_cast<size_t>(P) * ldI), hs(static_cast<size_t>(P) * G2);
+  ws.h.reset(i8, P, I, L.group_size);
   auto gate = [&](size_t p) {
-    float* hp = &h[p * ldI];
-    const float* ap = &a[p * 2 * I];
+    thread_local std::vector<float> hp;
+    Activations::grow(hp, I);
+    const float* ap = a + p * 2 * I;
     for (int c = 0; c < I; ++c) hp[c] = activate(ap[c], act) * ap[I + c];
-    pad_and_sum(hp, I, g, hp, ldI, &hs[p * G2]);
+    ws.h.set_row(p, hp.data());
   };
   parallel(par, static_cast<size_t>(P), gate);
 
-  std::vector<float> y(static_cast<size_t>(P) * H);
+  Activations::grow(ws.y, static_cast<size_t>(P) * H);
+  float* y = ws.y.data();
   const std::vector<Task> t2 = row_tasks(offset, H);
   auto gemm2 = [&](size_t i) {
     const Task& tk = t2[i];
     const size_t first = offset[tk.e];
-    const Acts acts{&h[first * ldI], &hs[first * G2], nullptr, offset[tk.e + 1] - offset[tk.e], ldI, G2};
-    gemm(L.w2(tk.e), acts, tk.r0, tk.r1, &y[first * H], H);
+    gemm(kernel, L.w2(tk.e), ws.h, nullptr, first, offset[tk.e + 1] - offset[tk.e], tk.r0, tk.r1, y + first * H, H);
   };
   parallel(par, t2.size(), gemm2);
 
@@ -118,7 +174,7 @@ void forward_chunk(const LayerView& L, const float* x, const int64_t* idx, const
     std::fill(o, o + H, 0.f);
     for (int j = 0; j < k; ++j) {
       const float w = wts[t * k + j];
-      const float* yp = &y[static_cast<size_t>(pair_of[t * k + j]) * H];
+      const float* yp = y + static_cast<size_t>(pair_of[t * k + j]) * H;
       for (int c = 0; c < H; ++c) o[c] += w * yp[c];
     }
   };
@@ -128,12 +184,13 @@ void forward_chunk(const LayerView& L, const float* x, const int64_t* idx, const
 }  // namespace
 
 void moe_forward(const LayerView& layer, const float* x, const int64_t* indices, const float* weights, int T,
-                 int k, Activation act, QGemmFn gemm, const Parallel& par, float* out) {
+                 int k, Activation act, const KernelPath& kernel, const Parallel& par, float* out) {
+  thread_local Workspace ws;
   for (int t0 = 0; t0 < T; t0 += kChunkTokens) {
     const int n = std::min(kChunkTokens, T - t0);
     const size_t tk = static_cast<size_t>(t0) * k;
-    forward_chunk(layer, x + static_cast<size_t>(t0) * layer.H, indices + tk, weights + tk, n, k, act, gemm, par,
-                  out + static_cast<size_t>(t0) * layer.H);
+    forward_chunk(layer, x + static_cast<size_t>(t0) * layer.H, indices + tk, weights + tk, n, k, act, kernel, par,
+                  ws, out + static_cast<size_t>(t0) * layer.H);
   }
 }
 

@@ -32,6 +32,6 @@ struct Parallel {
 
 // out[t] = sum_j weights[t,j] * expert_{indices[t,j]}(x[t]); x, weights, out float32 [T, H] / [T, k].
 void moe_forward(const LayerView& layer, const float* x, const int64_t* indices, const float* weights,
-                 int T, int k, Activation act, QGemmFn gemm, const Parallel& par, float* out);
+                 int T, int k, Activation act, const KernelPath& kernel, const Parallel& par, float* out);
 
 }  // namespace mopeq

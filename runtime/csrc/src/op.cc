@@ -154,9 +154,10 @@ struct Kernel {
     for (int64_t i = 0; i < T * k; ++i)
       require(idx[i] >= 0 && idx[i] < E, "indices[", i / k, ", ", i % k, "] = ", idx[i], " is outside [0, ", E, ")");
 
-    const char *path = nullptr, *error = nullptr;
-    const QGemmFn gemm = select_qgemm(&path, &error);
-    require(gemm != nullptr, error ? error : "no kernel");
+    KernelPath kernel{};
+    const char* error = nullptr;
+    const bool found = select_kernel(&kernel, &error);  // before reading error: argument order is unspecified
+    require(found, error ? error : "no kernel");
 
     auto out = ctx.GetOutput(0, hs);
     if (T == 0) return;
@@ -164,11 +165,11 @@ struct Kernel {
     const Elem* weights = ctx.GetInput(2).GetTensorData<Elem>();
     const Parallel par{run_parallel, &ctx};
     if constexpr (std::is_same_v<Elem, float>) {
-      moe_forward(L, hidden, idx, weights, T, k, at.act, gemm, par, out.GetTensorMutableData<float>());
+      moe_forward(L, hidden, idx, weights, T, k, at.act, kernel, par, out.GetTensorMutableData<float>());
     } else {  // float16: convert in, accumulate in float32, convert out
       const auto x = to_float(hidden, T * H), w = to_float(weights, T * k);
       std::vector<float> y(T * H);
-      moe_forward(L, x.data(), idx, w.data(), T, k, at.act, gemm, par, y.data());
+      moe_forward(L, x.data(), idx, w.data(), T, k, at.act, kernel, par, y.data());
       Elem* o = out.GetTensorMutableData<Elem>();
       for (size_t i = 0; i < y.size(); ++i) o[i] = Ort::Float16_t(y[i]);
     }

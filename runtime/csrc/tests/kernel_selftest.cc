@@ -1,5 +1,7 @@
-// Standalone check of every compiled SIMD path against the scalar path (no ONNX Runtime needed), so a
-// cross-built aarch64 binary can be run under qemu-user:  kernel_selftest  -> "ok" and exit 0.
+// Standalone check of the selected kernel path (MOPEQ_KERNEL, default auto) against its reference (no ONNX
+// Runtime needed), so a cross-built aarch64 binary can be run under qemu-user:  kernel_selftest -> "ok", exit 0.
+// Float paths are checked against the scalar float path; integer paths against the scalar integer path on the
+// same quantized activations, and the scalar integer path against the float one within the int8 error.
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -9,7 +11,19 @@
 
 using namespace mopeq;
 
-static int check(const char* name, QGemmFn fn, int bits, int rows, int K, int g, int n, std::mt19937& rng) {
+static double max_abs(const std::vector<float>& v) {
+  double m = 1e-30;
+  for (float x : v) m = std::fabs(x) > m ? std::fabs(x) : m;  // plain ifs: fmax crashes aarch64 GCC 12 at -O3
+  return m;
+}
+
+static double max_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::fabs(a[i] - b[i]) > m ? std::fabs(a[i] - b[i]) : m;
+  return m;
+}
+
+static int check(const KernelPath& path, int bits, int rows, int K, int g, int n, std::mt19937& rng) {
   const int nb = static_cast<int>(num_blocks(K)), G = static_cast<int>(num_groups(K, g)), ld = nb * kBlock;
   std::vector<uint32_t> codes(static_cast<size_t>(rows) * nb * bits);
   for (auto& w : codes) w = rng();
@@ -25,28 +39,44 @@ static int check(const char* name, QGemmFn fn, int bits, int rows, int K, int g,
   const Acts a{x.data(), xs.data(), nullptr, n, ld, G};
   std::vector<float> want(static_cast<size_t>(n) * rows), got(want.size());
   qgemm_scalar(w, a, 0, rows, want.data(), rows);
-  fn(w, a, 0, rows, got.data(), rows);
-  double err = 0, scale = 1e-30;
-  for (size_t i = 0; i < got.size(); ++i) {  // plain ifs: fmax here crashes aarch64 GCC 12 at -O3
-    const double d = std::fabs(got[i] - want[i]), m = std::fabs(want[i]);
-    if (d > err) err = d;
-    if (m > scale) scale = m;
+  double err, tol;
+  if (path.f32) {
+    path.f32(w, a, 0, rows, got.data(), rows);
+    err = max_diff(got, want), tol = 1e-5 * max_abs(want);
+  } else {
+    const int nbp = padded_blocks(K);
+    QActs qa{nullptr, nullptr, nullptr, nullptr, n, nbp, G};
+    std::vector<int8_t> q(n * qa.ldq());
+    std::vector<float> d(n * qa.ldd()), gs(static_cast<size_t>(n) * G);
+    for (int t = 0; t < n; ++t)
+      quantize_acts(&x[static_cast<size_t>(t) * ld], K, g, &q[t * qa.ldq()], &d[t * qa.ldd()], &gs[t * G]);
+    qa.q = q.data(), qa.d = d.data(), qa.gsum = gs.data();
+    std::vector<float> ref(want.size());
+    qgemm_i8_scalar(w, qa, 0, rows, ref.data(), rows);
+    const double quant_err = max_diff(ref, want);  // int8 activations: about 1/254 of a block's max per value
+    path.i8(w, qa, 0, rows, got.data(), rows);
+    err = max_diff(got, ref), tol = 1e-5 * max_abs(ref);
+    if (quant_err > 0.02 * max_abs(want)) {
+      std::printf("FAIL i8-scalar vs float bits=%d K=%d g=%d n=%d err=%g\n", bits, K, g, n, quant_err);
+      return 1;
+    }
   }
-  const bool ok = err <= 1e-5 * scale;
-  if (!ok) std::printf("FAIL %s bits=%d rows=%d K=%d g=%d n=%d err=%g scale=%g\n", name, bits, rows, K, g, n, err, scale);
+  const bool ok = err <= tol;
+  if (!ok) std::printf("FAIL %s bits=%d rows=%d K=%d g=%d n=%d err=%g tol=%g\n", path.name, bits, rows, K, g, n, err, tol);
   return ok ? 0 : 1;
 }
 
 int main() {
-  const char *name = nullptr, *error = nullptr;
-  const QGemmFn fn = select_qgemm(&name, &error);
-  if (!fn) { std::printf("%s\n", error); return 2; }
+  KernelPath path{};
+  const char* error = nullptr;
+  if (!select_kernel(&path, &error)) { std::printf("%s\n", error); return 2; }
   std::mt19937 rng(1);
   int failures = 0;
   for (int bits : kSupportedBits)
     for (int K : {32, 100, 160, 192, 2048})
       for (int g : {32, 64, 128})
-        for (int n : {1, 3, 4, 9}) failures += check(name, fn, bits, 7, K, g, n, rng);
-  std::printf("%s: %s\n", name, failures ? "FAILED" : "ok");
+        for (int rows : {7, 9})
+          for (int n : {1, 3, 4, 9}) failures += check(path, bits, rows, K, g, n, rng);
+  std::printf("%s: %s\n", path.name, failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
 }

@@ -1,0 +1,73 @@
+// Integer-path reference: activation quantization (shared by every integer path) and the scalar int8
+// kernel, which decodes one code at a time with mopeq::code_at and sums exact integer dot products per block.
+#include <cmath>
+
+#include "kernels.h"
+
+namespace mopeq {
+
+void quantize_acts(const float* x, int k, int group_size, int8_t* q, float* d, float* gsum) {
+  const int nb = static_cast<int>(num_blocks(k)), nbp = padded_blocks(k);
+  const int groups = static_cast<int>(num_groups(k, group_size)), per_group = group_size / kBlock;
+  for (int g = 0; g < groups; ++g) gsum[g] = 0.f;
+  for (int pair = 0; pair < nbp / 2; ++pair) {
+    int8_t qp[2 * kBlock];
+    float dp[2];
+    for (int h = 0; h < 2; ++h) {
+      const int b = 2 * pair + h;
+      float v[kBlock], amax = 0.f;
+      bool finite = true;
+      for (int i = 0; i < kBlock; ++i) {
+        const int c = b * kBlock + i;
+        v[i] = c < k ? x[c] : 0.f;
+        const float m = std::fabs(v[i]);
+        finite = finite && m <= 3.4e38f;  // false for inf and NaN
+        amax = m > amax ? m : amax;
+      }
+      // A non-finite input makes the block's scale NaN, so the output is NaN as on the float path.
+      dp[h] = finite ? amax / 127.f : std::nanf("");
+      const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
+      int sum = 0;
+      for (int i = 0; i < kBlock; ++i) {
+        float r = std::nearbyint(v[i] * inv);
+        r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
+        qp[h * kBlock + i] = static_cast<int8_t>(r);
+        sum += static_cast<int8_t>(r);
+      }
+      if (b < nb) gsum[b / per_group] += dp[h] * static_cast<float>(sum);
+    }
+    for (int o = 0; o < kNumOrders; ++o) {
+      int8_t* qo = q + static_cast<size_t>(o) * nbp * kBlock + pair * 2 * kBlock;
+      float* dl = d + static_cast<size_t>(o) * nbp * 8 + pair * 16;
+      for (int p = 0; p < 2 * kBlock; ++p) qo[p] = qp[order_value(o, p)];
+      for (int l = 0; l < 16; ++l) dl[l] = dp[lane_block(o, l)];
+    }
+  }
+}
+
+void qgemm_i8_scalar(const QMatrix& w, const QActs& a, int r0, int r1, float* y, int ldy) {
+  const int G = w.groups(), per_group = w.group_size / kBlock, nb = w.nb();
+  for (int r = r0; r < r1; ++r) {
+    const uint32_t* row = w.codes + static_cast<size_t>(r) * nb * w.bits;
+    for (int t = 0; t < a.n; ++t) {
+      const int8_t* q = a.codes(t, kOrderNatural);
+      const float *d = a.scales(t, kOrderNatural), *gs = a.sums(t);  // natural: block b's lanes at 8b
+      float total = 0.f, corr = 0.f;
+      for (int g = 0; g < G; ++g) {
+        float acc = 0.f;
+        for (int b = g * per_group; b < nb && b < (g + 1) * per_group; ++b) {
+          int32_t dot = 0;
+          for (int i = 0; i < kBlock; ++i) dot += static_cast<int32_t>(code_at(row + b * w.bits, w.bits, i)) * q[b * kBlock + i];
+          acc += d[b * 8] * static_cast<float>(dot);
+        }
+        const size_t gi = static_cast<size_t>(r) * G + g;
+        const float s = half_to_float(w.scales[gi]);
+        total += s * acc;
+        corr += s * static_cast<float>(w.zeros[gi]) * gs[g];
+      }
+      y[static_cast<size_t>(t) * ldy + r] = total - corr;
+    }
+  }
+}
+
+}  // namespace mopeq
