@@ -35,7 +35,7 @@ struct Isa {
     return _mm256_add_epi32(lo, _mm256_slli_epi32(hi, 4));
   }
 };
-#include "qgemm_i8_x86.inc"
+#include "qgemm_i8_tile.inc"
 #undef MOPEQ_TGT
 }  // namespace avx2
 
@@ -48,7 +48,7 @@ struct Isa {
   }
   static MOPEQ_TGT inline I dot_wide(I c, I q) { return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), c, q); }
 };
-#include "qgemm_i8_x86.inc"
+#include "qgemm_i8_tile.inc"
 #undef MOPEQ_TGT
 }  // namespace avxvnni
 

@@ -37,7 +37,7 @@ struct Isa {
     return _mm512_add_epi32(lo, _mm512_slli_epi32(hi, 4));
   }
 };
-#include "qgemm_i8_x86.inc"
+#include "qgemm_i8_tile.inc"
 #undef MOPEQ_TGT
 }  // namespace avx512
 
@@ -48,7 +48,7 @@ struct Isa {
   static MOPEQ_TGT inline I dot(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
   static MOPEQ_TGT inline I dot_wide(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
 };
-#include "qgemm_i8_x86.inc"
+#include "qgemm_i8_tile.inc"
 #undef MOPEQ_TGT
 }  // namespace avx512vnni
 

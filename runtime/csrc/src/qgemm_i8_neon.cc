@@ -1,11 +1,13 @@
 // Integer kernel on NEON with the dot-product extension (sdot; Armv8.2+, e.g. Jetson Orin's Cortex-A78AE):
-// one block of 32 codes per step as two 16-byte registers in the order of kOrder2 / kOrder4 (kernels.h),
-// so the per-token permuted activations meet them with plain loads. Both halves of a block accumulate
-// into one int32 vector, converted and scaled by d once per block.
+// a pair of blocks (64 codes) is four 16-byte registers, the quarters of the 512-bit path's one, so the
+// orders of kernels.h hold unchanged and the tile body is the x86 paths' (qgemm_i8_tile.inc). sdot is signed:
+// codes up to 15 go in as they are, 8-bit codes as nibbles.
 #if defined(__aarch64__)
 #pragma GCC target("arch=armv8.2-a+dotprod")
 #include <arm_neon.h>
 #include <sys/auxv.h>
+
+#include <cstring>
 
 #include "kernels.h"
 
@@ -17,118 +19,113 @@ namespace mopeq {
 
 bool neon_has_dotprod() { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
 
-namespace {
+namespace neon {
+#define MOPEQ_TGT
 
-struct Codes { int8x16_t c0, c1, h0, h1; };  // h: the 3-bit codes' high bit (0 or 4), natural order
-
-inline int imin(int a, int b) { return a < b ? a : b; }
-
-template <int B>
-inline Codes decode(const uint32_t* blk) {
-  Codes c;
-  if constexpr (B == 2 || B == 3) {
-    const uint8x8_t v = vld1_u8(reinterpret_cast<const uint8_t*>(blk)), m = vdup_n_u8(0b11);
-    c.c0 = vreinterpretq_s8_u8(vcombine_u8(vand_u8(v, m), vand_u8(vshr_n_u8(v, 2), m)));
-    c.c1 = vreinterpretq_s8_u8(vcombine_u8(vand_u8(vshr_n_u8(v, 4), m), vshr_n_u8(v, 6)));
-    if constexpr (B == 3) {
-      const uint8x16_t word = vreinterpretq_u8_u32(vdupq_n_u32(blk[2]));
-      const uint8x16_t bitsel = vreinterpretq_u8_u64(vdupq_n_u64(0x8040201008040201ull)), four = vdupq_n_u8(4);
-      const uint8x16_t i0 = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
-      const uint8x16_t i1 = {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
-      c.h0 = vreinterpretq_s8_u8(vandq_u8(vtstq_u8(vqtbl1q_u8(word, i0), bitsel), four));
-      c.h1 = vreinterpretq_s8_u8(vandq_u8(vtstq_u8(vqtbl1q_u8(word, i1), bitsel), four));
-    }
-  } else if constexpr (B == 4) {
-    const uint8x16_t v = vld1q_u8(reinterpret_cast<const uint8_t*>(blk));
-    c.c0 = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F)));
-    c.c1 = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
-  } else {  // 8 bits: sdot is signed, so the codes go in as nibbles (c0, c1 low; h0, h1 high)
-    const uint8x16_t v0 = vld1q_u8(reinterpret_cast<const uint8_t*>(blk)), m = vdupq_n_u8(0x0F);
-    const uint8x16_t v1 = vld1q_u8(reinterpret_cast<const uint8_t*>(blk + 4));
-    c.c0 = vreinterpretq_s8_u8(vandq_u8(v0, m)), c.c1 = vreinterpretq_s8_u8(vandq_u8(v1, m));
-    c.h0 = vreinterpretq_s8_u8(vshrq_n_u8(v0, 4)), c.h1 = vreinterpretq_s8_u8(vshrq_n_u8(v1, 4));
-  }
-  return c;
+// Lane masks (all ones where an int32 lane belongs to the pair's second block) of register k of an order.
+inline uint32x4_t second_block_mask(int order, int k) {
+  const unsigned m = second_block_lanes(order) >> (4 * k);
+  const uint32x4_t bits = {1, 2, 4, 8};
+  return vtstq_u32(vdupq_n_u32(m), bits);
 }
 
-template <int B>
-inline int32x4_t block_dot(const Codes& c, const int8_t* xq, const int8_t* xn) {
-  const int32x4_t z = vdupq_n_s32(0);
-  int32x4_t s = vdotq_s32(vdotq_s32(z, c.c0, vld1q_s8(xq)), c.c1, vld1q_s8(xq + 16));
-  if constexpr (B == 3) s = vdotq_s32(vdotq_s32(s, c.h0, vld1q_s8(xn)), c.h1, vld1q_s8(xn + 16));
-  if constexpr (B == 8) {
-    const int32x4_t h = vdotq_s32(vdotq_s32(z, c.h0, vld1q_s8(xq)), c.h1, vld1q_s8(xq + 16));
-    s = vaddq_s32(s, vshlq_n_s32(h, 4));
-  }
-  return s;
-}
+struct Isa {
+  using F = float32x4_t;
+  static constexpr int kF = 4;
+  struct Codes { int8x16_t c[4]; };
+  struct X { int8x16_t q[4]; F d[4]; };
 
-template <int B, int R, int NT>
-void tile(const QMatrix& w, const QActs& a, int r0, int t0, float* y, int ldy) {
-  constexpr int order = B == 2 || B == 3 ? kOrder2 : B == 4 ? kOrder4 : kOrderNatural;
-  const int nb = w.nb(), G = w.groups(), per_group = w.group_size / kBlock;
-  const int8_t *xq[NT], *xn[NT];
-  const float *xd[NT], *xs[NT];
-  for (int t = 0; t < NT; ++t) {
-    xq[t] = a.codes(t0 + t, order), xn[t] = a.codes(t0 + t, kOrderNatural);
-    xd[t] = a.scales(t0 + t), xs[t] = a.sums(t0 + t);
-  }
-  float32x4_t total[R][NT];
-  float corr[R][NT];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NT; ++t) total[r][t] = vdupq_n_f32(0.f), corr[r][t] = 0.f;
-  for (int g = 0; g < G; ++g) {
-    float32x4_t acc[R][NT];
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < NT; ++t) acc[r][t] = vdupq_n_f32(0.f);
-    for (int b = g * per_group; b < imin(nb, (g + 1) * per_group); ++b) {
-      Codes c[R];
-      for (int r = 0; r < R; ++r) c[r] = decode<B>(w.codes + (static_cast<size_t>(r0 + r) * nb + b) * B);
-      for (int t = 0; t < NT; ++t) {
-        const float d = xd[t][b * 8];
-        for (int r = 0; r < R; ++r)
-          acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(block_dot<B>(c[r], xq[t] + b * kBlock, xn[t] + b * kBlock)), d);
+  template <int B>
+  static inline Codes decode(const uint32_t* blk, int n) {
+    Codes c;
+    if constexpr (B == 2 || B == 3) {  // register k: both blocks' 2-bit planes shifted by 2k
+      uint64_t p0, p1 = 0;
+      std::memcpy(&p0, blk, 8);
+      if (n > 1) std::memcpy(&p1, blk + B, 8);
+      const uint8x16_t v = vcombine_u8(vcreate_u8(p0), vcreate_u8(p1)), m = vdupq_n_u8(0b11);
+      c.c[0] = vreinterpretq_s8_u8(vandq_u8(v, m));
+      c.c[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 2), m));
+      c.c[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 4), m));
+      c.c[3] = vreinterpretq_s8_u8(vshrq_n_u8(v, 6));
+      if constexpr (B == 3) {  // high bits by table, 0 or 4
+        const uint64_t bits = blk[2] | (n > 1 ? static_cast<uint64_t>(blk[5]) << 32 : 0);
+        const uint8x16_t word = vreinterpretq_u8_u64(vdupq_n_u64(bits)), four = vdupq_n_u8(4);
+        for (int k = 0; k < 4; ++k) {
+          const uint8x16_t bytes = vqtbl1q_u8(word, vld1q_u8(reinterpret_cast<const uint8_t*>(kHighBit.byte) + 16 * k));
+          const uint8x16_t hi = vandq_u8(vtstq_u8(bytes, vld1q_u8(kHighBit.bit + 16 * k)), four);
+          c.c[k] = vorrq_s8(c.c[k], vreinterpretq_s8_u8(hi));
+        }
       }
+    } else if constexpr (B == 4) {  // registers: block 0 low nibbles, block 1 low, block 0 high, block 1 high
+      const uint8x16_t v0 = vld1q_u8(reinterpret_cast<const uint8_t*>(blk));
+      const uint8x16_t v1 = n > 1 ? vld1q_u8(reinterpret_cast<const uint8_t*>(blk + 4)) : vdupq_n_u8(0);
+      const uint8x16_t m = vdupq_n_u8(0x0F);
+      c.c[0] = vreinterpretq_s8_u8(vandq_u8(v0, m)), c.c[1] = vreinterpretq_s8_u8(vandq_u8(v1, m));
+      c.c[2] = vreinterpretq_s8_u8(vshrq_n_u8(v0, 4)), c.c[3] = vreinterpretq_s8_u8(vshrq_n_u8(v1, 4));
+    } else {  // natural order; the raw bytes (nibbles are split in accumulate)
+      for (int k = 0; k < 4; ++k)
+        c.c[k] = k < 2 || n > 1 ? vld1q_s8(reinterpret_cast<const int8_t*>(blk) + 16 * k) : vdupq_n_s8(0);
     }
-    for (int r = 0; r < R; ++r) {
-      const size_t gi = static_cast<size_t>(r0 + r) * G + g;
-      const float s = half_to_float(w.scales[gi]), sz = s * static_cast<float>(w.zeros[gi]);
-      for (int t = 0; t < NT; ++t) total[r][t] = vfmaq_n_f32(total[r][t], acc[r][t], s), corr[r][t] += sz * xs[t][g];
+    return c;
+  }
+  template <int B>
+  static inline X load(const int8_t* q, const float* d) {
+    X x;
+    for (int k = 0; k < 4; ++k) x.q[k] = vld1q_s8(q + 16 * k), x.d[k] = vld1q_f32(d + 4 * k);
+    return x;
+  }
+  template <int B>
+  static inline X scaled(X x, float s0, float s1) {
+    const F a = vdupq_n_f32(s0), b = vdupq_n_f32(s1);
+    for (int k = 0; k < 4; ++k) x.d[k] = vmulq_f32(x.d[k], vbslq_f32(second_block_mask(code_order(B), k), b, a));
+    return x;
+  }
+  // Registers whose lanes map to blocks alike share one int32 sum: all four in kOrder2, {0, 2} and {1, 3} in
+  // kOrder4, {0, 1} and {2, 3} in natural order.
+  template <int B>
+  static inline F accumulate(const Codes& c, const X& x, F acc) {
+    const int32x4_t z = vdupq_n_s32(0);
+    if constexpr (B == 2 || B == 3) {
+      const int32x4_t s = vdotq_s32(vdotq_s32(vdotq_s32(vdotq_s32(z, c.c[0], x.q[0]), c.c[1], x.q[1]), c.c[2], x.q[2]),
+                                    c.c[3], x.q[3]);
+      return vfmaq_f32(acc, vcvtq_f32_s32(s), x.d[0]);
+    } else if constexpr (B == 4) {
+      const int32x4_t s0 = vdotq_s32(vdotq_s32(z, c.c[0], x.q[0]), c.c[2], x.q[2]);
+      const int32x4_t s1 = vdotq_s32(vdotq_s32(z, c.c[1], x.q[1]), c.c[3], x.q[3]);
+      return vfmaq_f32(vfmaq_f32(acc, vcvtq_f32_s32(s0), x.d[0]), vcvtq_f32_s32(s1), x.d[1]);
+    } else {
+      for (int h = 0; h < 2; ++h) {
+        const int8x16_t m = vdupq_n_s8(0x0F);
+        const int8x16_t l0 = vandq_s8(c.c[2 * h], m), l1 = vandq_s8(c.c[2 * h + 1], m);
+        const int8x16_t h0 = vreinterpretq_s8_u8(vshrq_n_u8(vreinterpretq_u8_s8(c.c[2 * h]), 4));
+        const int8x16_t h1 = vreinterpretq_s8_u8(vshrq_n_u8(vreinterpretq_u8_s8(c.c[2 * h + 1]), 4));
+        const int32x4_t lo = vdotq_s32(vdotq_s32(z, l0, x.q[2 * h]), l1, x.q[2 * h + 1]);
+        const int32x4_t hi = vdotq_s32(vdotq_s32(z, h0, x.q[2 * h]), h1, x.q[2 * h + 1]);
+        acc = vfmaq_f32(acc, vcvtq_f32_s32(vaddq_s32(lo, vshlq_n_s32(hi, 4))), x.d[2 * h]);
+      }
+      return acc;
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NT; ++t) y[static_cast<size_t>(t0 + t) * ldy + r0 + r] = vaddvq_f32(total[r][t]) - corr[r][t];
-}
-
-template <int B, int R>
-void rows_tokens(const QMatrix& w, const QActs& a, int r, float* y, int ldy) {
-  int t = 0;
-  for (; t + 4 <= a.n; t += 4) tile<B, R, 4>(w, a, r, t, y, ldy);
-  switch (a.n - t) {
-    case 3: tile<B, R, 3>(w, a, r, t, y, ldy); break;
-    case 2: tile<B, R, 2>(w, a, r, t, y, ldy); break;
-    case 1: tile<B, R, 1>(w, a, r, t, y, ldy); break;
-    default: break;
+  static inline F loadf(const float* p) { return vld1q_f32(p); }
+  static inline F zero() { return vdupq_n_f32(0.f); }
+  static inline F set1(float v) { return vdupq_n_f32(v); }
+  static inline F mul(F a, F b) { return vmulq_f32(a, b); }
+  static inline F fma(F a, F b, F c) { return vfmaq_f32(c, a, b); }
+  static inline F halves(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+  static inline F bytes(const uint8_t* p) {
+    const uint32x4_t v = {p[0], p[1], p[2], p[3]};
+    return vcvtq_f32_u32(v);
   }
-}
-
-template <int B>
-void gemm(const QMatrix& w, const QActs& a, int r0, int r1, float* y, int ldy) {
-  int r = r0;
-  for (; r + 2 <= r1; r += 2) rows_tokens<B, 2>(w, a, r, y, ldy);
-  for (; r < r1; ++r) rows_tokens<B, 1>(w, a, r, y, ldy);
-}
-
-}  // namespace
+  static inline float reduce(F v) { return vaddvq_f32(v); }
+  static inline float half(uint16_t h) { return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0); }
+  static inline void prefetch(const uint32_t* p) { __builtin_prefetch(p); }
+};
+#include "qgemm_i8_tile.inc"
+#undef MOPEQ_TGT
+}  // namespace neon
 
 void qgemm_i8_neon(const QMatrix& w, const QActs& a, int r0, int r1, float* y, int ldy) {
-  switch (w.bits) {
-    case 2: gemm<2>(w, a, r0, r1, y, ldy); break;
-    case 3: gemm<3>(w, a, r0, r1, y, ldy); break;
-    case 4: gemm<4>(w, a, r0, r1, y, ldy); break;
-    case 8: gemm<8>(w, a, r0, r1, y, ldy); break;
-    default: break;  // widths are validated before any kernel runs
-  }
+  neon::gemm_any(w, a, r0, r1, y, ldy);
 }
 
 }  // namespace mopeq

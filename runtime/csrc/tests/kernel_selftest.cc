@@ -1,9 +1,11 @@
 // Standalone check of the selected kernel path (MOPEQ_KERNEL, default auto) against its reference (no ONNX
 // Runtime needed), so a cross-built aarch64 binary can be run under qemu-user:  kernel_selftest -> "ok", exit 0.
+// Inputs are fresh random ones each run (the seed is printed; MOPEQ_SEED=N repeats a run).
 // Float paths are checked against the scalar float path; integer paths against the scalar integer path on the
 // same quantized activations, and the scalar integer path against the float one within the int8 error.
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -21,6 +23,12 @@ static double max_diff(const std::vector<float>& a, const std::vector<float>& b)
   double m = 0;
   for (size_t i = 0; i < a.size(); ++i) m = std::fabs(a[i] - b[i]) > m ? std::fabs(a[i] - b[i]) : m;
   return m;
+}
+
+static double rel_rms(const std::vector<float>& got, const std::vector<float>& want) {
+  double num = 0, den = 1e-30;
+  for (size_t i = 0; i < got.size(); ++i) num += (got[i] - want[i]) * (got[i] - want[i]), den += want[i] * want[i];
+  return std::sqrt(num / den);
 }
 
 static int check(const KernelPath& path, int bits, int rows, int K, int g, int n, std::mt19937& rng) {
@@ -53,10 +61,10 @@ static int check(const KernelPath& path, int bits, int rows, int K, int g, int n
     qa.q = q.data(), qa.d = d.data(), qa.gsum = gs.data();
     std::vector<float> ref(want.size());
     qgemm_i8_scalar(w, qa, 0, rows, ref.data(), rows);
-    const double quant_err = max_diff(ref, want);  // int8 activations: about 1/254 of a block's max per value
+    const double quant_err = rel_rms(ref, want);  // int8 activations: about 1 % (test_kernel_cpu.py bounds it)
     path.i8(w, qa, 0, rows, got.data(), rows);
     err = max_diff(got, ref), tol = 1e-5 * max_abs(ref);
-    if (quant_err > 0.02 * max_abs(want)) {
+    if (quant_err > 0.05) {
       std::printf("FAIL i8-scalar vs float bits=%d K=%d g=%d n=%d err=%g\n", bits, K, g, n, quant_err);
       return 1;
     }
@@ -70,13 +78,15 @@ int main() {
   KernelPath path{};
   const char* error = nullptr;
   if (!select_kernel(&path, &error)) { std::printf("%s\n", error); return 2; }
-  std::mt19937 rng(1);
+  const char* fixed = std::getenv("MOPEQ_SEED");
+  const unsigned seed = fixed ? static_cast<unsigned>(std::strtoul(fixed, nullptr, 10)) : std::random_device{}();
+  std::mt19937 rng(seed);
   int failures = 0;
   for (int bits : kSupportedBits)
     for (int K : {32, 100, 160, 192, 2048})
       for (int g : {32, 64, 128})
         for (int rows : {7, 9})
           for (int n : {1, 3, 4, 9}) failures += check(path, bits, rows, K, g, n, rng);
-  std::printf("%s: %s\n", path.name, failures ? "FAILED" : "ok");
+  std::printf("%s: %s (seed %u)\n", path.name, failures ? "FAILED" : "ok", seed);
   return failures ? 1 : 0;
 }
