@@ -111,12 +111,24 @@ struct Isa {
   static inline F set1(float v) { return vdupq_n_f32(v); }
   static inline F mul(F a, F b) { return vmulq_f32(a, b); }
   static inline F fma(F a, F b, F c) { return vfmaq_f32(c, a, b); }
+  static inline F fnma(F a, F b, F c) { return vfmsq_f32(c, a, b); }
   static inline F halves(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
   static inline F bytes(const uint8_t* p) {
     const uint32x4_t v = {p[0], p[1], p[2], p[3]};
     return vcvtq_f32_u32(v);
   }
   static inline float reduce(F v) { return vaddvq_f32(v); }
+  // The first n (< 4) lanes of s * z and of p; zero past them, nothing read past them.
+  static inline F scale_zero_part(const uint16_t* s, const uint8_t* z, int n) {
+    float v[4];
+    for (int i = 0; i < 4; ++i) v[i] = i < n ? half(s[i]) * static_cast<float>(z[i]) : 0.f;
+    return vld1q_f32(v);
+  }
+  static inline F loadf_part(const float* p, int n) {
+    float v[4];
+    for (int i = 0; i < 4; ++i) v[i] = i < n ? p[i] : 0.f;
+    return vld1q_f32(v);
+  }
   static inline float half(uint16_t h) { return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0); }
   static inline void prefetch(const uint32_t* p) { __builtin_prefetch(p); }
 };

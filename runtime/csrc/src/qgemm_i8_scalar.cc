@@ -29,7 +29,9 @@ void quantize_acts(const float* x, int k, int group_size, int8_t* q, float* d, f
       const float inv = finite && amax > 0.f ? 127.f / amax : 0.f;
       int sum = 0;
       for (int i = 0; i < kBlock; ++i) {
-        float r = std::nearbyint(v[i] * inv);
+        // round half to even as rint does (|v * inv| <= 127.x), without a libm call: adding and removing
+        // 1.5 * 2^23 leaves the integer the FPU's default rounding chose
+        float r = (v[i] * inv + 12582912.f) - 12582912.f;
         r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
         qp[h * kBlock + i] = static_cast<int8_t>(r);
         sum += static_cast<int8_t>(r);
