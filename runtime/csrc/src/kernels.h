@@ -77,6 +77,28 @@ constexpr HighBitTables high_bit_tables() {
 }
 inline constexpr HighBitTables kHighBit = high_bit_tables();
 
+// vpmultishiftqb controls that unpack a pair straight into an order (AVX-512 VBMI): byte p takes the 8 bits
+// of its 64-bit lane starting at shift[p]; after the mask its low bits are the code. kOrder2 from both
+// blocks' 2-bit planes (lane j holds block j % 2), kOrder4 from the 4-bit blocks (lane j holds bytes
+// 8 * (j % 2).. of block (j % 4) / 2), and the 3-bit codes' high bit from the pair's 64 high bits, rotated
+// to bit 2 (value 4).
+struct ShiftTables {
+  alignas(64) uint8_t order2[64];
+  alignas(64) uint8_t order4[64];
+  alignas(64) uint8_t high2[64];
+};
+constexpr ShiftTables shift_tables() {
+  ShiftTables t{};
+  for (int p = 0; p < 64; ++p) {
+    const int j = p / 8, byte = p % 8;
+    t.order2[p] = static_cast<uint8_t>(8 * byte + 2 * (j / 2));
+    t.order4[p] = static_cast<uint8_t>(8 * byte + 4 * (j / 4));
+    t.high2[p] = static_cast<uint8_t>((order_value(kOrder2, p) + 62) % 64);
+  }
+  return t;
+}
+inline constexpr ShiftTables kShift = shift_tables();
+
 // Bit l set when int32 lane l of an order's pair belongs to the pair's second block.
 constexpr unsigned second_block_lanes(int order) {
   unsigned m = 0;

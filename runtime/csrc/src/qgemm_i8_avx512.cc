@@ -24,6 +24,7 @@ inline uint64_t load64(const uint32_t* p) {
 namespace avx512 {
 #define MOPEQ_TGT __attribute__((target(MOPEQ_ISA_512)))
 struct Isa {
+  static constexpr bool kVbmi = false;
 #include "qgemm_i8_isa512.inc"
   // u8 x s8 -> s16 pairs (|15 * 127 * 2| fits) -> s32 quads
   static MOPEQ_TGT inline I dot(I acc, I u, I s) {
@@ -41,9 +42,10 @@ struct Isa {
 #undef MOPEQ_TGT
 }  // namespace avx512
 
-namespace avx512vnni {
-#define MOPEQ_TGT __attribute__((target(MOPEQ_ISA_512 ",avx512vnni")))
+namespace avx512vnni {  // every CPU with AVX-512 VNNI but Cascade Lake also has VBMI; that one takes i8-avx512
+#define MOPEQ_TGT __attribute__((target(MOPEQ_ISA_512 ",avx512vnni,avx512vbmi")))
 struct Isa {
+  static constexpr bool kVbmi = true;
 #include "qgemm_i8_isa512.inc"
   static MOPEQ_TGT inline I dot(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
   static MOPEQ_TGT inline I dot_wide(I acc, I u, I s) { return _mm512_dpbusd_epi32(acc, u, s); }
