@@ -6,9 +6,18 @@ BUILD   := build
 # ORT C/C++ API headers for the kernel library; override with ORT_INCLUDE_DIR=/path/to/include/onnxruntime
 ORT_INCLUDE_DIR ?= $(abspath $(BUILD)/ort-headers/usr/include/onnxruntime)
 
-.PHONY: setup test test-fast test-asan kernels kernels-asan kernels-cuda cuda-check clean
+.PHONY: setup aarch64-tools test test-fast test-asan kernels kernels-asan kernels-cuda cuda-check clean
 
-setup: $(VENV)/.installed kernels
+setup: $(VENV)/.installed kernels aarch64-tools
+
+# The aarch64 cross compiler and qemu-user, so `make test` runs the NEON kernel paths emulated
+# (tests/test_kernel_selftest.py); best effort: without root or apt the test skips and says why.
+aarch64-tools:
+	@if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu qemu-user \
+	    >/dev/null) || echo "note: could not install the aarch64 cross tools; the NEON kernel test will skip"; \
+	else echo "note: aarch64 cross tools not installed (needs root and apt); the NEON kernel test will skip"; fi
 
 $(VENV)/.installed: pyproject.toml runtime/pyproject.toml
 	$(PY) -m venv $(VENV)

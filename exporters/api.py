@@ -6,6 +6,8 @@ and return the record that is also written as ODIR/export.json.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +40,7 @@ def _save(program, path: Path, target: Target, vision: bool = False) -> dict:
     model = program.model
     if vision and target.activation_dtype == "float32":
         finalize.store_float16(model.graph)  # checkpoint weights stay float16 in the file
-    finalize.finalize(model, path, target.ir_version, target.opset)
+    finalize.finalize(model, path, target.ir_version, target.opset, target.nbits_accuracy_level)
     uses_op = any(n.domain == onnx_op.DOMAIN for n in model.graph)
     return {"file": path.name, "inputs": _io(model.graph.inputs), "outputs": _io(model.graph.outputs),
             "custom_ops": [f"{onnx_op.DOMAIN}.{onnx_op.OP_TYPE}"] if uses_op else []}
@@ -101,8 +103,12 @@ def _export_all(model: nn.Module, is_vlm: bool, target: Target, stage: Path, tra
 
 
 def export_quantized(qdir: str | Path, target: str | Target, out: str | Path, model_dir: str | Path | None = None,
-                     say: Progress = lambda s: None, trust_remote_code: bool = False, force: bool = False) -> dict:
+                     say: Progress = lambda s: None, trust_remote_code: bool = False, force: bool = False,
+                     nbits_accuracy_level: int | None = None) -> dict:
     """QDIR (from `quantize`) -> ODIR with the custom-op graph(s) for `target`.
+
+    nbits_accuracy_level overrides the target's MatMulNBits accuracy level (0: float activations, as the
+    export-parity tests against PyTorch use).
 
     The model is the skeleton with the packed experts and only its other weights loaded, in the target's
     dtype (`load_quantized`): no float copy of the experts is ever made."""
@@ -114,6 +120,8 @@ def export_quantized(qdir: str | Path, target: str | Target, out: str | Path, mo
     from mopeq_export.scale import ModelShape, check_fits, export_bytes
 
     target = get_target(target) if isinstance(target, str) else target
+    if nbits_accuracy_level is not None:
+        target = dataclasses.replace(target, nbits_accuracy_level=nbits_accuracy_level)
     dtype = DTYPES[target.activation_dtype]
     inputs = (qdir, model_dir)
     check_out(out, "export", force=force, inputs=inputs)

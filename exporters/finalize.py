@@ -94,6 +94,14 @@ def add_fallback_function(model: ir.Model, opset: int) -> bool:
     return True
 
 
+def set_nbits_accuracy(graph: ir.Graph, level: int) -> None:
+    """MatMulNBits' accuracy_level (targets.Target.nbits_accuracy_level): 0 leaves ORT's default."""
+    if level:
+        for node in graph:
+            if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
+                node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+
+
 def strip_provenance(model: ir.Model) -> None:
     """Exporter stack traces and doc strings name files of the build machine: the shipped file has none."""
     for g in [model.graph, *model.functions.values()]:
@@ -105,12 +113,13 @@ def strip_provenance(model: ir.Model) -> None:
     model.metadata_props.clear()
 
 
-def finalize(model: ir.Model, path: Path, ir_version: int, opset: int) -> None:
+def finalize(model: ir.Model, path: Path, ir_version: int, opset: int, nbits_accuracy_level: int = 0) -> None:
     rename_nodes(model.graph)
     rename_initializers(model.graph)
     add_fallback_function(model, opset)
     if any(n.domain == "com.microsoft" for n in model.graph):  # MatMulNBits of quantized dense layers
         model.opset_imports.setdefault("com.microsoft", 1)
+    set_nbits_accuracy(model.graph, nbits_accuracy_level)
     strip_provenance(model)
     model.ir_version = ir_version
     model.producer_name = "mopeq-export"

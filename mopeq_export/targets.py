@@ -38,6 +38,11 @@ class Target:
     # widths of com.microsoft.MatMulNBits that the target's ONNX Runtime runs (dense layers quantized at
     # another width are exported dequantized): 4 since ORT 1.17 (CPU, CUDA); 8 since ORT 1.22 on the CPU
     nbits_widths: tuple[int, ...] = (4,)
+    # MatMulNBits' accuracy_level: 4 = int8 activations (ORT's integer kernels), 0 = float activations. On
+    # the cpu target 4: text-moe's held-out perplexity moved +0.0007 %, 4 of 5 prompts kept 32 identical greedy
+    # tokens (the fifth flipped at a 0.08-logit near-tie), and the OLMoE-1B-7B-shape bundle decodes 1.5x
+    # faster (docs/RESULTS.md "CPU decode"). ORT's CUDA provider ignores it.
+    nbits_accuracy_level: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -48,7 +53,7 @@ _JETSON = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionPr
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("cpu", "float32", ("CPUExecutionProvider",), "x86_64", None, 24, 0.5, 3.0, 21, 10,
-           "x86-64 desktop/server CPU (AVX2/AVX-512), our C++ kernel", (4, 8)),
+           "x86-64 desktop/server CPU (AVX2/AVX-512), our C++ kernel", (4, 8), nbits_accuracy_level=4),
     Target("cuda", "float16", _CUDA, "x86_64", None, 24, 0.8, 3.0, 21, 10,
            "discrete NVIDIA GPU with onnxruntime-gpu"),
     Target("jetson-orin-nano", "float16", _JETSON, "aarch64", "sm_87", 8, 0.5, 2.5, 19, 9,

@@ -12,7 +12,8 @@ Layer: H=2048, 64 experts, I=1024, top-8, group/block 128, SwiGLU. Variants, all
 Each call feeds T random tokens and random router logits [T, 64]; QMoE/MoE take the top-8 of the logits and
 softmax over them (normalize_routing_weights=1); our op gets the same top-8 indices and weights. Each call
 uses fresh logits, so consecutive calls touch different experts; the variants run round-robin (call by call,
-in a shuffled order) and, unless --no-flush, a read of 1.5x the L3 cache before each round evicts the weights.
+in a shuffled order) and, unless --no-flush, a read of 1.5x the L3 cache before each call evicts the weights
+(the two mopeq paths share one weight buffer, as do QMoE acc0/acc4 of one width).
 Weight bytes per call = the bytes of the distinct experts the call routes to, in each variant's own format.
 µs/call is the median; GB/s = mean bytes / median time; "of copy" = GB/s over a 512 MiB NumPy copy measured
 in the same run (read + write bytes / time). The last column is QMoE 4b acc4's time over the variant's time.
@@ -28,7 +29,7 @@ import time
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from mopeq_export.quantization import packing as P
 from mopeq_runtime.native import library_path
@@ -48,10 +49,11 @@ def random_layer(rng):
         for b in BITS:  # random words are valid codes at every width; skip packing 64 x 6M codes
             packed[b].append(rng.integers(0, 2**32, (rows, P.num_blocks(k) * b), dtype=np.uint32))
         for b in P.SUPPORTED_BITS:
-            layer[f"{m}.q{b}"] = np.stack(packed[b]) if packed[b] else np.zeros((0, rows, P.num_blocks(k) * b), np.uint32)
+            empty = np.zeros((0, rows, P.num_blocks(k) * b), np.uint32)
+            layer[f"{m}.q{b}"] = np.stack(packed[b]) if packed[b] else empty
         layer[f"{m}.scales"] = rng.uniform(0.002, 0.02, (E, rows, G)).astype(np.float16)
         layer[f"{m}.zeros"] = rng.integers(0, 4, (E, rows, G), dtype=np.uint8)
-    return layer
+    return {n: aligned(a) for n, a in layer.items()}
 
 
 def mopeq_expert_bytes(e):
@@ -60,16 +62,36 @@ def mopeq_expert_bytes(e):
     return codes + params
 
 
+def aligned(a, align=4096):
+    """A page-aligned copy of a (ORT's own allocator aligns initializers; a large NumPy array is 16-aligned)."""
+    buf = np.empty(a.nbytes + align, np.uint8)
+    off = -buf.ctypes.data % align
+    out = buf[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
 def _session(nodes, inputs, inits, threads, domain, custom_lib=None):
-    graph = helper.make_graph(nodes, "bench", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["T", H])],
-                              initializer=[numpy_helper.from_array(a, n) for n, a in inits.items()])
+    """One-node session; the weights are handed over in memory (add_external_initializers: no 2 GB protobuf)."""
+    tensors = []
+    for name, a in inits.items():
+        t = TensorProto(name=name, dims=a.shape, data_type=helper.np_dtype_to_tensor_dtype(a.dtype))
+        t.data_location = TensorProto.EXTERNAL
+        t.external_data.add(key="location", value=f"in-memory/{name}")
+        tensors.append(t)
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["T", H])
+    graph = helper.make_graph(nodes, "bench", inputs, [out], initializer=tensors)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(domain, 1)],
                               ir_version=10)
     so = ort.SessionOptions()
     if custom_lib:
         so.register_custom_ops_library(custom_lib)
     so.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in inits.values()]  # no copy: keep them alive
+    so.add_external_initializers(list(inits), values)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess.keep_alive = values
+    return sess
 
 
 def mopeq_session(layer, threads):
@@ -86,11 +108,13 @@ def mopeq_session(layer, threads):
 def ort_weights(rng, bits):
     """QMoE (bits) or MoE (bits=None) initializers: fc1 [E, 2I, H*b/8] rows interleaved gate/up, fc2 [E, H, I*b/8]."""
     if bits is None:
-        return {"fc1": rng.random((E, 2 * I, H), np.float32) - 0.5, "fc2": rng.random((E, H, I), np.float32) - 0.5}
-    return {"fc1": rng.integers(0, 256, (E, 2 * I, H * bits // 8), dtype=np.uint8),
-            "fc1_s": rng.uniform(0.002, 0.02, (E, 2 * I, H // GROUP)).astype(np.float32),
-            "fc2": rng.integers(0, 256, (E, H, I * bits // 8), dtype=np.uint8),
-            "fc2_s": rng.uniform(0.002, 0.02, (E, H, I // GROUP)).astype(np.float32)}
+        w = {"fc1": rng.random((E, 2 * I, H), np.float32) - 0.5, "fc2": rng.random((E, H, I), np.float32) - 0.5}
+    else:
+        w = {"fc1": rng.integers(0, 256, (E, 2 * I, H * bits // 8), dtype=np.uint8),
+             "fc1_s": rng.uniform(0.002, 0.02, (E, 2 * I, H // GROUP)).astype(np.float32),
+             "fc2": rng.integers(0, 256, (E, H, I * bits // 8), dtype=np.uint8),
+             "fc2_s": rng.uniform(0.002, 0.02, (E, H, I // GROUP)).astype(np.float32)}
+    return {n: aligned(a) for n, a in w.items()}
 
 
 def ort_session(weights, bits, acc, threads):
@@ -148,7 +172,8 @@ def make_variants(args, layer, ort_w, threads):
             s = ort_session(ort_w[bits], bits, acc, threads)
             variants.append((f"QMoE {bits}b acc{acc}", s, None, lambda e, b=bits: ort_expert_bytes(b)))
     if not args.no_float:
-        variants.append(("MoE fp32", ort_session(ort_w[None], None, 0, threads), None, lambda e: ort_expert_bytes(None)))
+        s = ort_session(ort_w[None], None, 0, threads)
+        variants.append(("MoE fp32", s, None, lambda e: ort_expert_bytes(None)))
     return variants
 
 
@@ -174,12 +199,12 @@ def bench(variants, T, calls, rng, flush_buf):
         w = np.exp(top - top.max(1, keepdims=True))
         w = (w / w.sum(1, keepdims=True)).astype(np.float32)
         experts = np.unique(idx)
-        if flush_buf is not None:
-            flush_buf.max()  # read > L3: evicts every variant's weights
         for k in rng.permutation(len(variants)):
             v = variants[k]
             if v[0] in failed:
                 continue
+            if flush_buf is not None:
+                flush_buf.max()  # read 1.5x L3: no weights left in cache (variants may share weight buffers)
             try:
                 t = run_call(v, x, idx, w, logits)
             except Exception as e:  # e.g. a kernel path this CPU lacks
@@ -214,7 +239,7 @@ def main():
     ap.add_argument("--threads", default="1,2", help="comma-separated ORT intra-op thread counts")
     ap.add_argument("--paths", default=None, help="MOPEQ_KERNEL paths of our op (default: auto + avx512 or avx2)")
     ap.add_argument("--no-float", action="store_true", help="skip ORT MoE float32 (1.6 GB of weights)")
-    ap.add_argument("--no-flush", action="store_true", help="do not evict the L3 cache before each round")
+    ap.add_argument("--no-flush", action="store_true", help="no L3 eviction before each call (warm cache)")
     ap.add_argument("--json", help="also write the rows (and run facts) to this JSON file")
     args = ap.parse_args()
     if args.paths is None:

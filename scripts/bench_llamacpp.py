@@ -197,6 +197,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--perplexity", type=Path, help="text file for llama-perplexity on the GGUF variants")
+    ap.add_argument("--paths", default="auto", help="our kernel paths (MOPEQ_KERNEL), e.g. auto,avx512")
+    ap.add_argument("--kernel-library", type=Path, default=None,
+                    help="a freshly built libmopeq_ops.so instead of the bundle's copy (kernel development)")
     args = ap.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
     cache = args.llama_cache.expanduser()
@@ -206,15 +209,19 @@ def main() -> None:
 
     src, bindir = build_llama(cache)
     ggufs = gguf_variants(args.model, src, bindir, cache)
-    sizes = {"mopeq bundle": sum(f.stat().st_size for f in args.bundle.glob("*.onnx*")),  # graphs + weights
-             **{f"llama.cpp {q}": ggufs[q].stat().st_size for q in QUANTS}}
+    ours = [f"mopeq bundle ({p})" for p in args.paths.split(",")]
+    bundle_bytes = sum(f.stat().st_size for f in args.bundle.glob("*.onnx*"))  # graphs + weights
+    sizes = {**{o: bundle_bytes for o in ours}, **{f"llama.cpp {q}": ggufs[q].stat().st_size for q in QUANTS}}
     tps: dict[tuple[str, int], list[float]] = {}
     for t in threads:
-        model = mopeq_runtime.load(args.bundle, threads=t)
+        model = mopeq_runtime.load(args.bundle, threads=t, kernel_library=args.kernel_library, require_kernel=True)
         log(f"threads {t}: {model.kernel.reason}")
         ours_tps(model, 4)  # warm-up: first-run allocations
         for r in range(args.rounds):
-            tps.setdefault(("mopeq bundle", t), []).append(ours_tps(model, args.tokens))
+            for name, path in zip(ours, args.paths.split(",")):
+                os.environ["MOPEQ_KERNEL"] = path  # the kernel reads it on every call
+                tps.setdefault((name, t), []).append(ours_tps(model, args.tokens))
+            os.environ.pop("MOPEQ_KERNEL", None)
             for q in QUANTS:
                 tps.setdefault((f"llama.cpp {q}", t), []).append(llama_tps(bindir, ggufs[q], t, args.tokens))
             log(f"threads {t}, round {r + 1}/{args.rounds}: "

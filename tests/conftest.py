@@ -3,12 +3,36 @@ test module that needs a real bundle (the C++ example, ORT-GenAI, the installed 
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TEXT_MODEL, SHARED_DATA = SHARED / "models" / "text-moe", SHARED / "data"
+
+
+def _float_kernel_path() -> str:
+    """The fastest float-activation path of the kernel library on this CPU (MOPEQ_KERNEL name)."""
+    if platform.machine() in ("aarch64", "arm64"):
+        return "neon"
+    line = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "") if os.path.exists("/proc/cpuinfo") else ""
+    flags = set(line.split(":", 1)[-1].split())
+    if {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar"
+
+
+FLOAT_KERNEL = _float_kernel_path()
+
+
+@pytest.fixture
+def exact_kernel(monkeypatch):
+    """Export-parity tests compare exported graphs with PyTorch to 1e-4 or closer: they run the kernel's exact
+    float-activation path. The default integer path quantizes expert inputs to int8 (about 1 % relative error
+    per layer output, bounded in tests/test_kernel_cpu.py); the acceptance tests run that default."""
+    monkeypatch.setenv("MOPEQ_KERNEL", FLOAT_KERNEL)
 
 
 @pytest.fixture(scope="session")

@@ -106,6 +106,7 @@ def test_sequential_runner_gives_every_layer_the_models_own_inputs(checkpoints, 
 
 @pytest.mark.parametrize("target", ["cpu", "jetson"])
 @pytest.mark.parametrize("name", EXPORTABLE)
+@pytest.mark.usefixtures("exact_kernel")  # parity with PyTorch to 1e-4: the float-activation path
 def test_every_architecture_exports_and_matches_pytorch(checkpoints, name, target, tmp_path):
     """float32 graphs to 1e-4 of PyTorch; float16 graphs (Jetson) to 2e-2: routers that compute in float32
     (DeepSeek-V2's) meet the op's activation-typed inputs there."""
@@ -117,7 +118,7 @@ def test_every_architecture_exports_and_matches_pytorch(checkpoints, name, targe
     folder = checkpoints(name)
     remote = name in REMOTE
     qdir = quantize_random_plan(folder, tmp_path / "q", remote)
-    record = export_quantized(qdir, target, tmp_path / "onnx", trust_remote_code=remote)
+    record = export_quantized(qdir, target, tmp_path / "onnx", trust_remote_code=remote, nbits_accuracy_level=0)
     model = load_quantized(qdir, trust_remote_code=remote)
     inputs = _inputs(name, model.config, batch=2, seq=9)
     with torch.no_grad():

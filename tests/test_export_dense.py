@@ -16,6 +16,8 @@ from mopeq_export.quantization.loader import load_quantized
 from mopeq_exporters import export_quantized
 from mopeq_exporters.ort_check import Exported
 
+pytestmark = pytest.mark.usefixtures("exact_kernel")  # parity with PyTorch: the float-activation path
+
 IDS = np.array([[0, 5, 17, 3, 40, 9, 22, 8], [0, 7, 7, 30, 2, 11, 19, 4]], np.int64)
 ALL_FLOAT = {c: FLOAT for c in DENSE_CLASSES}
 
@@ -42,7 +44,7 @@ def tiny(tmp_path_factory):
                         ("lm8", {**ALL_FLOAT, "lm_head": 8}), ("lm4", {**ALL_FLOAT, "lm_head": 4})):
         (root / name).mkdir()
         qdir = quantize_random_plan(src, root / name / "q", dense=dense)
-        export_quantized(qdir, "cpu", root / name / "onnx")
+        export_quantized(qdir, "cpu", root / name / "onnx", nbits_accuracy_level=0)
         out[name] = (qdir, root / name / "onnx")
     return src, out
 
@@ -123,6 +125,21 @@ def test_numerics_close_to_float_graph_tiered_by_width(tiny):
     err = {name: rel(_logits(runs[name][1]), base) for name in ("lm8", "lm4", "default")}
     assert err["lm8"] < 0.01 and err["lm4"] < 0.1 and err["default"] < 0.15
     assert err["lm8"] < err["lm4"]
+
+
+def test_cpu_target_runs_matmul_nbits_with_int8_activations(tiny, tmp_path):
+    """The cpu target's MatMulNBits carry accuracy_level 4 (targets.py: measured harmless, 1.5x at real size);
+    the graph differs from the float-activation one (accuracy 0, the parity tests' export) by int8 rounding only."""
+    qdir, exact = tiny[1]["default"]
+    export_quantized(qdir, "cpu", tmp_path / "onnx")
+    levels = [{a.name: a.i for a in n.attribute}.get("accuracy_level", 0)
+              for n in onnx.load(tmp_path / "onnx" / "decoder.onnx", load_external_data=False).graph.node
+              if n.op_type == "MatMulNBits"]
+    assert levels and set(levels) == {4}
+    ids = np.array([[0, 5, 17, 3, 40, 9, 22, 8]], np.int64)
+    int8, ref = (Exported(o).step(ids, Exported(o).empty_past(1))[0] for o in (tmp_path / "onnx", exact))
+    err = float(np.abs(int8 - ref).max() / np.abs(ref).max())
+    assert 0 < err < 0.05, err
 
 
 def test_dense_bits_16_keeps_float(tiny):

@@ -13,6 +13,8 @@ from mopeq_export.quantization.loader import load_quantized
 from mopeq_exporters import export_quantized
 from mopeq_exporters.ort_check import Exported
 
+pytestmark = pytest.mark.usefixtures("exact_kernel")  # parity with PyTorch: the float-activation path
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 native = pytest.importorskip("mopeq_runtime.native")
 try:
@@ -48,7 +50,7 @@ def tiny_text(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_text")
     src = save_tiny_qwen2_moe(root / "model")
     qdir = quantize_random_plan(src, root / "q")
-    export_quantized(qdir, "cpu", root / "onnx")
+    export_quantized(qdir, "cpu", root / "onnx", nbits_accuracy_level=0)
     return qdir, root / "onnx"
 
 
@@ -124,7 +126,7 @@ def tiny_vlm(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_vlm")
     llava_olmoe().to(torch.float16).save_pretrained(root / "model")
     qdir = quantize_random_plan(root / "model", root / "q", seed=1)
-    export_quantized(qdir, "cpu", root / "onnx")
+    export_quantized(qdir, "cpu", root / "onnx", nbits_accuracy_level=0)
     return qdir, root / "onnx"
 
 

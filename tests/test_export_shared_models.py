@@ -20,7 +20,7 @@ from test_export_models import KERNEL, check_decoder
 from tiny_checkpoint import quantize_random_plan
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("exact_kernel"),  # parity with PyTorch: float path
               pytest.mark.skipif(not (SHARED / "models").is_dir(), reason="../shared/models not present")]
 
 
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow,
 def text_moe(tmp_path_factory):
     root = tmp_path_factory.mktemp("text_moe")
     qdir = quantize_random_plan(SHARED / "models" / "text-moe", root / "q")
-    export_quantized(qdir, "cpu", root / "onnx")
+    export_quantized(qdir, "cpu", root / "onnx", nbits_accuracy_level=0)
     return qdir, root / "onnx", load_quantized(qdir)
 
 
@@ -57,7 +57,7 @@ def test_text_moe_perplexity_subset(text_moe):
 
 def test_vlm_moe_logits_and_cache(tmp_path):
     qdir = quantize_random_plan(SHARED / "models" / "vlm-moe", tmp_path / "q", seed=1)
-    export_quantized(qdir, "cpu", tmp_path / "onnx")
+    export_quantized(qdir, "cpu", tmp_path / "onnx", nbits_accuracy_level=0)
     model = load_quantized(qdir)
     data = np.load(SHARED / "data" / "vqa_dev.npz")
     mean, std = np.array([0.48, 0.46, 0.41], np.float32), np.array([0.27, 0.26, 0.28], np.float32)

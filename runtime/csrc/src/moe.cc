@@ -105,18 +105,20 @@ void gemm(const KernelPath& k, const QMatrix& w, const Activations& a, const int
     k.f32(w, a.f32(ids, first, n), r0, r1, y, ldy);
 }
 
-// Scratch of one call, kept per thread (ORT may run several sessions' nodes on different threads).
+// Scratch of one call, kept per thread (ORT may run several sessions' nodes on different threads): in steady
+// decoding a call allocates nothing.
 struct Workspace {
   Activations x, h;
   std::vector<float> a, y;
+  std::vector<int32_t> offset, fill, pair_token, pair_of;
+  std::vector<Task> t1, t2;
 };
 
-std::vector<Task> row_tasks(const std::vector<int32_t>& offset, int rows) {
-  std::vector<Task> tasks;
+void row_tasks(const std::vector<int32_t>& offset, int rows, std::vector<Task>& tasks) {
+  tasks.clear();
   for (int e = 0; e + 1 < static_cast<int>(offset.size()); ++e)
     if (offset[e + 1] > offset[e])
       for (int r = 0; r < rows; r += kRowsPerTask) tasks.push_back({e, r, std::min(rows, r + kRowsPerTask)});
-  return tasks;
 }
 
 void forward_chunk(const LayerView& L, const float* x, const int64_t* idx, const float* wts, int n, int k,
@@ -124,10 +126,11 @@ void forward_chunk(const LayerView& L, const float* x, const int64_t* idx, const
   const int H = L.H, I = L.I, P = n * k;
 
   // Counting sort of (token, slot) pairs by expert; stable, so results do not depend on threads.
-  std::vector<int32_t> offset(L.E + 1, 0), pair_token(P), pair_of(P);
+  std::vector<int32_t>&offset = ws.offset, &fill = ws.fill, &pair_token = ws.pair_token, &pair_of = ws.pair_of;
+  offset.assign(L.E + 1, 0), pair_token.resize(P), pair_of.resize(P);
   for (int p = 0; p < P; ++p) ++offset[idx[p] + 1];
   for (int e = 0; e < L.E; ++e) offset[e + 1] += offset[e];
-  std::vector<int32_t> fill(offset.begin(), offset.end() - 1);
+  fill.assign(offset.begin(), offset.end() - 1);
   for (int p = 0; p < P; ++p) {
     const int dst = fill[idx[p]]++;
     pair_token[dst] = p / k;
@@ -140,7 +143,8 @@ void forward_chunk(const LayerView& L, const float* x, const int64_t* idx, const
 
   Activations::grow(ws.a, static_cast<size_t>(P) * 2 * I);
   float* a = ws.a.data();
-  const std::vector<Task> t1 = row_tasks(offset, 2 * I);
+  const std::vector<Task>& t1 = ws.t1;
+  row_tasks(offset, 2 * I, ws.t1);
   auto gemm1 = [&](size_t i) {
     const Task& tk = t1[i];
     const int first = offset[tk.e];
@@ -161,7 +165,8 @@ void forward_chunk(const LayerView& L, const float* x, const int64_t* idx, const
 
   Activations::grow(ws.y, static_cast<size_t>(P) * H);
   float* y = ws.y.data();
-  const std::vector<Task> t2 = row_tasks(offset, H);
+  const std::vector<Task>& t2 = ws.t2;
+  row_tasks(offset, H, ws.t2);
   auto gemm2 = [&](size_t i) {
     const Task& tk = t2[i];
     const size_t first = offset[tk.e];
