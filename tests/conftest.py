@@ -19,8 +19,6 @@ def _float_kernel_path() -> str:
         return "neon"
     line = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "") if os.path.exists("/proc/cpuinfo") else ""
     flags = set(line.split(":", 1)[-1].split())
-    if {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
-        return "avx512"
     return "avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar"
 
 

@@ -33,9 +33,8 @@ def cpu_flags():
 FLAGS = cpu_flags()
 _AVX2 = {"avx2", "fma", "f16c"} <= FLAGS
 _AVX512 = _AVX2 and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= FLAGS
-FLOAT_PATHS = {"scalar": True, "avx2": _AVX2, "avx512": _AVX512}  # exact float activations: the reference
-INT8_PATHS = {"i8-scalar": True, "i8-avx2": _AVX2, "i8-avxvnni": _AVX2 and "avx_vnni" in FLAGS,
-              "i8-avx512": _AVX512, "i8-avx512vnni": _AVX512 and "avx512_vnni" in FLAGS}
+FLOAT_PATHS = {"scalar": True, "avx2": _AVX2}  # exact float activations: the reference
+INT8_PATHS = {"i8-scalar": True, "i8-avx2": _AVX2, "i8-avx512vnni": _AVX512 and {"avx512_vnni", "avx512vbmi"} <= FLAGS}
 SUPPORTED = {**FLOAT_PATHS, **INT8_PATHS, "auto": True}  # auto: the best integer path of this CPU
 
 

@@ -17,7 +17,6 @@ bool always() { return true; }
 #if defined(__x86_64__) || defined(_M_X64)
 // __builtin_cpu_supports also checks that the OS saves the wide registers (XCR0).
 bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"); }
-bool has_avxvnni() { return has_avx2() && __builtin_cpu_supports("avxvnni"); }
 bool has_avx512() {
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
@@ -31,8 +30,6 @@ bool has_avx512vnni() {
 const Path kPaths[] = {
 #if defined(__x86_64__) || defined(_M_X64)
     {{"i8-avx512vnni", nullptr, qgemm_i8_avx512vnni}, has_avx512vnni},
-    {{"i8-avx512", nullptr, qgemm_i8_avx512}, has_avx512},
-    {{"i8-avxvnni", nullptr, qgemm_i8_avxvnni}, has_avxvnni},
     {{"i8-avx2", nullptr, qgemm_i8_avx2}, has_avx2},
 #endif
 #if defined(__aarch64__)
@@ -40,7 +37,6 @@ const Path kPaths[] = {
 #endif
     {{"i8-scalar", nullptr, qgemm_i8_scalar}, always},
 #if defined(__x86_64__) || defined(_M_X64)
-    {{"avx512", qgemm_avx512, nullptr}, has_avx512},
     {{"avx2", qgemm_avx2, nullptr}, has_avx2},
 #endif
 #if defined(__aarch64__)
@@ -63,8 +59,8 @@ bool select_kernel(KernelPath* path, const char** error) {
     *path = p.kernel;
     return true;
   }
-  *error = "MOPEQ_KERNEL must be one of auto, scalar, i8-scalar, avx2, avx512, i8-avx2, i8-avxvnni, i8-avx512, "
-           "i8-avx512vnni (x86-64), neon or i8-neon (aarch64)";
+  *error = "MOPEQ_KERNEL must be one of auto, scalar, i8-scalar, avx2, i8-avx2, i8-avx512vnni (x86-64), neon or "
+           "i8-neon (aarch64)";
   return false;
 }
 

@@ -132,8 +132,6 @@ using QGemmI8Fn = void (*)(const QMatrix& w, const QActs& a, int r0, int r1, flo
 void qgemm_i8_scalar(const QMatrix& w, const QActs& a, int r0, int r1, float* y, int ldy);
 #if defined(__x86_64__) || defined(_M_X64)
 void qgemm_i8_avx2(const QMatrix& w, const QActs& a, int r0, int r1, float* y, int ldy);
-void qgemm_i8_avxvnni(const QMatrix& w, const QActs& a, int r0, int r1, float* y, int ldy);
-void qgemm_i8_avx512(const QMatrix& w, const QActs& a, int r0, int r1, float* y, int ldy);
 void qgemm_i8_avx512vnni(const QMatrix& w, const QActs& a, int r0, int r1, float* y, int ldy);
 #endif
 #if defined(__aarch64__)
@@ -151,7 +149,6 @@ struct KernelPath {
 void qgemm_scalar(const QMatrix& w, const Acts& a, int r0, int r1, float* y, int ldy);
 #if defined(__x86_64__) || defined(_M_X64)
 void qgemm_avx2(const QMatrix& w, const Acts& a, int r0, int r1, float* y, int ldy);
-void qgemm_avx512(const QMatrix& w, const Acts& a, int r0, int r1, float* y, int ldy);
 #endif
 #if defined(__aarch64__)
 void qgemm_neon(const QMatrix& w, const Acts& a, int r0, int r1, float* y, int ldy);

@@ -1,5 +1,5 @@
-// Integer kernels on 256-bit registers: AVX2 (vpmaddubsw + vpmaddwd) and AVX-VNNI (vpdpbusd), a pair of
-// blocks (64 codes) per two registers: one broadcast, one 64-bit-lane shift and one byte mask per register
+// Integer kernel on 256-bit registers, AVX2 (vpmaddubsw + vpmaddwd), a pair of blocks (64 codes) per two
+// registers: one broadcast, one 64-bit-lane shift and one byte mask per register
 // give the codes in kOrder2 / kOrder4 (kernels.h); the activations were permuted to match once per token.
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -39,25 +39,8 @@ struct Isa {
 #undef MOPEQ_TGT
 }  // namespace avx2
 
-namespace avxvnni {
-#define MOPEQ_TGT __attribute__((target("avx2,fma,f16c,avxvnni")))
-struct Isa {
-#include "qgemm_i8_isa256.inc"
-  static MOPEQ_TGT inline I dot_pair(I c0, I q0, I c1, I q1) {
-    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), c0, q0), c1, q1);
-  }
-  static MOPEQ_TGT inline I dot_wide(I c, I q) { return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), c, q); }
-};
-#include "qgemm_i8_tile.inc"
-#undef MOPEQ_TGT
-}  // namespace avxvnni
-
 void qgemm_i8_avx2(const QMatrix& w, const QActs& a, int r0, int r1, float* y, int ldy) {
   avx2::gemm_any(w, a, r0, r1, y, ldy);
-}
-
-void qgemm_i8_avxvnni(const QMatrix& w, const QActs& a, int r0, int r1, float* y, int ldy) {
-  avxvnni::gemm_any(w, a, r0, r1, y, ldy);
 }
 
 }  // namespace mopeq
