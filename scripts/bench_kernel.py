@@ -12,7 +12,7 @@ Layer: H=2048, 64 experts, I=1024, top-8, group/block 128, SwiGLU. Variants, all
 Each call feeds T random tokens and random router logits [T, 64]; QMoE/MoE take the top-8 of the logits and
 softmax over them (normalize_routing_weights=1); our op gets the same top-8 indices and weights. Each call
 uses fresh logits, so consecutive calls touch different experts; the variants run round-robin (call by call,
-in a shuffled order) and, unless --no-flush, a read of 1.5x the L3 cache before each call evicts the weights
+in a shuffled order); with --flush, a read of 1.5x the L3 cache before each call evicts the weights
 (the two mopeq paths share one weight buffer, as do QMoE acc0/acc4 of one width).
 Weight bytes per call = the bytes of the distinct experts the call routes to, in each variant's own format.
 µs/call is the median; GB/s = mean bytes / median time; "of copy" = GB/s over a 512 MiB NumPy copy measured
@@ -87,6 +87,8 @@ def _session(nodes, inputs, inits, threads, domain, custom_lib=None):
     if custom_lib:
         so.register_custom_ops_library(custom_lib)
     so.intra_op_num_threads = threads
+    # nine sessions share two cores: idle pool threads must not spin-wait through the other sessions' calls
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in inits.values()]  # no copy: keep them alive
     so.add_external_initializers(list(inits), values)
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -239,7 +241,9 @@ def main():
     ap.add_argument("--threads", default="1,2", help="comma-separated ORT intra-op thread counts")
     ap.add_argument("--paths", default="auto,avx2", help="MOPEQ_KERNEL paths of our op (auto: the best integer path)")
     ap.add_argument("--no-float", action="store_true", help="skip ORT MoE float32 (1.6 GB of weights)")
-    ap.add_argument("--no-flush", action="store_true", help="no L3 eviction before each call (warm cache)")
+    ap.add_argument("--flush", action="store_true",
+                    help="read 1.5x the L3 size before each call (on VMs that report a huge L3 this inflated "
+                         "every variant's time about 5x; off by default: variants rotate through ~2.5 GB)")
     ap.add_argument("--json", help="also write the rows (and run facts) to this JSON file")
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -249,11 +253,11 @@ def main():
     if not args.no_float:
         ort_w[None] = ort_weights(rng, None)
     copy_bw = copy_bandwidth()
-    flush_buf = None if args.no_flush else np.ones(int(1.5 * l3_bytes()) // 8, np.uint64)
+    flush_buf = None if not args.flush else np.ones(int(1.5 * l3_bytes()) // 8, np.uint64)
     load = os.getloadavg()
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, L3 {l3_bytes() >> 20} MiB; onnxruntime {ort.__version__}; "
           f"copy bandwidth {copy_bw / 1e9:.1f} GB/s (read+write, 512 MiB); load average {load[0]:.2f} {load[1]:.2f} "
-          f"{load[2]:.2f}; L3 flush {'off' if args.no_flush else 'on'}")
+          f"{load[2]:.2f}; L3 flush {'off' if not args.flush else 'on'}")
     print(f"layer H={H} E={E} I={I} top-{TOP_K} group {GROUP}; mopeq widths 40x2 16x3 8x4 (avg 2.5 bits)\n")
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
@@ -281,7 +285,7 @@ def main():
               f"{r['of_copy']:.2f} | {vs} |")
     if args.json:
         meta = {"cpu": cpu_model(), "cpus": os.cpu_count(), "onnxruntime": ort.__version__, "copy_gbs": copy_bw / 1e9,
-                "loadavg": load, "l3_flush": not args.no_flush}
+                "loadavg": load, "l3_flush": args.flush}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
 

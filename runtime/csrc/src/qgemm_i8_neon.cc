@@ -130,7 +130,7 @@ struct Isa {
     return vld1q_f32(v);
   }
   static inline float half(uint16_t h) { return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0); }
-  static inline void prefetch(const uint32_t* p) { __builtin_prefetch(p); }
+  static inline void prefetch(const uint32_t* p) { __builtin_prefetch(p, 0, 2); }
 };
 #include "qgemm_i8_tile.inc"
 #undef MOPEQ_TGT
