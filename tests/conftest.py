@@ -13,13 +13,19 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 TEXT_MODEL, SHARED_DATA = SHARED / "models" / "text-moe", SHARED / "data"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (x86 `flags`, Arm `Features`)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return set()
+    line = next((ln for ln in open("/proc/cpuinfo") if ln.startswith(("flags", "Features"))), "")
+    return set(line.split(":", 1)[-1].split())
+
+
 def _float_kernel_path() -> str:
     """The fastest float-activation path of the kernel library on this CPU (MOPEQ_KERNEL name)."""
     if platform.machine() in ("aarch64", "arm64"):
         return "neon"
-    line = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "") if os.path.exists("/proc/cpuinfo") else ""
-    flags = set(line.split(":", 1)[-1].split())
-    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "scalar"
+    return "avx2" if {"avx2", "fma", "f16c"} <= cpu_flags() else "scalar"
 
 
 FLOAT_KERNEL = _float_kernel_path()

@@ -3,7 +3,6 @@
 Each SIMD path is forced with MOPEQ_KERNEL, which the kernel reads on every call.
 """
 
-import os
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from mopeq_export.quantization import packing as P
+from conftest import cpu_flags
 from packed_layers import random_layer
 
 native = pytest.importorskip("mopeq_runtime.native")
@@ -21,13 +21,6 @@ try:
     LIB = str(native.library_path())
 except native.KernelLibraryMissing as e:
     pytest.skip(str(e), allow_module_level=True)
-
-
-def cpu_flags():
-    if not os.path.exists("/proc/cpuinfo"):
-        return set()
-    line = next((ln for ln in open("/proc/cpuinfo") if ln.startswith(("flags", "Features"))), "")
-    return set(line.split(":", 1)[-1].split())
 
 
 FLAGS = cpu_flags()

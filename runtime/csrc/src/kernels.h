@@ -1,5 +1,6 @@
 // Fused dequantize-and-multiply kernels: y[t, r] = sum_g s[r,g] * (dot(q[r,g], x[t,g]) - z[r,g] * sum(x[t,g])).
-// Every SIMD path implements the same QGemmFn and is tested against the scalar one and the NumPy reference.
+// Float-activation paths implement QGemmFn, integer paths QGemmI8Fn; every SIMD path is tested against the
+// scalar one of its kind and against the NumPy reference.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -123,6 +124,13 @@ struct QActs {
 // Blocks padded to whole pairs (zeros past K).
 inline int padded_blocks(int k) { return (static_cast<int>(num_blocks(k)) + 1) & ~1; }
 
+// Two consecutive code words as one little-endian 64-bit value (the unpackers' broadcast source).
+inline uint64_t load64(const uint32_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
 // Quantizes x[K] into one QActs row (q: ldq bytes, d: ldd floats, gsum: groups floats).
 void quantize_acts(const float* x, int k, int group_size, int8_t* q, float* d, float* gsum);
 
@@ -155,7 +163,7 @@ void qgemm_neon(const QMatrix& w, const Acts& a, int r0, int r1, float* y, int l
 #endif
 
 // Picks the kernel from MOPEQ_KERNEL and the CPU: "auto" (default) is the best integer path the CPU has;
-// the float-activation paths (scalar, avx2, avx512, neon) stay selectable as the exact reference.
+// the float-activation paths (scalar, avx2, neon) stay selectable as the exact reference.
 // Returns false and sets *error when the forced path is unknown or unsupported here.
 bool select_kernel(KernelPath* path, const char** error);
 

@@ -47,7 +47,7 @@ float activate(float v, Activation act) {
 
 // Copies rows into a zero-padded buffer [n, ld] and sums each group (kernels subtract z * sum(x_g)).
 void pad_and_sum(const float* src, int K, int g, float* dst, int ld, float* sums) {
-  if (src != dst) std::copy(src, src + K, dst);
+  std::copy(src, src + K, dst);
   std::fill(dst + K, dst + ld, 0.f);
   for (int gi = 0; gi * g < K; ++gi) {
     float s = 0.f;
@@ -143,8 +143,8 @@ void forward_chunk(const LayerView& L, const float* x, const int64_t* idx, const
 
   Activations::grow(ws.a, static_cast<size_t>(P) * 2 * I);
   float* a = ws.a.data();
-  const std::vector<Task>& t1 = ws.t1;
   row_tasks(offset, 2 * I, ws.t1);
+  const std::vector<Task>& t1 = ws.t1;
   auto gemm1 = [&](size_t i) {
     const Task& tk = t1[i];
     const int first = offset[tk.e];
@@ -165,8 +165,8 @@ void forward_chunk(const LayerView& L, const float* x, const int64_t* idx, const
 
   Activations::grow(ws.y, static_cast<size_t>(P) * H);
   float* y = ws.y.data();
-  const std::vector<Task>& t2 = ws.t2;
   row_tasks(offset, H, ws.t2);
+  const std::vector<Task>& t2 = ws.t2;
   auto gemm2 = [&](size_t i) {
     const Task& tk = t2[i];
     const size_t first = offset[tk.e];

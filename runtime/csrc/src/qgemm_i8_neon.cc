@@ -7,7 +7,6 @@
 #include <arm_neon.h>
 #include <sys/auxv.h>
 
-#include <cstring>
 
 #include "kernels.h"
 
@@ -39,10 +38,8 @@ struct Isa {
   static inline Codes decode(const uint32_t* blk, int n) {
     Codes c;
     if constexpr (B == 2 || B == 3) {  // register k: both blocks' 2-bit planes shifted by 2k
-      uint64_t p0, p1 = 0;
-      std::memcpy(&p0, blk, 8);
-      if (n > 1) std::memcpy(&p1, blk + B, 8);
-      const uint8x16_t v = vcombine_u8(vcreate_u8(p0), vcreate_u8(p1)), m = vdupq_n_u8(0b11);
+      const uint8x16_t v = vcombine_u8(vcreate_u8(load64(blk)), vcreate_u8(n > 1 ? load64(blk + B) : 0));
+      const uint8x16_t m = vdupq_n_u8(0b11);
       c.c[0] = vreinterpretq_s8_u8(vandq_u8(v, m));
       c.c[1] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 2), m));
       c.c[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(v, 4), m));
