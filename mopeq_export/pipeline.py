@@ -9,6 +9,7 @@ when the gate passes. A failing gate, Ctrl-C or a full disk leave no bundle.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import importlib.util
@@ -27,8 +28,8 @@ from mopeq_runtime.native import kernel_sources
 from .bundle import BundleInputs, toolchain_version, write_manifest, write_payload, write_tar
 from .devices import Meter
 from .errors import MopeqError
-from .fsutil import (OUTPUT_MARKER, check_out, clean_stale, default_cache, overlaps, read_json, require_free_space,
-                     sha256_file, staged_dir, staged_file, write_json)
+from .fsutil import (OUTPUT_MARKER, check_out, clean_stale, default_cache, output_lock, output_record, overlaps, read_json,
+                     require_free_space, sha256_file, staged_dir, staged_file, write_json)
 from .memory import MemoryCheck, check_memory, estimate_weights, kv_bytes_per_token, kv_cache_of_config, require_fit
 from .targets import Target, get_target
 from .validate import GateConfig, GateReport, plot_report, run_gate
@@ -124,45 +125,47 @@ class StageCache:
         key = {**key, "code": code_digest(stage)}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
         dest = self.root / f"{stage}-{digest[:20]}"
-        if dest.is_dir():
-            problem = _entry_problem(dest, digest)
-            if problem is None:
-                self.say(stage, "cached")
-                self.hits.append(stage)
-                return dest, digest
-            self.say(stage, f"cache entry damaged ({problem}): rebuilding")
-        self.say(stage, "run")
-        with staged_dir(dest, "cache", force=True) as st:
-            make(st)
-            write_json(st / ".complete", {"key": digest, "files": _entry_files(st)})
-        self.say(stage, "done")
-        return dest, digest
+        # one writer per entry: a second build sharing the cache waits, then finds the entry made
+        with output_lock(dest, wait=True, say=lambda m: self.say(stage, m)):
+            if dest.is_dir():
+                problem = _entry_problem(dest, digest)
+                if problem is None:
+                    self.say(stage, "cached")
+                    self.hits.append(stage)
+                    return dest, digest
+                self.say(stage, f"cache entry damaged ({problem}): rebuilding")
+            self.say(stage, "run")
+            with staged_dir(dest, "cache", force=True) as st:
+                make(st)
+                write_json(st / ".complete", {"key": digest})
+            self.say(stage, "done")
+            return dest, digest
 
     def close(self) -> None:
         if self.tmp:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _entry_files(root: Path) -> dict:
-    """{relative path: [size, sha256]} of a cache entry's files (its bookkeeping files excluded)."""
-    skip = {".complete", OUTPUT_MARKER}
-    return {rel: [p.stat().st_size, sha256_file(p)] for p in sorted(root.rglob("*"))
-            if p.is_file() and (rel := p.relative_to(root).as_posix()) not in skip}
-
-
 def _entry_problem(dest: Path, digest: str) -> str | None:
-    """None when a cache entry is complete and every file matches the hash recorded when it was made."""
+    """None when a cache entry is complete and every file matches the size and hash recorded when it was made
+    (its marker's file list; fsutil.output_record)."""
+    rec, _ = output_record(dest)
     try:
         done = json.loads((dest / ".complete").read_text(encoding="utf-8"))
-        recorded = done["files"] if done.get("key") == digest else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        recorded = None
-    if not isinstance(recorded, dict):
+        complete = rec is not None and rec.kind == "cache" and done.get("key") == digest
+    except (OSError, ValueError, AttributeError):
+        complete = False
+    if not complete:
         return "incomplete"
-    now = _entry_files(dest)
+    recorded = {rel: entry for rel, entry in rec.files.items() if entry[1] is not None}
+    now = {rel: (p.stat().st_size, None) for p in dest.rglob("*")
+           if p.is_file() and (rel := p.relative_to(dest).as_posix()) not in (".complete", OUTPUT_MARKER)}
     if set(now) != set(recorded):
         return "files added or removed"
-    return next((f"{rel} altered" for rel, entry in recorded.items() if now[rel] != entry), None)
+    for rel, (size, sha) in recorded.items():
+        if now[rel][0] != size or sha256_file(dest / rel) != sha:
+            return f"{rel} altered"
+    return None
 
 
 def default_eval(is_vlm: bool) -> Path | None:
@@ -251,6 +254,8 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
     from .models.loading import checkpoint_params, model_info
 
     target = get_target(cfg.target)
+    # the output first: a folder that is not ours, or one another build is writing, is refused before any work
+    check_out(cfg.out, "bundle", force=cfg.force, inputs=(cfg.model, cfg.eval, cfg.plan, cfg.calib), file=cfg.tar)
     info = model_info(cfg.model)
     tc = json.loads((Path(cfg.model) / "config.json").read_text())
     tc = tc.get("text_config", tc)
@@ -289,6 +294,8 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
     # the stage outputs (packed experts, graphs) and the bundle: about three times the bundle's weights
     require_free_space(cache_root or Path(tempfile.gettempdir()), 2 * weights, "the build's stage cache")
     require_free_space(Path(cfg.out).resolve().parent, weights, "the bundle")
+    lock = contextlib.ExitStack()  # one build per --out: a second one started meanwhile refuses at once
+    lock.enter_context(output_lock(Path(cfg.out).resolve()))
     cache = StageCache(cache_root, say)
     try:
         base = {"weights": info.weights_sha256, "config": info.config_sha256,
@@ -314,6 +321,7 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
                         calib, say, progress, cache.hits, device, dtype)
     finally:
         cache.close()
+        lock.close()
 
 
 def _quantization_record(qdir: Path, seed: int) -> dict:
@@ -352,6 +360,17 @@ def _stable_plan(plan_path: Path) -> dict:
 def _inputs(cfg: BuildConfig, calib: Path) -> tuple:
     """What a build reads: its outputs may not overlap any of them (fsutil.check_out)."""
     return (cfg.model, calib, cfg.eval, cfg.plan)
+
+
+def _own_report(path: Path) -> bool:
+    """Whether `path` is absent or a failure report this tool wrote (only those are replaced or removed)."""
+    if not path.exists():
+        return True
+    try:
+        return (not path.is_symlink() and path.is_file() and path.stat().st_size < 64 << 20
+                and json.loads(path.read_text(encoding="utf-8")).get("kind") == "mopeq.validation")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def report_beside(out: Path) -> Path:
@@ -403,6 +422,8 @@ def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir,
             summary = _summary(parts, stage, report, mem, hits, stage_resources(plan_path, qdir, export_dir, stages))
             if not report.passed:
                 path = report_beside(out)
+                if not _own_report(path):  # a file of the user's by that name: kept, the report goes beside it
+                    path = path.with_name(f"{path.stem}-{os.getpid()}.json")
                 with staged_file(path) as tmp:
                     write_json(tmp, {**report.to_json(), "summary": summary})
                 raise GateFailed(f"accuracy gate failed: {'; '.join(report.failures)}; report: {path}; "
@@ -417,7 +438,8 @@ def _package(cfg, target, info, context, per_token, plan_path, qdir, export_dir,
                 from .signing import sign_bundle
 
                 sign_bundle(stage, cfg.sign_key)
-        report_beside(out).unlink(missing_ok=True)  # a stale failure report would contradict the bundle
+        if report_beside(out).exists() and _own_report(report_beside(out)):
+            report_beside(out).unlink()  # a stale failure report would contradict the bundle
         if cfg.tar:
             with staged_file(out, force=cfg.force, inputs=inputs) as tmp:
                 write_tar(folder, tmp)

@@ -22,6 +22,9 @@ from .fsutil import check_out, staged_file
 
 def generate_keypair(prefix: str | Path, *, force: bool = False) -> tuple[Path, Path]:
     """PREFIX.key (PKCS#8 PEM, unencrypted, mode 0600: keep it secret) and PREFIX.pub (PEM)."""
+    if not str(prefix).strip() or Path(prefix).name in ("", ".", ".."):
+        raise MopeqError(f"--out {str(prefix)!r} is not a key name; give one, e.g. --out keys/release "
+                         "(writes keys/release.key and keys/release.pub)")
     prefix = Path(prefix)
     private, public = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
     for p in (private, public):
@@ -39,11 +42,14 @@ def generate_keypair(prefix: str | Path, *, force: bool = False) -> tuple[Path, 
 
 
 def load_private_key(path: str | Path) -> ed25519.Ed25519PrivateKey:
+    from mopeq_runtime.signature import _read_key_file
+
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise MopeqError(f"signing key {p} not found; create one with `mopeq-export keygen --out NAME`")
+    data = _read_key_file(p, "signing key")
     try:
-        key = serialization.load_pem_private_key(p.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
         raise MopeqError(f"{p} is not an unencrypted PEM private key ({e}); use the .key file from "
                          "`mopeq-export keygen`") from None
@@ -59,13 +65,18 @@ def signature_record(manifest_bytes: bytes, key: ed25519.Ed25519PrivateKey) -> d
             "signature": base64.b64encode(key.sign(manifest_bytes)).decode()}
 
 
-def sign_bundle(folder: str | Path, key_path: str | Path) -> dict:
-    """Write FOLDER/manifest.sig: the signature of FOLDER/manifest.json's exact bytes. Returns the record."""
+def sign_bundle(folder: str | Path, key: str | Path | ed25519.Ed25519PrivateKey,
+                manifest_bytes: bytes | None = None) -> dict:
+    """Write FOLDER/manifest.sig: the signature of `manifest_bytes` (the manifest as it was checked; default:
+    FOLDER/manifest.json as read now, for a folder only this process writes, e.g. a build's staging folder)."""
     folder = Path(folder)
     manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        raise MopeqError(f"{folder} is not a bundle folder (no manifest.json); sign the folder `build` wrote")
-    rec = signature_record(manifest.read_bytes(), load_private_key(key_path))
+    if manifest_bytes is None:
+        if not manifest.is_file():
+            raise MopeqError(f"{folder} is not a bundle folder (no manifest.json); sign the folder `build` wrote")
+        manifest_bytes = manifest.read_bytes()
+    private = key if isinstance(key, ed25519.Ed25519PrivateKey) else load_private_key(key)
+    rec = signature_record(manifest_bytes, private)
     with staged_file(folder / SIGNATURE) as tmp:
         tmp.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
     return rec

@@ -37,7 +37,8 @@ def make_tokenizer(path: Path) -> int:
     return tok.get_vocab_size()
 
 
-def decoder_graph(vocab: int, seed: int = 0) -> onnx.ModelProto:
+def decoder_graph(vocab: int, seed: int = 0, kv_dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    """kv_dtype: the cache's element type (FLOAT16 for a float16 target; the arithmetic stays float32)."""
     rng = np.random.default_rng(seed)
     E = numpy_helper.from_array(rng.standard_normal((vocab, KV * D)).astype(np.float32), "E")
     W = numpy_helper.from_array(rng.standard_normal((KV * D, vocab)).astype(np.float32), "W")
@@ -49,9 +50,11 @@ def decoder_graph(vocab: int, seed: int = 0) -> onnx.ModelProto:
         n("Gather", ["E", "input_ids"], ["x"]),
         n("Reshape", ["x", "shape4"], ["x4"]),
         n("Transpose", ["x4"], ["k"], perm=[0, 2, 1, 3]),
-        n("Concat", ["past_key_values.0.key", "k"], ["present.0.key"], axis=2),
+        n("Cast", ["past_key_values.0.key"], ["past_f"], to=TensorProto.FLOAT),
+        n("Concat", ["past_f", "k"], ["cat"], axis=2),
+        n("Cast", ["cat"], ["present.0.key"], to=kv_dtype),
         n("Identity", ["present.0.key"], ["present.0.value"]),
-        n("CumSum", ["present.0.key", "two"], ["cs"]),
+        n("CumSum", ["cat", "two"], ["cs"]),
         n("Shape", ["input_ids"], ["ids_shape"]),
         n("Gather", ["ids_shape", "one"], ["t"], axis=0),
         n("Neg", ["t"], ["mt"]),
@@ -73,18 +76,18 @@ def decoder_graph(vocab: int, seed: int = 0) -> onnx.ModelProto:
     inputs = [vi("input_ids", TensorProto.INT64, ["batch", "sequence"]),
               vi("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
               vi("position_ids", TensorProto.INT64, ["batch", "sequence"]),
-              vi("past_key_values.0.key", TensorProto.FLOAT, ["batch", KV, "past_sequence", D]),
-              vi("past_key_values.0.value", TensorProto.FLOAT, ["batch", KV, "past_sequence", D])]
+              vi("past_key_values.0.key", kv_dtype, ["batch", KV, "past_sequence", D]),
+              vi("past_key_values.0.value", kv_dtype, ["batch", KV, "past_sequence", D])]
     outputs = [vi("logits", TensorProto.FLOAT, ["batch", "sequence", vocab]),
-               vi("present.0.key", TensorProto.FLOAT, ["batch", KV, "total_sequence", D]),
-               vi("present.0.value", TensorProto.FLOAT, ["batch", KV, "total_sequence", D])]
+               vi("present.0.key", kv_dtype, ["batch", KV, "total_sequence", D]),
+               vi("present.0.value", kv_dtype, ["batch", KV, "total_sequence", D])]
     graph = helper.make_graph(nodes, "fake_decoder", inputs, outputs, [E, W, *consts, *extra])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     onnx.checker.check_model(model)
     return model
 
 
-def make_fake(root: Path, max_positions: int = 64) -> tuple[Path, Path]:
+def make_fake(root: Path, max_positions: int = 64, kv_dtype: int = TensorProto.FLOAT) -> tuple[Path, Path]:
     """(model_dir, export_dir) of a fake text model with a tokenizer and one decoder graph."""
     model_dir, export_dir = root / "model", root / "export"
     model_dir.mkdir(parents=True)
@@ -96,7 +99,7 @@ def make_fake(root: Path, max_positions: int = 64) -> tuple[Path, Path]:
            "pad_token_id": 1}
     (model_dir / "config.json").write_text(json.dumps(cfg))
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    onnx.save_model(decoder_graph(vocab), str(export_dir / "decoder.onnx"), save_as_external_data=True,
+    onnx.save_model(decoder_graph(vocab, kv_dtype=kv_dtype), str(export_dir / "decoder.onnx"), save_as_external_data=True,
                     location="decoder.onnx.data", size_threshold=1024)
     (export_dir / "export.json").write_text(json.dumps({"export_layout_version": 1, "target": "cpu",
                                                         "quantized": str(root.resolve() / "qdir")}))
@@ -110,7 +113,8 @@ def make_fake_bundle(root: Path, *, target: str = "cpu", kernel_library: Path | 
     from mopeq_export.models.loading import ModelInfo
     from mopeq_export.targets import get_target
 
-    model_dir, export_dir = make_fake(root)
+    kv = TensorProto.FLOAT16 if get_target(target).activation_dtype == "float16" else TensorProto.FLOAT
+    model_dir, export_dir = make_fake(root, kv_dtype=kv)
     info = ModelInfo(str(model_dir), "fake", "FakeMoeForCausalLM", "fake_moe", False, "c" * 64, "w" * 64)
     inputs = BundleInputs(export_dir, model_dir, info, get_target(target), context_length,
                           {"kind": "mopeq.bitplan", "experts": {"model.layers.0.mlp.experts.0": 2}, "avg_bits": 2.0},

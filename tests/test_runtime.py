@@ -145,7 +145,7 @@ def test_jetson_bundle_needs_permission_on_a_pc(tmp_path):
     b = make_fake_bundle(tmp_path, target="jetson-orin-nano")
     with pytest.raises(BundleError, match="allow_foreign_target"):
         mopeq_runtime.load(b)
-    man = mopeq_runtime.open_bundle(b)[1]
+    man = mopeq_runtime.open_bundle(b).manifest
     assert man.kernel.status == "source" and man.kernel.library is None and "no kernel binary" in man.kernel.note
     assert (b / "kernel-src" / "CMakeLists.txt").is_file()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -13,26 +14,25 @@ from ..cli import app, console
 
 @app.command()
 def inspect(bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
-            verify: bool = typer.Option(True, "--verify/--no-verify", help="check every file's sha256")) -> None:
-    """Summarize a bundle's manifest; with --verify (default) also check its hashes."""
+            verify: bool = typer.Option(True, "--verify/--no-verify", help="check every file's sha256"),
+            allow_unvalidated: bool = typer.Option(False, "--allow-unvalidated", help="exit 0 for a bundle that "
+                                                   "never passed the accuracy gate")) -> None:
+    """Summarize a bundle's manifest; with --verify (default) also check its hashes. Exit 2 when a check fails
+    or the bundle never passed the accuracy gate (the leftover of a killed build)."""
     from mopeq_runtime.errors import BundleError
     from mopeq_runtime.loader import open_bundle
+    from mopeq_runtime.manifest import GENAI_CONFIG, check_genai_config, verify_files
 
-    import shutil
-
-    root, m, tmp = open_bundle(bundle, verify=False)
-    try:
-        failure = None
+    failure = None
+    with open_bundle(bundle, verify=False) as b:
+        m = b.manifest
         if verify:
-            from mopeq_runtime.manifest import verify_files
-
             try:
-                verify_files(root, m)
+                verify_files(b.files, m)
+                check_genai_config(b.files.bytes(GENAI_CONFIG) if GENAI_CONFIG in b.files.held else None, m,
+                                   str(bundle))
             except BundleError as e:
                 failure = e
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
     t = Table(title=f"bundle {bundle}", show_header=False)
     t.add_column("what")
     t.add_column("value")
@@ -61,10 +61,14 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
     console.print(t)
     console.print(_bits_table(m.plan.get("experts", {})))
     console.print(_files_table(m))
-    if failure is not None:
-        from ..errors import MopeqError
+    from ..errors import MopeqError
 
+    if failure is not None:
         raise MopeqError(f"{bundle}: {failure}")
+    if m.validation.get("passed") is not True and not allow_unvalidated:
+        raise MopeqError(f"{bundle} never passed the accuracy gate (validation {json.dumps(m.validation)[:60]}): "
+                         "it is the leftover of an interrupted or failed build; rebuild it (--allow-unvalidated "
+                         "to inspect it without this error)")
 
 
 def _bits_table(experts: dict) -> Table:

@@ -43,55 +43,59 @@ def check_target(target: TargetEntry, expect: str | None, allow_foreign: bool) -
     return reason
 
 
-def elf_arch(path: Path) -> str | None:
+def elf_arch_bytes(data: bytes) -> str | None:
     """Machine a shared library was compiled for, from its ELF header (None if not ELF)."""
-    with open(path, "rb") as f:
-        head = f.read(20)
+    head = data[:20]
     if len(head) < 20 or head[:4] != b"\x7fELF":
         return None
     order = "little" if head[5] == 1 else "big"
     return _ELF_MACHINES.get(int.from_bytes(head[18:20], order), f"elf-machine-{int.from_bytes(head[18:20], order)}")
 
 
-def check_elf(path: Path) -> None:
-    """Raise BundleError unless `path` is a whole ELF shared object: every program segment and section the
-    headers declare lies inside the file. dlopen() maps a truncated library and the process dies with SIGBUS
-    on first touch; this reads only the headers, so it costs microseconds."""
-    path = Path(path)
-    size = path.stat().st_size
+def elf_arch(path: Path) -> str | None:
     with open(path, "rb") as f:
-        data = f.read(64)
-        bad = lambda why: BundleError(f"kernel library {path} is damaged ({why}); re-copy the bundle or "  # noqa: E731
-                                      "rebuild the library")
-        if len(data) < 52 or data[:4] != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
-            raise bad("not an ELF file")
-        wide, order = data[4] == 2, "little" if data[5] == 1 else "big"
-        u = lambda b, o, n: int.from_bytes(b[o:o + n], order)  # noqa: E731
-        if wide and len(data) < 64:
-            raise bad("header cut short")
-        if u(data, 16, 2) != 3:  # ET_DYN
-            raise bad("not a shared library")
-        if wide:
-            phoff, shoff = u(data, 32, 8), u(data, 40, 8)
-            phentsize, phnum, shentsize, shnum = u(data, 54, 2), u(data, 56, 2), u(data, 58, 2), u(data, 60, 2)
-        else:
-            phoff, shoff = u(data, 28, 4), u(data, 32, 4)
-            phentsize, phnum, shentsize, shnum = u(data, 42, 2), u(data, 44, 2), u(data, 46, 2), u(data, 48, 2)
-        if phnum == 0 or phoff + phentsize * phnum > size or shoff + shentsize * shnum > size:
-            raise bad(f"its headers reach past its {size} bytes: truncated")
-        f.seek(phoff)
-        for i in range(phnum):
-            ph = f.read(phentsize)
-            off, filesz = (u(ph, 8, 8), u(ph, 32, 8)) if wide else (u(ph, 4, 4), u(ph, 16, 4))
-            if off + filesz > size:
-                raise bad(f"segment {i} ends at byte {off + filesz}, the file has {size}: truncated")
-        f.seek(shoff)
-        for i in range(shnum):
-            sh = f.read(shentsize)
-            kind = u(sh, 4, 4)
-            off, sz = (u(sh, 24, 8), u(sh, 32, 8)) if wide else (u(sh, 16, 4), u(sh, 20, 4))
-            if kind != 8 and off + sz > size:  # SHT_NOBITS (.bss) occupies no file bytes
-                raise bad(f"section {i} ends at byte {off + sz}, the file has {size}: truncated")
+        return elf_arch_bytes(f.read(20))
+
+
+def check_elf(path: Path) -> None:
+    with open(path, "rb") as f:
+        check_elf_bytes(f.read(), str(path))
+
+
+def check_elf_bytes(data: bytes, name: str) -> None:
+    """Raise BundleError unless `data` is a whole ELF shared object: every program segment and section the
+    headers declare lies inside it. dlopen() maps a truncated library and the process dies with SIGBUS on
+    first touch; this reads only the headers."""
+    size = len(data)
+    bad = lambda why: BundleError(f"kernel library {name} is damaged ({why}); re-copy the bundle or "  # noqa: E731
+                                  "rebuild the library")
+    if size < 52 or data[:4] != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
+        raise bad("not an ELF file")
+    wide, order = data[4] == 2, "little" if data[5] == 1 else "big"
+    u = lambda o, n: int.from_bytes(data[o:o + n], order)  # noqa: E731
+    if wide and size < 64:
+        raise bad("header cut short")
+    if u(16, 2) != 3:  # ET_DYN
+        raise bad("not a shared library")
+    if wide:
+        phoff, shoff = u(32, 8), u(40, 8)
+        phentsize, phnum, shentsize, shnum = u(54, 2), u(56, 2), u(58, 2), u(60, 2)
+    else:
+        phoff, shoff = u(28, 4), u(32, 4)
+        phentsize, phnum, shentsize, shnum = u(42, 2), u(44, 2), u(46, 2), u(48, 2)
+    if phnum == 0 or phoff + phentsize * phnum > size or shoff + shentsize * shnum > size:
+        raise bad(f"its headers reach past its {size} bytes: truncated")
+    for i in range(phnum):
+        ph = phoff + i * phentsize
+        off, filesz = (u(ph + 8, 8), u(ph + 32, 8)) if wide else (u(ph + 4, 4), u(ph + 16, 4))
+        if off + filesz > size:
+            raise bad(f"segment {i} ends at byte {off + filesz}, the file has {size}: truncated")
+    for i in range(shnum):
+        sh = shoff + i * shentsize
+        kind = u(sh + 4, 4)
+        off, sz = (u(sh + 24, 8), u(sh + 32, 8)) if wide else (u(sh + 16, 4), u(sh + 20, 4))
+        if kind != 8 and off + sz > size:  # SHT_NOBITS (.bss) occupies no file bytes
+            raise bad(f"section {i} ends at byte {off + sz}, the file has {size}: truncated")
 
 
 def pick_providers(preferred: tuple[str, ...], available: list[str]) -> list[str]:

@@ -249,44 +249,209 @@ def _graph(d: dict) -> GraphEntry:
                              "outputs": tuple(sig(s) for s in d["outputs"])})
 
 
+def parse_manifest(data: bytes, source: str) -> Manifest:
+    """The manifest of these exact bytes (the ones a signature covers), its values checked (check_values)."""
+    try:
+        d = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{source} is not valid JSON ({e}); the bundle is damaged, rebuild or re-copy it") from None
+    m = Manifest.from_json(d, source)
+    check_values(m, source)
+    return m
+
+
 def read_manifest(root: Path) -> Manifest:
-    path = root / MANIFEST
+    path = Path(root) / MANIFEST
     if not path.is_file():
         raise BundleError(f"{root} is not a bundle: no {MANIFEST}; build one with `mopeq-export build`")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON ({e}); the bundle is damaged, rebuild or re-copy it") from None
-    return Manifest.from_json(d, str(path))
+    return parse_manifest(path.read_bytes(), str(path))
 
 
 def _safe_relpath(p: str) -> bool:
     pp = PurePosixPath(p)
-    return bool(p) and not pp.is_absolute() and ".." not in pp.parts and "\\" not in p
+    return bool(p) and not pp.is_absolute() and ".." not in pp.parts and "\\" not in p and "." not in pp.parts \
+        and p == pp.as_posix()
 
 
-def verify_files(root: Path, manifest: Manifest) -> None:
-    """Every listed file exists with its size and sha256; nothing unlisted; every referenced file is listed."""
+# -- the bundle's own values ------------------------------------------------------------------------------
+GRAPH_NAMES = ("decoder", "embed", "vision")
+ACTIVATION_DTYPES = ("float32", "float16")
+_HEX = set("0123456789abcdef")
+
+
+def check_values(m: Manifest, source: str = MANIFEST) -> None:
+    """The manifest's numbers against each other and against the decoder's declared signature: a bundle whose
+    values disagree would fail later with a confusing error (or silently misbehave), so it is refused here."""
+    def bad(why: str) -> BundleError:
+        return BundleError(f"{source}: {why}; the manifest was edited or damaged, rebuild the bundle")
+
+    mo, t, tok = m.model, m.target, m.tokenizer
+    for name in ("num_layers", "hidden", "vocab", "max_position_embeddings"):
+        if getattr(mo, name) < 1:
+            raise bad(f"model.{name} = {getattr(mo, name)} is not a positive count")
+    if not 1 <= t.context_length <= mo.max_position_embeddings:
+        raise bad(f"target.context_length = {t.context_length} is outside 1..{mo.max_position_embeddings} "
+                  "(model.max_position_embeddings)")
+    if t.memory_bytes < 0:
+        raise bad(f"target.memory_bytes = {t.memory_bytes} is negative")
+    if t.activation_dtype not in ACTIVATION_DTYPES:
+        raise bad(f"target.activation_dtype {t.activation_dtype!r} is not one of {', '.join(ACTIVATION_DTYPES)}")
+    for name in ("bos_id", "eos_id", "pad_id"):
+        v = getattr(tok, name)
+        if v is not None and not 0 <= v < mo.vocab:
+            raise bad(f"tokenizer.{name} = {v} is not a token id of the {mo.vocab}-token vocabulary")
+    paths = [f.path for f in m.files]
+    if len(set(paths)) != len(paths):
+        raise bad("a file is listed twice")
+    for f in m.files:
+        if not _safe_relpath(f.path) or f.path in (MANIFEST, "manifest.sig"):
+            raise bad(f"it lists an unsafe path {f.path!r}")
+        if f.size < 0 or len(f.sha256) != 64 or not set(f.sha256) <= _HEX:
+            raise bad(f"the entry of {f.path} has no valid size and sha256")
+    names = [g.name for g in m.graphs]
+    if len(set(names)) != len(names) or not set(names) <= set(GRAPH_NAMES):
+        raise bad(f"graphs {names} are not distinct names among {', '.join(GRAPH_NAMES)}")
+    k = m.kernel
+    if k.status not in ("binary", "source", "none") or (k.status == "binary") != bool(k.library):
+        raise bad(f"kernel status {k.status!r} with library {k.library!r} is inconsistent")
+    dec = m.graph("decoder")
+    check_graph_io(m, "decoder", dec.inputs, dec.outputs, source)
+
+
+def check_graph_io(m: Manifest, name: str, inputs, outputs, source: str) -> None:
+    """A graph's inputs/outputs (TensorSig-like: name, dtype, shape) against the manifest: for the decoder,
+    the token input, one key and one value per layer of the model's KV shapes in the target's dtype, float32
+    logits as wide as the vocabulary. Dimensions given as names (symbolic) are not compared."""
+    if name != "decoder":
+        return
+    mo, act = m.model, m.target.activation_dtype
+
+    def bad(why: str) -> BundleError:
+        return BundleError(f"{source}: the decoder graph does not match the manifest ({why}); rebuild the bundle")
+
+    def fixed(shape, i, want, what):
+        if len(shape) > i and isinstance(shape[i], int) and shape[i] != want:
+            raise bad(f"{what} is {shape[i]}, the manifest says {want}")
+
+    ins, outs = {s.name: s for s in inputs}, {s.name: s for s in outputs}
+    if "input_ids" not in ins and "inputs_embeds" not in ins:
+        raise bad("no input_ids or inputs_embeds input")
+    if "inputs_embeds" in ins:
+        fixed(ins["inputs_embeds"].shape, 2, mo.hidden, "inputs_embeds' width")
+    past = sorted(n for n in ins if n.startswith("past_key_values."))
+    present = sorted(n for n in outs if n.startswith("present."))
+    if len(past) != 2 * mo.num_layers or len(present) != 2 * mo.num_layers:
+        raise bad(f"{len(past)} past and {len(present)} present tensors for {mo.num_layers} layers")
+    for i, (kh, kd, vh, vd) in enumerate(mo.kv_cache):
+        for kind, heads, dim in (("key", kh, kd), ("value", vh, vd)):
+            for prefix, table in (("past_key_values", ins), ("present", outs)):
+                s = table.get(f"{prefix}.{i}.{kind}")
+                if s is None:
+                    raise bad(f"no {prefix}.{i}.{kind}")
+                if s.dtype != act:
+                    raise bad(f"{s.name} is {s.dtype}, the target's activations are {act}")
+                if len(s.shape) != 4:
+                    raise bad(f"{s.name} has rank {len(s.shape)}, not 4")
+                fixed(s.shape, 1, heads, f"{s.name}'s heads")
+                fixed(s.shape, 3, dim, f"{s.name}'s head dim")
+    logits = outs.get("logits")
+    if logits is None or logits.dtype != "float32":
+        raise bad("no float32 logits output")
+    fixed(logits.shape, len(logits.shape) - 1, mo.vocab, "the logits' width (vocabulary)")
+
+
+def verify_files(files, manifest: Manifest) -> None:
+    """Through `files` (files.BundleFiles): every listed file opened once and checked (size, sha256) from its
+    descriptor; nothing unlisted, no folder that holds no listed file; every referenced file listed."""
     listed = {f.path for f in manifest.files}
     for f in manifest.files:
-        if not _safe_relpath(f.path):
-            raise BundleError(f"manifest lists an unsafe path {f.path!r}; the bundle was tampered with")
-        p = root / f.path
-        if not p.is_file() or p.is_symlink():
-            raise BundleError(f"bundle file {f.path} is missing; re-copy the whole bundle folder")
-        if p.stat().st_size != f.size:
-            raise BundleError(f"bundle file {f.path} has {p.stat().st_size} bytes, the manifest says {f.size}: "
-                              "it was altered or truncated; re-copy the bundle")
-        if sha256_file(p) != f.sha256:
-            raise BundleError(f"bundle file {f.path} does not match its sha256 in the manifest: it was altered; "
-                              "re-copy or rebuild the bundle")
-    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+        files.hold(f.path, f.size, f.sha256)
+    on_disk, folders = files.walk()
     extra = sorted(on_disk - listed - {MANIFEST, "manifest.sig"})
     if extra:
-        raise BundleError(f"bundle holds files its manifest does not list ({', '.join(extra[:3])}); "
+        raise BundleError(f"{files.label} holds files its manifest does not list ({', '.join(extra[:3])}); "
+                          "it was modified after the build: remove them or rebuild")
+    needed = {p.as_posix() for f in listed for p in PurePosixPath(f).parents if p.as_posix() != "."}
+    stray = sorted(folders - needed)
+    if stray:
+        raise BundleError(f"{files.label} holds folders its manifest does not account for ({', '.join(stray[:3])}); "
                           "it was modified after the build: remove them or rebuild")
     referenced = [g.file for g in manifest.graphs] + [d for g in manifest.graphs for d in g.data_files]
     referenced += [manifest.tokenizer.file] + ([manifest.kernel.library] if manifest.kernel.library else [])
+    referenced += [manifest.tokenizer.config_file] if manifest.tokenizer.config_file else []
     missing = [r for r in referenced if r not in listed]
     if missing:
         raise BundleError(f"manifest refers to {missing[0]} but does not list its hash; the manifest was edited")
+
+
+# -- genai_config.json ---------------------------------------------------------------------------------------
+GENAI_CONFIG = "genai_config.json"
+_PATH_KEYS = ("filename", "custom_ops_library")  # the config keys ONNX Runtime GenAI opens as files
+
+
+def _config_paths(node, where: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in _PATH_KEYS or k.endswith("_filename") or k.endswith("_library"):
+                yield f"{where}{k}", v
+            yield from _config_paths(v, f"{where}{k}.")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _config_paths(v, f"{where}{i}.")
+
+
+def check_genai_config(data: bytes | None, m: Manifest, source: str) -> None:
+    """genai_config.json (read by ONNX Runtime GenAI, which opens the files it names and loads the library it
+    names): present exactly when the manifest's `genai` record names it, every path it names a file of the
+    bundle, its graph, tensor names, sizes and token ids those of the manifest."""
+    def bad(why: str) -> BundleError:
+        return BundleError(f"{source}: {GENAI_CONFIG} {why}; the bundle was altered, rebuild it")
+
+    named = (m.genai or {}).get("config")
+    if named is not None and named != GENAI_CONFIG:
+        raise BundleError(f"{source}: the manifest's genai record names {named!r}, not {GENAI_CONFIG}")
+    if data is None:
+        if named is not None:
+            raise bad("is missing but the manifest's genai record names it")
+        return
+    if m.genai is not None and named is None:
+        raise bad("is present but the manifest's genai record says the bundle has none")
+    try:
+        cfg = json.loads(data.decode("utf-8"))
+        model = cfg["model"]
+        dec = model["decoder"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise bad(f"is malformed ({type(e).__name__}: {e})") from None
+    listed = {f.path for f in m.files}
+    for key, value in _config_paths(cfg):
+        if not isinstance(value, str) or not _safe_relpath(value) or value not in listed:
+            raise bad(f"names {value!r} as {key}: every path it names must be a file of the bundle")
+    graph = m.graph("decoder")
+    if dec.get("filename") != graph.file:
+        raise bad(f"names the decoder {dec.get('filename')!r}, the bundle's decoder is {graph.file}")
+    lib = (dec.get("session_options") or {}).get("custom_ops_library")
+    if lib is not None and lib != m.kernel.library:
+        raise bad(f"registers the library {lib!r}, the bundle's kernel library is {m.kernel.library!r}")
+    ins, outs = {s.name for s in graph.inputs}, {s.name for s in graph.outputs}
+    for table, names, what in ((dec.get("inputs") or {}, ins, "input"), (dec.get("outputs") or {}, outs, "output")):
+        if not isinstance(table, dict):
+            raise bad(f"has a malformed decoder {what} table")
+        for key, name in table.items():
+            name = name % 0 if isinstance(name, str) and "%d" in name else name
+            if name not in names:
+                raise bad(f"maps {key} to {name!r}, which is not a decoder {what}")
+    kh, kd, _, _ = m.model.kv_cache[0]
+    want = {"num_hidden_layers": m.model.num_layers, "num_key_value_heads": kh, "head_size": kd,
+            "hidden_size": m.model.hidden}
+    for key, value in want.items():
+        if key in dec and dec[key] != value:
+            raise bad(f"says {key} {dec[key]!r}, the manifest {value}")
+    if model.get("vocab_size", m.model.vocab) != m.model.vocab:
+        raise bad(f"says vocab_size {model.get('vocab_size')!r}, the manifest {m.model.vocab}")
+    ctx = model.get("context_length", 1)
+    if type(ctx) is not int or not 1 <= ctx <= m.target.context_length:
+        raise bad(f"says context_length {ctx!r}, outside 1..{m.target.context_length} (the bundle's context)")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = model.get(key)
+        if v is not None and (type(v) is not int or not 0 <= v < m.model.vocab):
+            raise bad(f"says {key} {v!r}, not a token id of the {m.model.vocab}-token vocabulary")

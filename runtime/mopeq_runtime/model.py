@@ -56,14 +56,14 @@ def _io_check(sess, g: GraphEntry) -> None:
 
 class BundleModel:
     def __init__(self, root: Path, manifest: Manifest, sessions: dict, kernel: KernelStatus, providers: list[str],
-                 target_note: str | None):
+                 target_note: str | None, tokenizer_json: bytes):
         self.root, self.manifest, self.kernel, self.providers = root, manifest, kernel, providers
         self.target_note = target_note  # why the bundle runs on a host it was not built for (None if it was)
         for name, sess in sessions.items():
             _io_check(sess, manifest.graph(name))
         self._dec = sessions["decoder"]
         self._embed, self._vision = sessions.get("embed"), sessions.get("vision")
-        self.tokenizer = BundleTokenizer(root, manifest.tokenizer)
+        self.tokenizer = BundleTokenizer(tokenizer_json, manifest.tokenizer)
         self.act_dtype = np.dtype(manifest.target.activation_dtype)
         m = manifest.model
         self.context_length = min(manifest.target.context_length, m.max_position_embeddings)

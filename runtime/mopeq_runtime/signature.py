@@ -46,15 +46,38 @@ def key_id(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+MAX_KEY_BYTES = 64 << 10  # a PEM public key is a few hundred bytes
+MAX_SIGNATURE_BYTES = 64 << 10
+
+
+def _read_key_file(p: Path, what: str = "public key") -> bytes:
+    """The bytes of a key file, refused clearly when it is absent, a folder, a device or absurdly large."""
+    import stat as _stat
+
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise BundleError(f"{what} file {p} not found") from None
+    except OSError as e:
+        raise BundleError(f"cannot read the {what} file {p}: {e.strerror}") from None
+    if _stat.S_ISDIR(st.st_mode):
+        raise BundleError(f"{what} {p} is a folder; give the key file itself (e.g. NAME.pub from `keygen`)")
+    if not _stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{what} {p} is not a regular file (a device or pipe); give the key file itself")
+    if st.st_size > MAX_KEY_BYTES:
+        raise BundleError(f"{what} {p} has {st.st_size} bytes; a key file has a few hundred: give the key file")
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise BundleError(f"cannot read the {what} file {p}: {e.strerror}") from None
+
+
 def raw_public_key(key: KeyLike) -> bytes:
     """The 32 raw bytes of an ed25519 public key given as a PEM file, PEM bytes or raw bytes."""
     _, serialization, ed25519 = _crypto()
     data = key
     if isinstance(key, (str, Path)):
-        p = Path(key)
-        if not p.is_file():
-            raise BundleError(f"public key file {p} not found")
-        data = p.read_bytes()
+        data = _read_key_file(Path(key))
     if isinstance(data, bytes) and len(data) == 32:
         return data
     try:
@@ -67,41 +90,49 @@ def raw_public_key(key: KeyLike) -> bytes:
     return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def read_signature(root: Path) -> dict | None:
-    p = Path(root) / SIGNATURE
-    if not p.exists():
-        return None
-    if not p.is_file() or p.is_symlink():
-        raise BundleError(f"{p} is not a regular file; the bundle was tampered with")
+def parse_signature(data: bytes, source: str) -> dict:
+    """manifest.sig's record from its bytes: every field present and of its type (else one clear error)."""
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-        if d.get("kind") != SIG_KIND or d.get("algorithm") != ALGORITHM:
+        d = json.loads(data.decode("utf-8"))
+        if not isinstance(d, dict) or d.get("kind") != SIG_KIND or d.get("algorithm") != ALGORITHM:
             raise ValueError(f"kind/algorithm not {SIG_KIND}/{ALGORITHM}")
+        for field in ("key_id", "public_key", "signature"):
+            if not isinstance(d.get(field), str):
+                raise ValueError(f"no {field!r} string")
         base64.b64decode(d["signature"], validate=True)
         base64.b64decode(d["public_key"], validate=True)
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise BundleError(f"{p} is malformed ({e}); re-sign the bundle") from None
+    except (UnicodeDecodeError, ValueError, TypeError) as e:
+        raise BundleError(f"{source} is malformed ({e}); re-sign the bundle") from None
     return d
 
 
-def verify_signature(root: Path, trusted_keys: Iterable[KeyLike]) -> SignatureInfo:
-    """Refuse the bundle unless manifest.sig is a valid ed25519 signature of manifest.json by a trusted key."""
+def read_signature(root: Path) -> dict | None:
+    """manifest.sig of a bundle folder (None when unsigned); loads use the bytes held by open_bundle instead."""
+    p = Path(root) / SIGNATURE
+    if not p.exists() and not p.is_symlink():
+        return None
+    if not p.is_file() or p.is_symlink():
+        raise BundleError(f"{p} is not a regular file; the bundle was tampered with")
+    return parse_signature(p.read_bytes()[:MAX_SIGNATURE_BYTES + 1], str(p))
+
+
+def verify_signature(manifest_bytes: bytes, sig: dict | None, trusted_keys: Iterable[KeyLike],
+                     label: str) -> SignatureInfo:
+    """Refuse unless `sig` (manifest.sig's record) is a valid ed25519 signature of exactly `manifest_bytes` (the
+    bytes the manifest was parsed from) by one of the trusted keys."""
     InvalidSignature, _, ed25519 = _crypto()
     keys = [raw_public_key(k) for k in trusted_keys]
     if not keys:
         raise BundleError("trusted_keys is empty: give at least one public key, or None to skip the signature check")
-    sig = read_signature(root)
     if sig is None:
-        raise BundleError(f"{root} is not signed (no {SIGNATURE}) but trusted keys were given; sign it with "
+        raise BundleError(f"{label} is not signed (no {SIGNATURE}) but trusted keys were given; sign it with "
                           "`mopeq-export sign` or build with --sign-key")
-    message = (Path(root) / "manifest.json").read_bytes()
     signature = base64.b64decode(sig["signature"])
     for raw in keys:
         try:
-            ed25519.Ed25519PublicKey.from_public_bytes(raw).verify(signature, message)
+            ed25519.Ed25519PublicKey.from_public_bytes(raw).verify(signature, manifest_bytes)
         except InvalidSignature:
             continue
         return SignatureInfo(key_id(raw))
-    claimed = sig.get("key_id", "?")
-    raise BundleError(f"{root}: the manifest's signature (key {claimed}) does not verify with any trusted key; "
-                      "the manifest was altered after signing or it was signed by another key")
+    raise BundleError(f"{label}: the manifest's signature (key {sig['key_id']}) does not verify with any trusted "
+                      "key; the manifest was altered after signing or it was signed by another key")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 from .errors import BundleError
@@ -10,11 +9,12 @@ from .manifest import TokenizerEntry
 
 
 class BundleTokenizer:
-    def __init__(self, root: Path, entry: TokenizerEntry):
+    def __init__(self, data: bytes, entry: TokenizerEntry):
+        """`data`: the bytes of the bundle's tokenizer file, as checked against the manifest."""
         from tokenizers import Tokenizer
 
         try:
-            self._tok = Tokenizer.from_file(str(root / entry.file))
+            self._tok = Tokenizer.from_str(data.decode("utf-8"))
         except Exception as e:  # tokenizers raises its own exception type for unreadable files
             raise BundleError(f"cannot read the bundle's tokenizer {entry.file}: {e}") from None
         self.bos_id, self.eos_id, self.pad_id = entry.bos_id, entry.eos_id, entry.pad_id
