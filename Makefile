@@ -34,14 +34,14 @@ $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h:
 	bash runtime/csrc/fetch_debian_headers.sh $(BUILD)/ort-headers libonnxruntime-dev onnxruntime/onnxruntime_cxx_api.h
 
 kernels: $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h
-	cmake -S runtime/csrc -B $(BUILD)/kernels -DCMAKE_BUILD_TYPE=Release -DORT_INCLUDE_DIR=$(ORT_INCLUDE_DIR) >/dev/null
+	cmake -S runtime/csrc -B $(BUILD)/kernels -DCMAKE_BUILD_TYPE=Release -DMOPEQ_CUDA=OFF -DORT_INCLUDE_DIR=$(ORT_INCLUDE_DIR) >/dev/null
 	cmake --build $(BUILD)/kernels -j 2
 	cmake --install $(BUILD)/kernels --prefix runtime/mopeq_runtime >/dev/null
 
 # The kernel library under AddressSanitizer + UndefinedBehaviorSanitizer (any report aborts the process)
 ASAN_LIB := $(abspath $(BUILD)/asan/libmopeq_ops.so)
 kernels-asan: $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h
-	cmake -S runtime/csrc -B $(BUILD)/kernels-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DORT_INCLUDE_DIR=$(ORT_INCLUDE_DIR) \
+	cmake -S runtime/csrc -B $(BUILD)/kernels-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOPEQ_CUDA=OFF -DORT_INCLUDE_DIR=$(ORT_INCLUDE_DIR) \
 	  -DCMAKE_CXX_FLAGS="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" \
 	  -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" >/dev/null
 	cmake --build $(BUILD)/kernels-asan -j 2
@@ -55,11 +55,13 @@ test-asan: kernels-asan
 	MOPEQ_KERNEL_LIBRARY=$(ASAN_LIB) $(VPY) -m pytest -q -p no:cacheprovider tests/test_kernel_cpu.py \
 	  tests/test_kernel_fuzz.py
 
-# GPU/Jetson: the same library with the CUDA kernel and its CUDA-EP registration (needs nvcc; off in setup)
+# GPU/Jetson: libmopeq_ops_cuda (the CPU op + the CUDA kernel registered for ORT's CUDA provider; needs nvcc;
+# off in setup) installed beside libmopeq_ops, where GPU-target builds pick it up
 kernels-cuda: $(ORT_INCLUDE_DIR)/onnxruntime_cxx_api.h
 	cmake -S runtime/csrc -B $(BUILD)/kernels-cuda -DCMAKE_BUILD_TYPE=Release -DMOPEQ_CUDA=ON -DMOPEQ_ORT_CUDA=ON \
 	  -DORT_INCLUDE_DIR=$(ORT_INCLUDE_DIR) >/dev/null
 	cmake --build $(BUILD)/kernels-cuda -j 2
+	cmake --install $(BUILD)/kernels-cuda --prefix runtime/mopeq_runtime >/dev/null
 
 # on a CUDA machine: build the CUDA kernel standalone, run its correctness harness, memcheck and benchmark
 cuda-check:

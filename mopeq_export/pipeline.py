@@ -232,16 +232,21 @@ def _export(cfg: BuildConfig, qdir: Path, target: Target, st: Path) -> None:
 
 
 def kernel_for(target: Target, override: Path | None) -> Path | None:
-    """The compiled library when it can run on the target (x86-64 here); else None: ship the source."""
+    """The compiled library when it can run on the target (x86-64 here); else None: ship the source.
+
+    A target whose providers include CUDA gets libmopeq_ops_cuda (the CPU op and the CUDA op) when this
+    installation has it; every other target the CPU-only libmopeq_ops (it must load where there is no CUDA)."""
     if override is not None:
         return override
     from mopeq_runtime.host import elf_arch, host_arch
-    from mopeq_runtime.native import KernelLibraryMissing, library_path
+    from mopeq_runtime.native import KernelLibraryMissing, cuda_library_path, library_path
 
     try:
         lib = library_path()  # the runtime package's own build (or $MOPEQ_KERNEL_LIBRARY)
     except KernelLibraryMissing:
         return None
+    if "CUDAExecutionProvider" in target.providers and cuda_library_path() is not None:
+        lib = cuda_library_path()
     if target.arch == host_arch() and elf_arch(lib) == target.arch:
         return lib
     return None

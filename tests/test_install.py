@@ -42,6 +42,7 @@ def _ort_headers_env() -> dict:
     if headers.is_dir():
         env.setdefault("ORT_INCLUDE_DIR", str(headers))
     env.pop("MOPEQ_KERNEL_LIBRARY", None)
+    env["MOPEQ_CUDA"] = "OFF"  # the CPU wheel: where nvcc is found, the default (AUTO) also compiles the CUDA library
     return env
 
 

@@ -191,3 +191,39 @@ def test_toolchain_api_is_public_and_lazy():
             "import mopeq_export.pipeline as b; assert build_bundle is b.build; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+# -- device= (CPU side; the GPU runs are device tests) ---------------------------------------------------------
+def test_device_cpu_and_refusals_of_a_gpu_this_onnxruntime_or_library_cannot_serve(tmp_path, monkeypatch, capsys):
+    import onnxruntime as ort
+
+    from mopeq_runtime.host import library_providers
+
+    lib = Path(mopeq_runtime.native.library_path())
+    data = lib.read_bytes()
+    assert library_providers(data) == ("CPUExecutionProvider",)  # this build registers the CPU op only
+    assert library_providers(b"\0mopeq-ops-providers:CPUExecutionProvider,CUDAExecutionProvider\0") == (
+        "CPUExecutionProvider", "CUDAExecutionProvider")
+    b = make_fake_bundle(tmp_path / "a", kernel_library=lib)
+    m = mopeq_runtime.load(b, device="cpu")
+    assert m.providers == ["CPUExecutionProvider"] and m.kernel.used
+    assert m.generate("The", max_new_tokens=2).prompt_tokens > 0
+    with pytest.raises(BundleError, match="is not one of auto, cpu, cuda, cuda:N"):
+        mopeq_runtime.load(b, device="gpu0")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(BundleError, match="needs ONNX Runtime's CUDA execution provider.*onnxruntime-gpu"):
+            mopeq_runtime.load(b, device="cuda")
+        from test_safety import main
+
+        code, err = main(["run", b, "--prompt", "The", "--device", "cuda:0"], capsys)
+        assert code == 2 and "onnxruntime-gpu" in err and "Traceback" not in err
+    # an onnxruntime that has the CUDA provider, and a library without the CUDA op: refused, never a GPU
+    # session whose MoE nodes would run on the CPU; auto keeps such a bundle on the CPU
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(BundleError, match="has no CUDA op"):
+        mopeq_runtime.load(b, device="cuda:1")
+    j = make_fake_bundle(tmp_path / "j", target="cuda", kernel_library=lib)
+    m = mopeq_runtime.load(j, allow_foreign_target=True)
+    assert m.providers == ["CPUExecutionProvider"], m.providers
+    with pytest.raises(BundleError, match="not both"):
+        mopeq_runtime.load(b, device="cpu", providers=["CPUExecutionProvider"])

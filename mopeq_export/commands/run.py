@@ -29,12 +29,14 @@ def run_bundle(
                                              "a bundle not signed by one of them"),
     allow_unvalidated: bool = typer.Option(False, "--allow-unvalidated",
                                            help="run a bundle that never passed the accuracy gate"),
+    device: str = typer.Option("auto", "--device", help="auto (the target's providers), cpu, cuda or cuda:N "
+                                                        "(ONNX Runtime's CUDA provider: needs onnxruntime-gpu)"),
 ) -> None:
     """Stream a completion from a bundle through mopeq_runtime."""
     import mopeq_runtime
 
     model = mopeq_runtime.load(bundle, allow_foreign_target=allow_foreign_target, use_kernel=not no_kernel,
-                               trusted_keys=key or None, allow_unvalidated=allow_unvalidated)
+                               trusted_keys=key or None, allow_unvalidated=allow_unvalidated, device=device)
     if model.target_note:
         console.print(f"[yellow]note:[/] {model.target_note}; running anyway on {', '.join(model.providers)}")
     console.print(f"[dim]{model.kernel.reason}[/]")

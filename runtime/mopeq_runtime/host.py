@@ -98,6 +98,30 @@ def check_elf_bytes(data: bytes, name: str) -> None:
             raise bad(f"section {i} ends at byte {off + sz}, the file has {size}: truncated")
 
 
+PROVIDERS_MARKER = b"mopeq-ops-providers:"  # runtime/csrc/src/op.cc, mopeq_ops_providers
+
+
+def library_providers(data: bytes) -> tuple[str, ...]:
+    """Execution providers a kernel library registers mopeq.MoEExperts for, read from its bytes (a library
+    built before the marker existed registers the CPU op only)."""
+    at = data.find(PROVIDERS_MARKER)
+    if at < 0:
+        return ("CPUExecutionProvider",)
+    end = data.find(b"\0", at)
+    text = data[at + len(PROVIDERS_MARKER):end if end >= 0 else at + 256].decode("ascii", "replace")
+    return tuple(p for p in text.split(",") if p)
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> (kind, device id)."""
+    d = str(device).strip().lower()
+    if d in ("auto", "cpu", "cuda"):
+        return d, 0
+    if d.startswith("cuda:") and d[5:].isdigit():
+        return "cuda", int(d[5:])
+    raise BundleError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
 def pick_providers(preferred: tuple[str, ...], available: list[str]) -> list[str]:
     """The target's providers that this onnxruntime build has, in the target's order; CPU always last."""
     chosen = [p for p in preferred if p in available and p != "CPUExecutionProvider"]

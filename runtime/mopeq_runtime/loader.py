@@ -15,7 +15,8 @@ from typing import Iterable
 
 from .errors import BundleError
 from .files import BundleFiles
-from .host import check_elf_bytes, check_target, elf_arch_bytes, host_arch, pick_providers
+from .host import (check_elf_bytes, check_target, elf_arch_bytes, host_arch, library_providers, parse_device,
+                   pick_providers)
 from .manifest import GENAI_CONFIG, MANIFEST, Manifest, check_genai_config, parse_manifest, verify_files
 from .model import BundleModel, KernelStatus
 from .signature import SIGNATURE, KeyLike, SignatureInfo, parse_signature, verify_signature
@@ -210,13 +211,46 @@ def _kernel(so, b: OpenedBundle, use_kernel: bool, device_library: Path | None) 
     except Exception as e:  # ORT raises a generic exception for libraries it cannot load
         return KernelStatus(False, f"the kernel library did not load ({str(e).splitlines()[0]}); "
                                    "running the function-body fallback")
-    return KernelStatus(True, f"mopeq.MoEExperts runs in {device_library or k.library} ({arch})")
+    return KernelStatus(True, f"mopeq.MoEExperts runs in {device_library or k.library} ({arch})",
+                        library_providers(data))
+
+
+CUDA = "CUDAExecutionProvider"
+
+
+def _providers(manifest: Manifest, device: str, providers, kernel: KernelStatus, available: list[str]) -> list:
+    """The execution providers for `device` (docs/BUNDLE.md, "The runtime API"); refuses a GPU the installed
+    onnxruntime cannot drive, or a GPU load whose MoE layers would silently run on the CPU."""
+    kind, index = parse_device(device)
+    if providers is not None:
+        if kind != "auto":
+            raise BundleError("give device= or providers=, not both")
+        return list(providers)
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    no_cuda_op = kernel.used and CUDA not in kernel.providers
+    if kind == "cuda":
+        if CUDA not in available:
+            raise BundleError(f"device={device!r} needs ONNX Runtime's CUDA execution provider; this onnxruntime has "
+                              f"{', '.join(available)}: install onnxruntime-gpu in its place, or load with "
+                              "device='cpu'")
+        if no_cuda_op:
+            raise BundleError("the kernel library has no CUDA op (built without -DMOPEQ_CUDA=ON -DMOPEQ_ORT_CUDA=ON), "
+                              "so the MoE layers would fall back to the CPU: rebuild the bundle with --target cuda "
+                              "on a machine with nvcc, pass kernel_library= built with CUDA, load with device='cpu', "
+                              "or use_kernel=False to run the portable function bodies on the GPU")
+        return [(CUDA, {"device_id": index}), "CPUExecutionProvider"]
+    chosen = pick_providers(manifest.target.providers, available)
+    if CUDA in chosen and no_cuda_op:  # auto: never a GPU session whose MoE nodes run on the CPU
+        chosen = [p for p in chosen if p != CUDA]
+    return chosen
 
 
 def load(bundle: str | Path, *, target: str | None = None, allow_foreign_target: bool = False,
          use_kernel: bool = True, require_kernel: bool = False, kernel_library: str | Path | None = None,
-         providers: list[str] | None = None, threads: int = 0, verify: bool = True,
-         trusted_keys: Iterable[KeyLike] | None = None, allow_unvalidated: bool = False) -> BundleModel:
+         providers: list | None = None, threads: int = 0, verify: bool = True,
+         trusted_keys: Iterable[KeyLike] | None = None, allow_unvalidated: bool = False,
+         device: str = "auto") -> BundleModel:
     """Open a bundle for inference (docs/BUNDLE.md, "What a load guarantees").
 
     target: the device name this app expects (refuses another target's bundle); allow_foreign_target runs a
@@ -227,9 +261,13 @@ def load(bundle: str | Path, *, target: str | None = None, allow_foreign_target:
     trusted_keys: refuse the bundle unless it is signed by one of these ed25519 public keys.
     verify=False skips the hashes (each file is still opened once and used through its descriptor).
     allow_unvalidated: run a bundle whose manifest does not record a passed accuracy gate (refused by default).
+    device: "auto" (the target's providers that this onnxruntime has), "cpu", "cuda" or "cuda:N" (ONNX
+    Runtime's CUDA execution provider; refused when this onnxruntime has none, or when the kernel library has
+    no CUDA op). providers= (ORT provider list) overrides it.
     """
     import onnxruntime as ort
 
+    parse_device(device)  # a malformed device fails before any work
     b = open_bundle(bundle, verify=verify, trusted_keys=trusted_keys)
     try:
         manifest = b.manifest
@@ -242,7 +280,7 @@ def load(bundle: str | Path, *, target: str | None = None, allow_foreign_target:
         kernel = _kernel(so, b, use_kernel, kernel_library)
         if require_kernel and not kernel.used:
             raise BundleError(f"kernel library required but not used: {kernel.reason}")
-        chosen = providers or pick_providers(manifest.target.providers, ort.get_available_providers())
+        chosen = _providers(manifest, device, providers, kernel, ort.get_available_providers())
         sessions = {}
         sizes = {f.path: f.size for f in manifest.files}
         for g in manifest.graphs:
@@ -254,7 +292,8 @@ def load(bundle: str | Path, *, target: str | None = None, allow_foreign_target:
             except Exception as e:  # ORT's exceptions carry the reason on their first line
                 raise BundleError(f"ONNX Runtime cannot load {g.file}: {str(e).splitlines()[0]}") from None
         b.files.hold(manifest.tokenizer.file, sizes.get(manifest.tokenizer.file))
-        model = BundleModel(Path(bundle), manifest, sessions, kernel, chosen, note,
+        names = [p if isinstance(p, str) else p[0] for p in chosen]
+        model = BundleModel(Path(bundle), manifest, sessions, kernel, names, note,
                             tokenizer_json=b.files.bytes(manifest.tokenizer.file))
         b.files.check_unchanged()
     finally:

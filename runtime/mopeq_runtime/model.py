@@ -25,6 +25,7 @@ from .tokenizer import BundleTokenizer
 class KernelStatus:
     used: bool  # True: mopeq.MoEExperts runs in libmopeq_ops; False: the ONNX function body runs
     reason: str
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # the providers the library registers the op for
 
 
 @dataclass(frozen=True)

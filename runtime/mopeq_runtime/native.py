@@ -9,6 +9,7 @@ from pathlib import Path
 from .errors import MopeqError
 
 LIBRARY_NAME = {"darwin": "libmopeq_ops.dylib", "win32": "mopeq_ops.dll"}.get(sys.platform, "libmopeq_ops.so")
+CUDA_LIBRARY_NAME = LIBRARY_NAME.replace("mopeq_ops", "mopeq_ops_cuda")  # + the CUDA op (csrc/CMakeLists.txt)
 
 
 class KernelLibraryMissing(MopeqError):
@@ -32,6 +33,14 @@ def library_path() -> Path:
 def packaged_library() -> Path:
     """Where the package keeps its library: mopeq_runtime/lib (the wheel's build, or `make kernels`)."""
     return Path(__file__).resolve().parent / "lib" / LIBRARY_NAME
+
+
+def cuda_library_path() -> Path | None:
+    """libmopeq_ops_cuda (the CPU op and the CUDA op) when this installation built it (nvcc was found, or
+    `make kernels-cuda`), else None. $MOPEQ_CUDA_KERNEL_LIBRARY overrides it."""
+    override = os.environ.get("MOPEQ_CUDA_KERNEL_LIBRARY")
+    path = Path(override) if override else packaged_library().with_name(CUDA_LIBRARY_NAME)
+    return path if path.is_file() else None
 
 
 def kernel_sources() -> Path | None:

@@ -271,6 +271,15 @@ struct Op : Ort::CustomOpBase<Op<KernelT, kType>, KernelT, /*WithStatus=*/true> 
 }  // namespace
 }  // namespace mopeq
 
+// The execution providers this build registers the op for, readable from the file's bytes without loading it
+// (mopeq_runtime.host.library_providers): the runtime refuses a GPU load whose library has no CUDA op.
+extern "C" __attribute__((visibility("default"))) const char mopeq_ops_providers[] =
+#ifdef MOPEQ_WITH_ORT_CUDA
+    "mopeq-ops-providers:CPUExecutionProvider,CUDAExecutionProvider";
+#else
+    "mopeq-ops-providers:CPUExecutionProvider";
+#endif
+
 // One op name, two registrations (float, float16): ORT picks the kernel whose type constraints match.
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
