@@ -59,6 +59,8 @@ def os_error_message(e: OSError) -> str:
 
 
 def main() -> None:
+    from rich.markup import escape
+
     from .devices import bound_host_memory
 
     bound_host_memory()  # before any tensor work: the tool's host memory stays what its stages state
@@ -66,10 +68,10 @@ def main() -> None:
     try:
         app()
     except MopeqError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as e:
-        console.print(f"[bold red]error:[/] {os_error_message(e)}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(os_error_message(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: nothing was written")

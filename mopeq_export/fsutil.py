@@ -212,7 +212,8 @@ def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return a == b or b in a.parents or a in b.parents
 
 
-def check_out(dest: str | os.PathLike, kind: str, *, force: bool = False, inputs=(), file: bool = False) -> Path:
+def check_out(dest: str | os.PathLike, kind: str, *, force: bool = False, inputs=(), file: bool = False,
+              flag: str = "--out") -> Path:
     """Refuse an output path that would destroy or overlap something the user owns; return it resolved.
 
     A folder output may be new, an empty folder, or (with force) a previous output of the same kind holding
@@ -221,7 +222,6 @@ def check_out(dest: str | os.PathLike, kind: str, *, force: bool = False, inputs
     mopeq-export at the same time. Called by every command before any work, and again when the output is
     moved into place."""
     raw = Path(dest)
-    flag = "--out"
     if raw.is_symlink():
         raise MopeqError(f"{flag} {raw} is a symbolic link; give the real path (nothing was changed)")
     dest = raw.resolve()
@@ -258,28 +258,64 @@ def check_out(dest: str | os.PathLike, kind: str, *, force: bool = False, inputs
     if not force:
         raise MopeqError(f"{dest} holds a previous {kind} output; pass --force to replace it, or choose another {flag}")
     other = _foreign(dest, rec, tolerate_changed=kind == "cache")
+    if other is not None and kind == "cache":
+        raise MopeqError(f"the cache entry {dest} also holds {other}; the tool replaces only what it wrote: remove "
+                         "that file (or the whole entry) and run again (nothing was changed)")
     if other is not None:
         raise MopeqError(f"{dest} holds a previous {kind} output, but also {other}; --force replaces only what the "
-                         "tool wrote: move that file out, or choose another {flag} (nothing was changed)"
-                         .replace("{flag}", flag))
+                         f"tool wrote: move that file out, or choose another {flag} (nothing was changed)")
     require_writable(dest.parent, f"{flag} {dest}")
     return dest
 
 
 def remove_recorded(folder: Path, rec: OutputRecord) -> list[str]:
-    """Delete exactly the recorded files of `folder`, then the folders they leave empty (the folder itself
-    included). Returns what was left (anything that appeared after the check), deleting none of it."""
-    for rel in rec.files:
-        p = folder / rel
-        if _inside(rel) and p.is_file() and not p.is_symlink():
-            p.unlink()
-    for d in sorted((p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()),
-                    key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(OSError):
-            d.rmdir()
+    """Delete exactly the recorded files of `folder` that are still what was recorded (size and sha256, checked
+    again here), then the folders they leave empty (the folder itself included). The walk goes through folder
+    descriptors and never follows a symbolic link, so a link swapped in meanwhile leads nowhere. Returns what
+    was left (anything that appeared or changed after the check), deleting none of it."""
+    import stat as _stat
+
+    try:
+        top = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return [folder.name]
+    try:
+        for base, dnames, fnames, dfd in os.fwalk(".", dir_fd=top, follow_symlinks=False):
+            for n in fnames:
+                rel = (PurePosixPath(base) / n).as_posix().removeprefix("./")
+                want = rec.files.get(rel)
+                if want is None:
+                    continue
+                try:
+                    fd = os.open(n, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                except OSError:
+                    continue  # a link or gone: not the recorded file
+                try:
+                    st = os.fstat(fd)
+                    same = _stat.S_ISREG(st.st_mode) and (want[1] is None or (
+                        st.st_size == want[0] and _sha256_fd(fd) == want[1]))
+                finally:
+                    os.close(fd)
+                if same:
+                    with contextlib.suppress(OSError):
+                        os.unlink(n, dir_fd=dfd)
+        for base, dnames, fnames, dfd in os.fwalk(".", dir_fd=top, topdown=False, follow_symlinks=False):
+            for n in dnames:
+                with contextlib.suppress(OSError):
+                    os.rmdir(n, dir_fd=dfd)  # only empty folders go; a link to one is not a folder here
+    finally:
+        os.close(top)
     with contextlib.suppress(OSError):
         folder.rmdir()
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) if folder.exists() else []
+
+
+def _sha256_fd(fd: int) -> str:
+    h, off = hashlib.sha256(), 0
+    while block := os.pread(fd, 1 << 20, off):
+        h.update(block)
+        off += len(block)
+    return h.hexdigest()
 
 
 # -- one writer per output ---------------------------------------------------------------------------------
@@ -291,8 +327,16 @@ def _lock_path(dest: Path) -> Path:
     return dest.parent / f".{dest.name}.lock"
 
 
+def _canonical(dest: str | os.PathLike) -> Path:
+    """One name per output whatever path reached it (links and '..' in its folder resolved), so a process
+    never takes its own lock for another writer's."""
+    dest = Path(dest).absolute()
+    return dest.parent.resolve() / dest.name
+
+
 def lock_holder(dest: Path) -> int | None:
     """The pid of another process writing `dest` now (it holds the lock), else None."""
+    dest = _canonical(dest)
     if (str(dest), threading.get_ident()) in _HELD:
         return None
     path = _lock_path(dest)
@@ -320,7 +364,7 @@ def _read_pid(fd: int) -> int | str:
 def output_lock(dest: str | os.PathLike, *, wait: bool = False, say=None) -> Iterator[None]:
     """Hold the advisory lock of output `dest` (re-entrant within a thread). Another holder makes this raise
     (naming its pid), or with wait=True, say so through `say` and wait for it."""
-    dest = Path(dest).absolute()
+    dest = _canonical(dest)
     key = (str(dest), threading.get_ident())
     with _HELD_GUARD:
         if key in _HELD:
@@ -451,6 +495,9 @@ def staged_dir(dest: str | os.PathLike, kind: str, *, force: bool = False, input
             os.rename(dest, old / dest.name)
         os.rename(stage, dest)
         if old is not None:
+            if old_rec is None:  # it was an empty folder
+                with contextlib.suppress(OSError):
+                    (old / dest.name).rmdir()
             kept = remove_recorded(old / dest.name, old_rec) if old_rec else []
             if kept:  # appeared between the last check and the rename: kept, never deleted
                 keep = dest.parent / f"{dest.name}.kept-{os.getpid()}"
@@ -462,11 +509,11 @@ def staged_dir(dest: str | os.PathLike, kind: str, *, force: bool = False, input
 
 
 @contextlib.contextmanager
-def staged_file(dest: str | os.PathLike, *, force: bool = True, inputs=()) -> Iterator[Path]:
+def staged_file(dest: str | os.PathLike, *, force: bool = True, inputs=(), flag: str = "--out") -> Iterator[Path]:
     """Yield a temporary path beside `dest`; it is renamed onto `dest` only if the block succeeds.
 
     force=False refuses an existing file (the commands' --out without --force); a folder is always refused."""
-    dest = check_out(dest, "file", force=force, inputs=inputs, file=True)
+    dest = check_out(dest, "file", force=force, inputs=inputs, file=True, flag=flag)
     with output_lock(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(dest)

@@ -77,6 +77,6 @@ def sign_bundle(folder: str | Path, key: str | Path | ed25519.Ed25519PrivateKey,
         manifest_bytes = manifest.read_bytes()
     private = key if isinstance(key, ed25519.Ed25519PrivateKey) else load_private_key(key)
     rec = signature_record(manifest_bytes, private)
-    with staged_file(folder / SIGNATURE) as tmp:
+    with staged_file(folder / SIGNATURE, flag="the signature") as tmp:
         tmp.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
     return rec

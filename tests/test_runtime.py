@@ -227,3 +227,22 @@ def test_device_cpu_and_refusals_of_a_gpu_this_onnxruntime_or_library_cannot_ser
     assert m.providers == ["CPUExecutionProvider"], m.providers
     with pytest.raises(BundleError, match="not both"):
         mopeq_runtime.load(b, device="cpu", providers=["CPUExecutionProvider"])
+
+
+def test_bound_decoding_keeps_the_cache_as_ortvalues_and_matches_the_numpy_path(tmp_path):
+    """The IOBinding path a GPU load takes (the cache stays an OrtValue between calls), bound here to the CPU."""
+    import onnxruntime as ort
+
+    b = make_fake_bundle(tmp_path / "a")
+    m = mopeq_runtime.load(b)
+    ids = np.array([[5, 9, 17, 3]])
+    want, past = m.forward(ids)
+    want2, _ = m.forward(np.array([[11]]), past)
+    m._bound = True  # device stays ("cpu", 0): outputs bound to the CPU device
+    got, past2 = m.forward(ids)
+    assert all(isinstance(t, ort.OrtValue) for t in past2.tensors) and past2.batch == 1
+    got2, past3 = m.forward(np.array([[11]]), past2)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got2, want2, rtol=1e-6, atol=1e-6)
+    assert past3.length == 5 and m.generate("The", max_new_tokens=3).token_ids == \
+        mopeq_runtime.load(b).generate("The", max_new_tokens=3).token_ids

@@ -483,3 +483,124 @@ def test_the_lock_is_reentrant_in_a_thread_and_exclusive_across_threads(tmp_path
         t.join()
     assert errors and "is writing" in errors[0]
     assert not (tmp_path / ".o.lock").exists()
+
+
+# -- found by review: reuse of library names, paths outside, races of removal, odd values --------------------------
+RELOAD = """
+import sys
+import mopeq_runtime
+a = mopeq_runtime.load(sys.argv[1])
+assert a.kernel.used, a.kernel.reason
+mopeq_runtime.load(sys.argv[2])  # its library's constructor must run: its own bytes, not a's copy
+"""
+
+
+def test_a_second_bundle_in_the_same_process_runs_its_own_library(tmp_path, foreign_library):
+    if not LIB.is_file():
+        pytest.skip("kernel library not built (make kernels)")
+    a = make_fake_bundle(tmp_path / "a", kernel_library=LIB)
+    b = make_fake_bundle(tmp_path / "b", kernel_library=foreign_library)
+    marker = tmp_path / "ran"
+    r = subprocess.run([sys.executable, "-c", RELOAD, str(a), str(b)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "MOPEQ_FOREIGN_MARKER": str(marker)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert marker.exists(), "the second bundle ran the first bundle's library"
+
+
+def test_paths_outside_the_bundle_are_refused_even_without_hashes(tmp_path):
+    b = make_fake_bundle(tmp_path / "a")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(b / "tokenizer.json", outside / "tokenizer.json")
+    for edit in (lambda d: d["tokenizer"].update(file="../outside/tokenizer.json"),
+                 lambda d: d["tokenizer"].update(file=str(outside / "tokenizer.json")),
+                 lambda d: d["graphs"][0].update(data_files=["decoder.onnx.data", "sub/decoder.onnx.data"])):
+        c = tmp_path / "c"
+        shutil.rmtree(c, ignore_errors=True)
+        shutil.copytree(b, c)
+        rehash(c, edit)
+        with pytest.raises(BundleError, match="not a path inside the bundle|does not list its hash|beside"):
+            mopeq_runtime.load(c, verify=False)
+
+
+def test_replacing_never_follows_a_link_swapped_in_after_the_check(tmp_path):
+    from mopeq_export.fsutil import output_record, remove_recorded
+
+    out = tmp_path / "out"
+    with staged_dir(out, "analyze") as st:
+        (st / "sub").mkdir()
+        (st / "sub" / "a.txt").write_text("ours")
+        (st / "b.txt").write_text("ours too")
+    rec, _ = output_record(out)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "a.txt").write_text("ours")  # same bytes as the recorded file, elsewhere
+    shutil.rmtree(out / "sub")
+    (out / "sub").symlink_to(victim)  # swapped in between the check and the removal
+    (out / "b.txt").write_text("changed")  # and a recorded file changed meanwhile
+    kept = remove_recorded(out, rec)
+    assert (victim / "a.txt").read_text() == "ours" and (out / "b.txt").read_text() == "changed"
+    assert "b.txt" in kept and "sub" in kept
+
+
+def test_outputs_into_an_empty_folder_and_a_cache_behind_a_link_leave_nothing_behind(tmp_path):
+    from mopeq_export.pipeline import StageCache
+
+    empty = tmp_path / "E"
+    empty.mkdir()
+    with staged_dir(empty, "analyze") as st:
+        (st / "x").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["E"]
+    real = tmp_path / "real-cache"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    cache = StageCache(tmp_path / "link" / ".." / "link" / "c", lambda *a: None)
+    entry, _ = cache.get("plan", {"k": 2}, lambda st: (st / "plan.json").write_text("{}"))
+    assert (entry / "plan.json").is_file()
+    again, _ = cache.get("plan", {"k": 2}, lambda st: pytest.fail("a complete entry is used, not remade"))
+    assert again == entry
+
+
+def test_a_bundle_reached_through_a_link_loads(tmp_path, capsys):
+    b = make_fake_bundle(tmp_path / "a")
+    current = tmp_path / "current"
+    current.symlink_to(b)
+    assert mopeq_runtime.load(current).generate("The", max_new_tokens=1).prompt_tokens > 0
+    assert main(["verify", current], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "[" * 100000 + "]" * 100000])  # a huge number, deep nesting
+def test_absurd_manifest_values_are_one_line(tmp_path, capsys, value):
+    import re
+
+    b = make_fake_bundle(tmp_path / "a")
+    text = re.sub(r'"vocab": \d+', '"vocab": ' + value, (b / "manifest.json").read_text(), count=1)
+    (b / "manifest.json").write_text(text)
+    with pytest.raises(BundleError):
+        mopeq_runtime.load(b)
+    code, err = main(["verify", b], capsys)
+    assert code == 2 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("edit, ok", [
+    (lambda c: c["model"]["decoder"]["inputs"].update(past_key_names="past_key_values.%d.%s"), False),
+    (lambda c: c["model"].update(decoder="x"), False),
+    (lambda c: c["model"].update(eos_token_id=[0, 1]), True),
+])
+def test_genai_configs_of_odd_shapes_are_judged_not_crashed_on(tmp_path, edit, ok):
+    b = make_fake_bundle(tmp_path / "a")
+    cfg = json.loads((b / "genai_config.json").read_text())
+    edit(cfg)
+    (b / "genai_config.json").write_text(json.dumps(cfg))
+    rehash(b)
+    if ok:
+        mopeq_runtime.load(b)
+    else:
+        with pytest.raises(BundleError, match="genai_config.json"):
+            mopeq_runtime.load(b)
+
+
+def test_messages_with_brackets_are_printed_as_they_are(tmp_path, capsys):
+    odd = tmp_path / "x[/bold]"
+    code, err = main(["verify", odd], capsys)
+    assert code == 2 and "x[/bold]" in err and "Traceback" not in err

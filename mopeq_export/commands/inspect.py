@@ -33,10 +33,31 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
                                    str(bundle))
             except BundleError as e:
                 failure = e
-    t = Table(title=f"bundle {bundle}", show_header=False)
+    from ..errors import MopeqError
+
+    try:
+        tables = _tables(bundle, m, verify, failure)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # values the schema leaves free-form
+        raise MopeqError(f"{bundle}: its manifest holds a value inspect cannot show ({type(e).__name__}: "
+                         f"{str(e)[:80]}); the manifest was edited, rebuild the bundle") from None
+    for t in tables:
+        console.print(t)
+    if failure is not None:
+        raise MopeqError(f"{bundle}: {failure}")
+    if m.validation.get("passed") is not True and not allow_unvalidated:
+        raise MopeqError(f"{bundle} never passed the accuracy gate (validation {json.dumps(m.validation)[:60]}): "
+                         "it is the leftover of an interrupted or failed build; rebuild it (--allow-unvalidated "
+                         "to inspect it without this error)")
+
+
+def _tables(bundle, m, verify: bool, failure) -> list:
+    from rich.markup import escape
+
+    t = Table(title=escape(f"bundle {bundle}"), show_header=False)
     t.add_column("what")
     t.add_column("value")
-    status = "not checked" if not verify else "[green]ok[/]" if failure is None else f"[red]FAILED[/]: {failure}"
+    status = ("not checked" if not verify else "[green]ok[/]" if failure is None
+              else f"[red]FAILED[/]: {escape(str(failure))}")
     t.add_row("schema", f"{m.kind} v{m.schema_version}; hashes {status}")
     t.add_row("target", f"{m.target.name} ({'/'.join(m.target.arches)}, {m.target.activation_dtype}, "
                         f"{' > '.join(p.replace('ExecutionProvider', '') for p in m.target.providers)}; "
@@ -58,17 +79,7 @@ def inspect(bundle: Path = typer.Argument(..., help="bundle folder or .tar"),
     fid = (f"ppl x{met['ppl_ratio']:.4f}, KL {met['kl']:.4f}, top-1 {met['top1_agreement']:.4f}" if "ppl_ratio" in met
            else f"VQA retention {met.get('accuracy_retention', float('nan')):.4f}" if met else "-")
     t.add_row("validation", f"{'PASS' if v.get('passed') else 'not passed'} on {v.get('data', {}).get('file')}: {fid}")
-    console.print(t)
-    console.print(_bits_table(m.plan.get("experts", {})))
-    console.print(_files_table(m))
-    from ..errors import MopeqError
-
-    if failure is not None:
-        raise MopeqError(f"{bundle}: {failure}")
-    if m.validation.get("passed") is not True and not allow_unvalidated:
-        raise MopeqError(f"{bundle} never passed the accuracy gate (validation {json.dumps(m.validation)[:60]}): "
-                         "it is the leftover of an interrupted or failed build; rebuild it (--allow-unvalidated "
-                         "to inspect it without this error)")
+    return [t, _bits_table(m.plan.get("experts", {})), _files_table(m)]
 
 
 def _bits_table(experts: dict) -> Table:
@@ -84,14 +95,18 @@ def _bits_table(experts: dict) -> Table:
 
 
 def _files_table(m) -> Table:
+    from rich.markup import escape
+
+    from ..fsutil import human_bytes
+
     t = Table("file", "size", "sha256", title=f"{len(m.files)} files, {sum(f.size for f in m.files) / 2**20:.2f} MiB")
     for f in m.files:
         if f.path.startswith("kernel-src/"):
             continue  # many small sources; summarized below
-        t.add_row(f.path, f"{f.size / 2**20:.3f} MiB", f.sha256[:16] + "…")
+        t.add_row(escape(f.path), human_bytes(f.size), f.sha256[:16] + "…")
     src = [f for f in m.files if f.path.startswith("kernel-src/")]
     if src:
-        t.add_row(f"kernel-src/ ({len(src)} files)", f"{sum(f.size for f in src) / 2**20:.3f} MiB", "")
+        t.add_row(f"kernel-src/ ({len(src)} files)", human_bytes(sum(f.size for f in src)), "")
     for g in m.graphs:  # the full signatures are in manifest.json
         first = g.inputs[0]
         t.add_row(f"graph {g.name}", f"{len(g.inputs)} in / {len(g.outputs)} out",

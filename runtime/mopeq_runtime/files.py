@@ -73,9 +73,25 @@ class Held:
     sha256: str | None  # None: opened without a hash check (verify=False)
 
 
-def sealed_copy(data: bytes, name: str, private_dir) -> tuple[str, int | None]:
-    """A path to an unchangeable copy of `data`: a sealed memfd (Linux), else a read-only file in
-    `private_dir()` (a folder only this user can write). Returns (path, fd to keep open or None)."""
+def safe_relpath(p: str) -> bool:
+    """A relative POSIX path inside its folder: not absolute, no '..' or '.', no backslash or NUL, normalized."""
+    pp = PurePosixPath(p)
+    return (bool(p) and not pp.is_absolute() and ".." not in pp.parts and "\\" not in p and "\0" not in p
+            and p == pp.as_posix() and "." not in pp.parts)
+
+
+_SEALED: dict[str, str] = {}  # sha256 -> path of its sealed copy, for the life of the process
+
+
+def sealed_copy(data: bytes, name: str) -> str:
+    """A path to an unchangeable copy of `data`, one per distinct content for the life of the process.
+
+    A sealed memfd (Linux) stays open, so its /proc/self/fd/N name is never reused by other bytes: dlopen()
+    returns an already-loaded library for a name it has seen, so a path must never stand for two contents.
+    Elsewhere, a read-only file in a private folder (only this user can write it), named by the hash."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest in _SEALED:
+        return _SEALED[digest]
     fd_dir = _fd_dir()
     if hasattr(os, "memfd_create") and fd_dir == "/proc/self/fd" and hasattr(fcntl, "F_ADD_SEALS"):
         fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -88,11 +104,20 @@ def sealed_copy(data: bytes, name: str, private_dir) -> tuple[str, int | None]:
         except BaseException:
             os.close(fd)
             raise
-        return f"{fd_dir}/{fd}", fd
-    path = Path(private_dir()) / name
-    path.write_bytes(data)
-    path.chmod(0o500)
-    return str(path), None
+        path = f"{fd_dir}/{fd}"
+    else:
+        global _SEALED_DIR
+        if _SEALED_DIR is None:
+            _SEALED_DIR = tempfile.mkdtemp(prefix="mopeq-libs-")  # 0700
+        path = os.path.join(_SEALED_DIR, f"{digest[:32]}-{name}")
+        with open(path, "wb") as f:
+            f.write(data)
+        os.chmod(path, 0o500)
+    _SEALED[digest] = path
+    return path
+
+
+_SEALED_DIR: str | None = None
 
 
 class BundleFiles:
@@ -100,8 +125,8 @@ class BundleFiles:
 
     def __init__(self, root: Path, label: str):
         self.root, self.label = Path(root), label
-        try:
-            self.fd = os.open(self.root, DIR_FLAGS)
+        try:  # the folder the caller named may be a link (/opt/models/current -> v2): followed once, here
+            self.fd = os.open(self.root, os.O_RDONLY | _CLOEXEC | getattr(os, "O_DIRECTORY", 0))
         except OSError as e:
             raise BundleError(f"cannot open the bundle folder {label}: {e.strerror}") from None
         self.held: dict[str, Held] = {}
@@ -111,6 +136,8 @@ class BundleFiles:
     # -- lookups, once each ------------------------------------------------------------------------------
     def _open(self, rel: str) -> tuple[int, os.stat_result] | None:
         """(fd, stat) of a regular file at bundle path `rel`, None when absent; a link or special file raises."""
+        if not safe_relpath(rel):
+            raise BundleError(f"{self.label}: {rel!r} is not a path inside the bundle; the manifest was tampered with")
         parts = PurePosixPath(rel).parts
         fd, opened = self.fd, []
         try:
@@ -175,15 +202,24 @@ class BundleFiles:
     def walk(self) -> tuple[set[str], set[str]]:
         """(files, folders) in the bundle, relative; a symbolic link counts as a file (and is refused by hold)."""
         files, dirs = set(), set()
-        for top, dnames, fnames, dfd in os.fwalk(".", dir_fd=self.fd, follow_symlinks=False):
-            base = PurePosixPath(top)
-            for n in list(dnames):
-                if stat.S_ISLNK(os.stat(n, dir_fd=dfd, follow_symlinks=False).st_mode):
-                    files.add((base / n).as_posix())
-                    dnames.remove(n)
-                else:
-                    dirs.add((base / n).as_posix())
-            files.update((base / n).as_posix() for n in fnames)
+
+        def vanished(e: OSError):
+            raise e
+
+        try:
+            for top, dnames, fnames, dfd in os.fwalk(".", dir_fd=self.fd, follow_symlinks=False, onerror=vanished):
+                base = PurePosixPath(top)
+                for n in list(dnames):
+                    if stat.S_ISLNK(os.stat(n, dir_fd=dfd, follow_symlinks=False).st_mode):
+                        files.add((base / n).as_posix())
+                        dnames.remove(n)
+                    else:
+                        dirs.add((base / n).as_posix())
+                files.update((base / n).as_posix() for n in fnames)
+        except OSError as e:
+            raise BundleError(f"{self.label} changed while it was being checked ({e.strerror}: {e.filename}); "
+                              "something is writing into the bundle: load it from a folder nobody else writes") \
+                from None
         return {f.removeprefix("./") for f in files}, {d.removeprefix("./") for d in dirs}
 
     # -- use through the held descriptors --------------------------------------------------------------------
@@ -197,9 +233,15 @@ class BundleFiles:
         d = self.private_dir() / f"g{len(list(self.private_dir().iterdir()))}"
         d.mkdir()
         fd_dir = _fd_dir()
+        home = PurePosixPath(graph_file).parent
         for rel in (graph_file, *data_files):
             h = self.held[rel]
-            link = d / PurePosixPath(rel).name
+            try:  # external data is found relative to the graph: keep that layout
+                link = d / PurePosixPath(rel).relative_to(home)
+            except ValueError:
+                raise BundleError(f"{self.label}: {rel} does not lie beside or under its graph {graph_file}; "
+                                  "rebuild the bundle") from None
+            link.parent.mkdir(parents=True, exist_ok=True)
             if fd_dir is not None:
                 link.symlink_to(f"{fd_dir}/{h.fd}")
             else:
@@ -212,10 +254,7 @@ class BundleFiles:
 
     def library_path(self, data: bytes, name: str) -> str:
         """Where to dlopen a library of exactly `data` (checked bytes), unchangeable by anyone."""
-        path, fd = sealed_copy(data, name, self.private_dir)
-        if fd is not None:
-            self._keep.append(fd)
-        return path
+        return sealed_copy(data, name)
 
     def check_unchanged(self) -> None:
         """Refuse the load if a held file was written in place while it was checked and used."""

@@ -51,10 +51,10 @@ def _extract(tar_path: Path) -> Path:
             declared = {f.path: f.size for f in manifest.files}
             folders = {p.as_posix() for f in declared for p in PurePosixPath(f).parents if p.as_posix() != "."}
             names = [m.name.removeprefix("./").rstrip("/") for m in members]
-            if len(names) != len(set(names)) or len(names) > len(declared) + len(folders) + 3:
-                raise BundleError(f"{tar_path} holds {len(names)} members with repeated names or more than a bundle "
-                                  f"of {len(declared)} files has ({len(declared) + len(folders) + 2} at most); "
-                                  "the archive was altered, re-copy it")
+            most = len(declared) + len(folders) + 3  # + manifest.json, manifest.sig and the top folder itself
+            if len(names) != len(set(names)) or len(names) > most:
+                raise BundleError(f"{tar_path} holds {len(names)} members, with repeated names or more than a bundle "
+                                  f"of {len(declared)} files has ({most} at most); the archive was altered, re-copy it")
             for m in members:
                 name = m.name.removeprefix("./").rstrip("/")
                 if m.isdir() and name not in folders and name not in ("", "."):
@@ -81,7 +81,8 @@ def _extract(tar_path: Path) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
     except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, ValueError, zlib.error, lzma.LZMAError) as e:
-        raise BundleError(f"cannot unpack {tar_path}: {type(e).__name__}: {e}; re-copy the bundle") from None
+        why = (str(e).splitlines() or [""])[0][:200]
+        raise BundleError(f"cannot unpack {tar_path}: {type(e).__name__}: {why}; re-copy the bundle") from None
     return tmp
 
 
@@ -293,8 +294,10 @@ def load(bundle: str | Path, *, target: str | None = None, allow_foreign_target:
                 raise BundleError(f"ONNX Runtime cannot load {g.file}: {str(e).splitlines()[0]}") from None
         b.files.hold(manifest.tokenizer.file, sizes.get(manifest.tokenizer.file))
         names = [p if isinstance(p, str) else p[0] for p in chosen]
+        on = ("cuda", dict(chosen[0][1]).get("device_id", 0)) if names[0] == CUDA and not isinstance(chosen[0], str) \
+            else ("cuda", 0) if names[0] == CUDA else ("cpu", 0)
         model = BundleModel(Path(bundle), manifest, sessions, kernel, names, note,
-                            tokenizer_json=b.files.bytes(manifest.tokenizer.file))
+                            tokenizer_json=b.files.bytes(manifest.tokenizer.file), device=on)
         b.files.check_unchanged()
     finally:
         b.close()

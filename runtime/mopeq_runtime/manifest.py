@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import BundleError
+from .files import safe_relpath
 
 SCHEMA_VERSION = 2  # 2: per-layer KV-cache shapes (model.kv_cache) instead of kv_heads/head_dim
 READABLE_SCHEMAS = (1, 2)
@@ -253,8 +254,9 @@ def parse_manifest(data: bytes, source: str) -> Manifest:
     """The manifest of these exact bytes (the ones a signature covers), its values checked (check_values)."""
     try:
         d = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{source} is not valid JSON ({e}); the bundle is damaged, rebuild or re-copy it") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, or a 5000-digit number
+        raise BundleError(f"{source} is not valid JSON ({str(e)[:120]}); the bundle is damaged, rebuild or re-copy "
+                          "it") from None
     m = Manifest.from_json(d, source)
     check_values(m, source)
     return m
@@ -267,10 +269,7 @@ def read_manifest(root: Path) -> Manifest:
     return parse_manifest(path.read_bytes(), str(path))
 
 
-def _safe_relpath(p: str) -> bool:
-    pp = PurePosixPath(p)
-    return bool(p) and not pp.is_absolute() and ".." not in pp.parts and "\\" not in p and "." not in pp.parts \
-        and p == pp.as_posix()
+_safe_relpath = safe_relpath
 
 
 # -- the bundle's own values ------------------------------------------------------------------------------
@@ -311,6 +310,21 @@ def check_values(m: Manifest, source: str = MANIFEST) -> None:
     names = [g.name for g in m.graphs]
     if len(set(names)) != len(names) or not set(names) <= set(GRAPH_NAMES):
         raise bad(f"graphs {names} are not distinct names among {', '.join(GRAPH_NAMES)}")
+    listed = set(paths)
+    for g in m.graphs:  # external data lies beside its graph (ONNX finds it relative to the graph's folder)
+        home = PurePosixPath(g.file).parent
+        if len(set(g.data_files)) != len(g.data_files) or any(PurePosixPath(d).parent != home for d in g.data_files):
+            raise bad(f"graph {g.name}'s data files {list(g.data_files)} are not distinct files beside {g.file}")
+    referenced = [g.file for g in m.graphs] + [d for g in m.graphs for d in g.data_files]
+    referenced += [tok.file] + ([tok.config_file] if tok.config_file else [])
+    referenced += [m.kernel.library] if m.kernel.library else []
+    for r in referenced:  # checked here, not only with the hashes: verify=False loads these too
+        if not _safe_relpath(r):
+            raise bad(f"it names {r!r}, which is not a path inside the bundle")
+        if r not in listed:
+            raise bad(f"it refers to {r} but does not list its hash")
+    if m.kernel.source is not None and not _safe_relpath(m.kernel.source):
+        raise bad(f"kernel.source {m.kernel.source!r} is not a path inside the bundle")
     k = m.kernel
     if k.status not in ("binary", "source", "none") or (k.status == "binary") != bool(k.library):
         raise bad(f"kernel status {k.status!r} with library {k.library!r} is inconsistent")
@@ -376,12 +390,6 @@ def verify_files(files, manifest: Manifest) -> None:
     if stray:
         raise BundleError(f"{files.label} holds folders its manifest does not account for ({', '.join(stray[:3])}); "
                           "it was modified after the build: remove them or rebuild")
-    referenced = [g.file for g in manifest.graphs] + [d for g in manifest.graphs for d in g.data_files]
-    referenced += [manifest.tokenizer.file] + ([manifest.kernel.library] if manifest.kernel.library else [])
-    referenced += [manifest.tokenizer.config_file] if manifest.tokenizer.config_file else []
-    missing = [r for r in referenced if r not in listed]
-    if missing:
-        raise BundleError(f"manifest refers to {missing[0]} but does not list its hash; the manifest was edited")
 
 
 # -- genai_config.json ---------------------------------------------------------------------------------------
@@ -420,8 +428,10 @@ def check_genai_config(data: bytes | None, m: Manifest, source: str) -> None:
         cfg = json.loads(data.decode("utf-8"))
         model = cfg["model"]
         dec = model["decoder"]
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise bad(f"is malformed ({type(e).__name__}: {e})") from None
+        if not isinstance(model, dict) or not isinstance(dec, dict):
+            raise TypeError("model and model.decoder must be objects")
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise bad(f"is malformed ({type(e).__name__}: {str(e)[:80]})") from None
     listed = {f.path for f in m.files}
     for key, value in _config_paths(cfg):
         if not isinstance(value, str) or not _safe_relpath(value) or value not in listed:
@@ -429,7 +439,10 @@ def check_genai_config(data: bytes | None, m: Manifest, source: str) -> None:
     graph = m.graph("decoder")
     if dec.get("filename") != graph.file:
         raise bad(f"names the decoder {dec.get('filename')!r}, the bundle's decoder is {graph.file}")
-    lib = (dec.get("session_options") or {}).get("custom_ops_library")
+    opts = dec.get("session_options") or {}
+    if not isinstance(opts, dict):
+        raise bad("has a malformed decoder session_options")
+    lib = opts.get("custom_ops_library")
     if lib is not None and lib != m.kernel.library:
         raise bad(f"registers the library {lib!r}, the bundle's kernel library is {m.kernel.library!r}")
     ins, outs = {s.name for s in graph.inputs}, {s.name for s in graph.outputs}
@@ -437,8 +450,11 @@ def check_genai_config(data: bytes | None, m: Manifest, source: str) -> None:
         if not isinstance(table, dict):
             raise bad(f"has a malformed decoder {what} table")
         for key, name in table.items():
-            name = name % 0 if isinstance(name, str) and "%d" in name else name
-            if name not in names:
+            if isinstance(name, str) and "%" in name:  # a per-layer pattern (past_key_values.%d.key)
+                if name.count("%") != 1 or "%d" not in name:
+                    raise bad(f"maps {key} to the pattern {name!r}; only one %d (the layer) is allowed")
+                name = name % 0
+            if not isinstance(name, str) or name not in names:
                 raise bad(f"maps {key} to {name!r}, which is not a decoder {what}")
     kh, kd, _, _ = m.model.kv_cache[0]
     want = {"num_hidden_layers": m.model.num_layers, "num_key_value_heads": kh, "head_size": kd,
@@ -453,5 +469,6 @@ def check_genai_config(data: bytes | None, m: Manifest, source: str) -> None:
         raise bad(f"says context_length {ctx!r}, outside 1..{m.target.context_length} (the bundle's context)")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = model.get(key)
-        if v is not None and (type(v) is not int or not 0 <= v < m.model.vocab):
-            raise bad(f"says {key} {v!r}, not a token id of the {m.model.vocab}-token vocabulary")
+        ids = v if isinstance(v, list) and v else [v]  # GenAI accepts a list of end-of-sequence ids
+        if v is not None and not all(type(i) is int and 0 <= i < m.model.vocab for i in ids):
+            raise bad(f"says {key} {v!r}, not token ids of the {m.model.vocab}-token vocabulary")

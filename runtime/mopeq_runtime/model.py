@@ -30,10 +30,16 @@ class KernelStatus:
 
 @dataclass(frozen=True)
 class Past:
-    """KV cache: present.{i}.key/value of the last call, in layer order (key, value, key, value, ...)."""
+    """KV cache: present.{i}.key/value of the last call, in layer order (key, value, key, value, ...): numpy
+    arrays on the CPU, onnxruntime.OrtValues resident on the GPU (device="cuda")."""
 
-    tensors: tuple[np.ndarray, ...]
+    tensors: tuple
     length: int
+
+    @property
+    def batch(self) -> int:
+        t = self.tensors[0]
+        return int(t.shape()[0] if callable(getattr(t, "shape", None)) else t.shape[0])
 
 
 @dataclass(frozen=True)
@@ -57,8 +63,12 @@ def _io_check(sess, g: GraphEntry) -> None:
 
 class BundleModel:
     def __init__(self, root: Path, manifest: Manifest, sessions: dict, kernel: KernelStatus, providers: list[str],
-                 target_note: str | None, tokenizer_json: bytes):
+                 target_note: str | None, tokenizer_json: bytes, device: tuple[str, int] = ("cpu", 0)):
         self.root, self.manifest, self.kernel, self.providers = root, manifest, kernel, providers
+        # where the KV cache lives between calls: ("cuda", N) keeps it on GPU N through IOBinding (no copy of
+        # the cache to the host and back per token); on the CPU, numpy arrays fed and returned as they are
+        self.device = device
+        self._bound = device[0] != "cpu"
         self.target_note = target_note  # why the bundle runs on a host it was not built for (None if it was)
         for name, sess in sessions.items():
             _io_check(sess, manifest.graph(name))
@@ -95,8 +105,8 @@ class BundleModel:
         if p + t > self.context_length:
             raise InputError(f"{p + t} tokens exceed the bundle's context of {self.context_length}; "
                              "shorten the prompt or start a new cache")
-        if past is not None and past.tensors[0].shape[0] != b:
-            raise InputError(f"past was computed for batch {past.tensors[0].shape[0]}, input_ids have batch {b}")
+        if past is not None and past.batch != b:
+            raise InputError(f"past was computed for batch {past.batch}, input_ids have batch {b}")
         if int(ids.min()) < 0 or int(ids.max()) >= self.manifest.model.vocab:
             raise InputError(f"token ids must be in [0, {self.manifest.model.vocab})")
         feeds = {"attention_mask": np.ones((b, p + t), np.int64),
@@ -111,8 +121,26 @@ class BundleModel:
             feeds.update({n: np.zeros((b, h, 0, d), self.act_dtype) for n, (h, d) in zip(self._past_in, self._past_shapes)})
         else:
             feeds.update(zip(self._past_in, past.tensors))
+        if self._bound:
+            return self._run_bound(feeds, p + t)
         out = self._dec.run(self._dec_out, feeds)
         return out[0], Past(tuple(out[1:]), p + t)
+
+    def _run_bound(self, feeds: dict, length: int):
+        """One decoder call through IOBinding: the cache (OrtValues) stays on the device, logits come back."""
+        kind, index = self.device
+        binding = self._dec.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output(self._dec_out[0], "cpu")
+        for name in self._dec_out[1:]:
+            binding.bind_output(name, kind, index)
+        self._dec.run_with_iobinding(binding)
+        out = binding.get_outputs()
+        return out[0].numpy(), Past(tuple(out[1:]), length)
 
     def _embeds(self, ids: np.ndarray, pixel_values) -> np.ndarray:
         emb = self._embed.run(None, {"input_ids": ids})[0]

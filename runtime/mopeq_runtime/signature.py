@@ -61,7 +61,8 @@ def _read_key_file(p: Path, what: str = "public key") -> bytes:
     except OSError as e:
         raise BundleError(f"cannot read the {what} file {p}: {e.strerror}") from None
     if _stat.S_ISDIR(st.st_mode):
-        raise BundleError(f"{what} {p} is a folder; give the key file itself (e.g. NAME.pub from `keygen`)")
+        example = "NAME.key" if "sign" in what else "NAME.pub"
+        raise BundleError(f"{what} {p} is a folder; give the key file itself (e.g. {example} from `keygen`)")
     if not _stat.S_ISREG(st.st_mode):
         raise BundleError(f"{what} {p} is not a regular file (a device or pipe); give the key file itself")
     if st.st_size > MAX_KEY_BYTES:
