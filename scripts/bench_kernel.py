@@ -1,6 +1,7 @@
 """Benchmark mopeq.MoEExperts against ONNX Runtime's QMoE (2/4/8 bits) and MoE (float32), OLMoE-like layer.
 
     .venv/bin/python scripts/bench_kernel.py --tokens 1,16,256 --threads 1,2 --calls 50 [--json out.json]
+        [--experts 64] [--group 128]
 
 Layer: H=2048, 64 experts, I=1024, top-8, group/block 128, SwiGLU. Variants, all on the CPU provider:
   mopeq <path>    our op (mixed widths 40x2 16x3 8x4 bits, fp16 scales + u8 zeros), MOPEQ_KERNEL=<path>
@@ -235,6 +236,7 @@ def cpu_model():
 
 
 def main():
+    global E, BITS, GROUP
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=50, help="timed calls per variant (fewer at large T, min 5)")
     ap.add_argument("--tokens", default="1,16,256", help="comma-separated token counts T")
@@ -245,7 +247,18 @@ def main():
                     help="read 1.5x the L3 size before each call (on VMs that report a huge L3 this inflated "
                          "every variant's time about 5x; off by default: variants rotate through ~2.5 GB)")
     ap.add_argument("--json", help="also write the rows (and run facts) to this JSON file")
+    ap.add_argument("--experts", type=int, default=E, help="experts in the layer (8: every call routes to all "
+                    "of them, so the weights stay in cache: the compute-bound time; 64: the OLMoE layer)")
+    ap.add_argument("--group", type=int, default=GROUP, help="group/block size of every variant (our bundles' "
+                    "default is 32; ORT's QMoE takes 16..128 powers of two)")
     args = ap.parse_args()
+    if args.experts < TOP_K:
+        ap.error(f"--experts must be at least top-k ({TOP_K})")
+    if args.experts != E:  # the same 2.5-bit mix, scaled; 8 experts (all routed each call) stay in the L3 cache
+        E = args.experts
+        BITS = [2] * round(E * 40 / 64) + [3] * round(E * 16 / 64)
+        BITS += [4] * (E - len(BITS))
+    GROUP = args.group
     tokens = [int(t) for t in args.tokens.split(",")]
     rng = np.random.default_rng(0)
     layer = random_layer(rng)
@@ -258,7 +271,8 @@ def main():
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, L3 {l3_bytes() >> 20} MiB; onnxruntime {ort.__version__}; "
           f"copy bandwidth {copy_bw / 1e9:.1f} GB/s (read+write, 512 MiB); load average {load[0]:.2f} {load[1]:.2f} "
           f"{load[2]:.2f}; L3 flush {'off' if not args.flush else 'on'}")
-    print(f"layer H={H} E={E} I={I} top-{TOP_K} group {GROUP}; mopeq widths 40x2 16x3 8x4 (avg 2.5 bits)\n")
+    mix = " ".join(f"{BITS.count(b)}x{b}" for b in (2, 3, 4))
+    print(f"layer H={H} E={E} I={I} top-{TOP_K} group {GROUP}; mopeq widths {mix} (avg {np.mean(BITS):.2f} bits)\n")
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:
         variants = make_variants(args, layer, ort_w, threads)
@@ -285,7 +299,7 @@ def main():
               f"{r['of_copy']:.2f} | {vs} |")
     if args.json:
         meta = {"cpu": cpu_model(), "cpus": os.cpu_count(), "onnxruntime": ort.__version__, "copy_gbs": copy_bw / 1e9,
-                "loadavg": load, "l3_flush": args.flush}
+                "loadavg": load, "l3_flush": args.flush, "experts": E, "group": GROUP, "bits": BITS}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
 

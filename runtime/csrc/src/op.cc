@@ -216,10 +216,10 @@ struct CudaKernel {
     a.expert_bits = bits.data(), a.num_expert_bits = static_cast<int64_t>(bits.size());
     a.group_size = at.group_size, a.layout_version = kLayoutVersion;  // read_attrs refused any other version
     a.activation = at.act == Activation::kSilu ? "silu" : "gelu";
+    auto out = ctx.GetOutput(0, shape_of(ctx.GetInput(0)));  // before the sizing: it validates out too
+    a.out = out.GetTensorMutableRawData();
     size_t bytes = 0;
     if (auto s = mopeq_cuda_moe_workspace_bytes(a, &bytes); !s.ok()) throw OpError(s.message);
-    auto out = ctx.GetOutput(0, shape_of(ctx.GetInput(0)));
-    a.out = out.GetTensorMutableRawData();
     const Ort::MemoryInfo mem("Cuda", OrtDeviceAllocator, mopeq_cuda_current_device(), OrtMemTypeDefault);
     OrtAllocator* alloc = ctx.GetAllocator(*static_cast<const OrtMemoryInfo*>(mem));
     require(alloc != nullptr, "no CUDA allocator from ONNX Runtime for the scratch memory");
