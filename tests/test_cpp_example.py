@@ -102,3 +102,13 @@ def test_cpp_refuses_a_damaged_bundle(cpp_app, text_cpu_bundle, tmp_path, what):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stdout == ""
     assert r.stderr.startswith("error: ") and expect in r.stderr, r.stderr
+
+
+def test_cpp_device_cuda_is_refused_with_the_reason_where_it_cannot_run(cpp_app, text_cpu_bundle):
+    """--device cuda: the CPU bundle's library has no CUDA op (refused before any session); a malformed device is
+    a usage error. (The CUDA session itself runs only on a GPU machine with onnxruntime-gpu.)"""
+    r = _run(cpp_app, text_cpu_bundle, [1, 2, 3], "--device", "cuda:0")
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.startswith("error: ") and "has no CUDA op" in r.stderr, r.stderr
+    r = _run(cpp_app, text_cpu_bundle, [1, 2, 3], "--device", "gpu")
+    assert r.returncode == 2 and "--device must be cpu, cuda or cuda:N" in r.stderr, r.stderr

@@ -3,6 +3,7 @@
 // model.py) for a text bundle; docs/EXPORT.md is the decoder's I/O contract, docs/BUNDLE.md the manifest.
 //
 //   mopeq_cpp_generate BUNDLE_DIR --ids 594,3380,662 [--max-new-tokens 32] [--threads N] [--kernel-library SO]
+//                      [--device cpu|cuda|cuda:N]
 //
 // stdout: the new token ids, space separated, on one line (EOS excluded). stderr: what was loaded and how
 // generation stopped. Any problem: one "error: ..." line on stderr and exit code 2.
@@ -130,6 +131,45 @@ std::string register_kernel(Ort::SessionOptions& options, const fs::path& root, 
   }
 }
 
+// Whether a kernel library registers the op for ORT's CUDA provider: its mopeq_ops_providers marker (src/op.cc),
+// as mopeq_runtime.host.library_providers reads it.
+bool library_serves_cuda(const fs::path& lib) {
+  std::ifstream in(lib, std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::string marker = "mopeq-ops-providers:";
+  const size_t at = bytes.find(marker);
+  if (at == std::string::npos) return false;
+  const size_t end = bytes.find('\0', at);
+  return bytes.substr(at, end == std::string::npos ? 256 : end - at).find("CUDAExecutionProvider") != std::string::npos;
+}
+
+// --device cuda[:N] (loader.py: _providers): ORT's CUDA provider, refused when this ONNX Runtime has none or the
+// kernel library has no CUDA op (its MoE nodes would run on the CPU).
+void use_cuda(Ort::SessionOptions& options, const std::string& device, const fs::path& root, const json& kernel,
+              const std::string& device_library) {
+  int id = 0;
+  if (device != "cuda") {
+    const std::string n = device.rfind("cuda:", 0) == 0 ? device.substr(5) : "";
+    if (n.empty() || n.size() > 4 || n.find_first_not_of("0123456789") != std::string::npos)
+      throw Failure("--device must be cpu, cuda or cuda:N, got '" + device + "'");
+    id = std::stoi(n);
+  }
+  const fs::path lib = !device_library.empty() ? fs::path(device_library)
+                       : kernel.at("status") == "binary" ? root / kernel.at("library").get<std::string>() : fs::path();
+  if (!lib.empty() && !library_serves_cuda(lib))
+    throw Failure("--device " + device + ": the kernel library " + lib.string() + " has no CUDA op (built without "
+                  "MOPEQ_ORT_CUDA), so its MoE layers would run on the CPU; give a libmopeq_ops_cuda build "
+                  "(--kernel-library) or --device cpu");
+  OrtCUDAProviderOptions cuda{};
+  cuda.device_id = id;
+  try {
+    options.AppendExecutionProvider_CUDA(cuda);
+  } catch (const Ort::Exception& e) {
+    throw Failure("--device " + device + ": this ONNX Runtime has no usable CUDA execution provider (" + e.what() +
+                  "); link the onnxruntime-gpu build, or --device cpu");
+  }
+}
+
 // One decoder graph on the docs/EXPORT.md contract, batch 1, with its KV cache (model.py: BundleModel.forward).
 class Decoder {
  public:
@@ -218,7 +258,8 @@ class Decoder {
 
 [[noreturn]] void usage(const std::string& why) {
   throw Failure(why + "\nusage: mopeq_cpp_generate BUNDLE_DIR --ids 1,2,3 [--max-new-tokens N] [--threads N]"
-                "\n       [--kernel-library libmopeq_ops.so (built on the device from the bundle's kernel-src/)]");
+                "\n       [--kernel-library libmopeq_ops.so (built on the device from the bundle's kernel-src/)]"
+                "\n       [--device cpu|cuda|cuda:N]");
 }
 
 int64_t parse_int(const std::string& s, const char* what) {
@@ -233,7 +274,7 @@ int64_t parse_int(const std::string& s, const char* what) {
 }
 
 int run(int argc, char** argv) {
-  std::string bundle, kernel_library;
+  std::string bundle, kernel_library, device = "cpu";
   std::vector<int64_t> prompt;
   int64_t max_new = 32, threads = 0;
   for (int i = 1; i < argc; ++i) {
@@ -249,6 +290,8 @@ int run(int argc, char** argv) {
       kernel_library = argv[++i];
     } else if (a == "--threads" && has_value) {
       threads = parse_int(argv[++i], "--threads");
+    } else if (a == "--device" && has_value) {
+      device = argv[++i];
     } else if (a.rfind("--", 0) != 0 && bundle.empty()) {
       bundle = a;
     } else {
@@ -283,6 +326,7 @@ int run(int argc, char** argv) {
   Ort::SessionOptions options;
   options.SetLogSeverityLevel(3);
   if (threads) options.SetIntraOpNumThreads(static_cast<int>(threads));
+  if (device != "cpu") use_cuda(options, device, root, m.at("kernel"), kernel_library);
   const std::string kernel_note = register_kernel(options, root, m.at("kernel"), kernel_library);
   std::string decoder_file;
   for (const json& g : m.at("graphs"))
