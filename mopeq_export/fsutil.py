@@ -556,6 +556,6 @@ def cached_sha256(path: str | os.PathLike, cache_file: Path | None) -> str:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with staged_file(cache_file) as tmp:
             tmp.write_text(json.dumps(table), encoding="utf-8")
-    except OSError:
+    except (OSError, MopeqError):  # read-only, full, or another process writing the table right now
         pass  # a read-only or full cache folder only costs the next stage a re-hash
     return digest

@@ -604,3 +604,18 @@ def test_messages_with_brackets_are_printed_as_they_are(tmp_path, capsys):
     odd = tmp_path / "x[/bold]"
     code, err = main(["verify", odd], capsys)
     assert code == 2 and "x[/bold]" in err and "Traceback" not in err
+
+
+def test_a_hash_table_being_written_by_another_build_costs_only_a_rehash(tmp_path):
+    from mopeq_export.fsutil import cached_sha256
+
+    data = tmp_path / "weights.bin"
+    data.write_bytes(b"x" * 1000)
+    table = tmp_path / "hashes.json"
+    holder = _hold(table, 30, tmp_path)
+    try:
+        assert cached_sha256(data, table) == sha256_file(data)  # the table is busy: hashed, not cached, no error
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cached_sha256(data, table) == sha256_file(data) and table.is_file()
