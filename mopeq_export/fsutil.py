@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+from mopeq_runtime.files import safe_relpath, sha256_fd
+
 from .errors import MopeqError
 
 
@@ -131,17 +133,11 @@ def _file_table(d) -> dict | None:
         return None
     out = {}
     for rel, entry in d.items():
-        if not (isinstance(rel, str) and _inside(rel) and isinstance(entry, list) and len(entry) == 2
+        if not (isinstance(rel, str) and safe_relpath(rel) and isinstance(entry, list) and len(entry) == 2
                 and type(entry[0]) is int and isinstance(entry[1], str)):
             return None
         out[rel] = (entry[0], entry[1])
     return out
-
-
-def _inside(rel: str) -> bool:
-    """A relative path that stays inside its folder (a record naming '../x' is not the tool's)."""
-    p = PurePosixPath(rel)
-    return bool(rel) and not p.is_absolute() and ".." not in p.parts and "\\" not in rel and rel == p.as_posix()
 
 
 def output_record(folder: Path) -> tuple[OutputRecord | None, str]:
@@ -170,18 +166,12 @@ def output_record(folder: Path) -> tuple[OutputRecord | None, str]:
             m = Manifest.from_json(head, str(manifest))
         except BundleError:
             return None, "a folder whose manifest.json claims a bundle but is not a complete bundle manifest"
-        if not all(_inside(f.path) for f in m.files):
+        if not all(safe_relpath(f.path) for f in m.files):
             return None, "a folder whose manifest.json lists paths outside it"
         files = {f.path: (f.size, f.sha256) for f in m.files}
         files.update({"manifest.json": (0, None), "manifest.sig": (0, None)})
         return OutputRecord("bundle", files), ""
     return None, "not an output of mopeq-export"
-
-
-def output_kind(folder: Path) -> str | None:
-    """The command that wrote `folder` ('analyze', 'quantize', 'export', 'bundle', 'cache'), or None."""
-    rec, _ = output_record(Path(folder))
-    return rec.kind if rec else None
 
 
 def _foreign(folder: Path, rec: OutputRecord, tolerate_changed: bool = False) -> str | None:
@@ -213,14 +203,15 @@ def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def check_out(dest: str | os.PathLike, kind: str, *, force: bool = False, inputs=(), file: bool = False,
-              flag: str = "--out") -> Path:
+              flag: str = "--out", hashes: bool = True) -> Path:
     """Refuse an output path that would destroy or overlap something the user owns; return it resolved.
 
     A folder output may be new, an empty folder, or (with force) a previous output of the same kind holding
     only the files its record lists, unchanged; a file output may be new or (with force) an existing file. It
     may never be a symbolic link, nor equal, contain or lie inside one of `inputs`, nor be written by another
     mopeq-export at the same time. Called by every command before any work, and again when the output is
-    moved into place."""
+    moved into place. hashes=False skips re-hashing the recorded files, for a second call right after one that
+    hashed them (the build's, once its remaining inputs are known)."""
     raw = Path(dest)
     if raw.is_symlink():
         raise MopeqError(f"{flag} {raw} is a symbolic link; give the real path (nothing was changed)")
@@ -257,7 +248,7 @@ def check_out(dest: str | os.PathLike, kind: str, *, force: bool = False, inputs
                          "(nothing was changed)")
     if not force:
         raise MopeqError(f"{dest} holds a previous {kind} output; pass --force to replace it, or choose another {flag}")
-    other = _foreign(dest, rec, tolerate_changed=kind == "cache")
+    other = _foreign(dest, rec, tolerate_changed=kind == "cache" or not hashes)
     if other is not None and kind == "cache":
         raise MopeqError(f"the cache entry {dest} also holds {other}; the tool replaces only what it wrote: remove "
                          "that file (or the whole entry) and run again (nothing was changed)")
@@ -293,7 +284,7 @@ def remove_recorded(folder: Path, rec: OutputRecord) -> list[str]:
                 try:
                     st = os.fstat(fd)
                     same = _stat.S_ISREG(st.st_mode) and (want[1] is None or (
-                        st.st_size == want[0] and _sha256_fd(fd) == want[1]))
+                        st.st_size == want[0] and sha256_fd(fd) == want[1]))
                 finally:
                     os.close(fd)
                 if same:
@@ -308,14 +299,6 @@ def remove_recorded(folder: Path, rec: OutputRecord) -> list[str]:
     with contextlib.suppress(OSError):
         folder.rmdir()
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) if folder.exists() else []
-
-
-def _sha256_fd(fd: int) -> str:
-    h, off = hashlib.sha256(), 0
-    while block := os.pread(fd, 1 << 20, off):
-        h.update(block)
-        off += len(block)
-    return h.hexdigest()
 
 
 # -- one writer per output ---------------------------------------------------------------------------------

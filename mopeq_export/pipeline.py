@@ -287,7 +287,8 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
     dtype = resolve_dtype(cfg.dtype, checkpoint_params(cfg.model))
     cache_root = (cfg.cache or default_cache()) if cfg.use_cache else None
     inputs = _inputs(cfg, calib)
-    check_out(cfg.out, "bundle", force=cfg.force, inputs=(*inputs, cache_root), file=cfg.tar)
+    # again with the inputs known now (calibration default, cache); the previous output was hashed just above
+    check_out(cfg.out, "bundle", force=cfg.force, inputs=(*inputs, cache_root), file=cfg.tar, hashes=False)
     if cfg.sign_key is not None:
         from .signing import load_private_key  # cryptography is needed only when signing
 

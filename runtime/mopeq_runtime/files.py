@@ -69,8 +69,7 @@ def sha256_fd(fd: int) -> str:
 class Held:
     rel: str
     fd: int
-    stamp: tuple
-    sha256: str | None  # None: opened without a hash check (verify=False)
+    stamp: tuple  # (size, mtime, ctime, inode, device) when it was opened: check_unchanged
 
 
 def safe_relpath(p: str) -> bool:
@@ -131,7 +130,6 @@ class BundleFiles:
             raise BundleError(f"cannot open the bundle folder {label}: {e.strerror}") from None
         self.held: dict[str, Held] = {}
         self._private: Path | None = None
-        self._keep: list[int] = []  # memfds of loaded libraries
 
     # -- lookups, once each ------------------------------------------------------------------------------
     def _open(self, rel: str) -> tuple[int, os.stat_result] | None:
@@ -193,7 +191,7 @@ class BundleFiles:
         except BaseException:
             os.close(fd)
             raise
-        h = self.held[rel] = Held(rel, fd, _stamp(st), sha256)
+        h = self.held[rel] = Held(rel, fd, _stamp(st))
         return h
 
     def bytes(self, rel: str) -> bytes:
@@ -252,10 +250,6 @@ class BundleFiles:
                         off += len(block)
         return str(d / PurePosixPath(graph_file).name)
 
-    def library_path(self, data: bytes, name: str) -> str:
-        """Where to dlopen a library of exactly `data` (checked bytes), unchangeable by anyone."""
-        return sealed_copy(data, name)
-
     def check_unchanged(self) -> None:
         """Refuse the load if a held file was written in place while it was checked and used."""
         for h in self.held.values():
@@ -265,10 +259,10 @@ class BundleFiles:
                                   "writes")
 
     def close(self) -> None:
-        for fd in [h.fd for h in self.held.values()] + self._keep + [self.fd]:
+        for fd in [h.fd for h in self.held.values()] + [self.fd]:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.held, self._keep = {}, []
+        self.held = {}
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
             self._private = None

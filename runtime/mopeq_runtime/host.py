@@ -57,11 +57,6 @@ def elf_arch(path: Path) -> str | None:
         return elf_arch_bytes(f.read(20))
 
 
-def check_elf(path: Path) -> None:
-    with open(path, "rb") as f:
-        check_elf_bytes(f.read(), str(path))
-
-
 def check_elf_bytes(data: bytes, name: str) -> None:
     """Raise BundleError unless `data` is a whole ELF shared object: every program segment and section the
     headers declare lies inside it. dlopen() maps a truncated library and the process dies with SIGBUS on

@@ -14,18 +14,16 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 from .errors import BundleError
-from .files import BundleFiles
+from .files import BundleFiles, sealed_copy
 from .host import (check_elf_bytes, check_target, elf_arch_bytes, host_arch, library_providers, parse_device,
                    pick_providers)
 from .manifest import GENAI_CONFIG, MANIFEST, Manifest, check_genai_config, parse_manifest, verify_files
 from .model import BundleModel, KernelStatus
-from .signature import SIGNATURE, KeyLike, SignatureInfo, parse_signature, verify_signature
+from .signature import (MAX_SIGNATURE_BYTES, SIGNATURE, KeyLike, SignatureInfo, parse_signature,
+                        verify_signature)
 
 
 MAX_MANIFEST_BYTES = 16 << 20
-
-
-MAX_SIGNATURE_BYTES = 64 << 10
 
 
 def _extract(tar_path: Path) -> Path:
@@ -197,10 +195,11 @@ def _kernel(so, b: OpenedBundle, use_kernel: bool, device_library: Path | None) 
         entry = next((f for f in b.manifest.files if f.path == k.library), None)
         if entry is None:
             raise BundleError(f"manifest refers to {k.library} but does not list its hash; the manifest was edited")
-        b.files.hold(k.library, entry.size, entry.sha256)  # code: always hashed, even with verify=False
-        data = b.files.bytes(k.library)  # the bytes loaded are the bytes compared, whatever happens to the file
+        b.files.hold(k.library, entry.size)
+        data = b.files.bytes(k.library)  # code: hashed even with verify=False, and the bytes hashed are the ones loaded
         if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise BundleError(f"bundle file {k.library} changed while the bundle was loading; re-copy the bundle")
+            raise BundleError(f"bundle file {k.library} does not match its sha256 in the manifest: it was altered; "
+                              f"re-copy or rebuild the bundle ({b.label})")
         name = k.library
     arch, host = elf_arch_bytes(data), host_arch()
     if arch != host:
@@ -208,7 +207,7 @@ def _kernel(so, b: OpenedBundle, use_kernel: bool, device_library: Path | None) 
                                    f"running the function-body fallback (build it here: {k.build})")
     check_elf_bytes(data, name)  # a truncated library would crash the process inside dlopen (SIGBUS), not raise
     try:
-        so.register_custom_ops_library(b.files.library_path(data, Path(name).name))
+        so.register_custom_ops_library(sealed_copy(data, Path(name).name))
     except Exception as e:  # ORT raises a generic exception for libraries it cannot load
         return KernelStatus(False, f"the kernel library did not load ({str(e).splitlines()[0]}); "
                                    "running the function-body fallback")
@@ -294,8 +293,8 @@ def load(bundle: str | Path, *, target: str | None = None, allow_foreign_target:
                 raise BundleError(f"ONNX Runtime cannot load {g.file}: {str(e).splitlines()[0]}") from None
         b.files.hold(manifest.tokenizer.file, sizes.get(manifest.tokenizer.file))
         names = [p if isinstance(p, str) else p[0] for p in chosen]
-        on = ("cuda", dict(chosen[0][1]).get("device_id", 0)) if names[0] == CUDA and not isinstance(chosen[0], str) \
-            else ("cuda", 0) if names[0] == CUDA else ("cpu", 0)
+        first = chosen[0]
+        on = ("cpu", 0) if names[0] != CUDA else ("cuda", 0 if isinstance(first, str) else first[1].get("device_id", 0))
         model = BundleModel(Path(bundle), manifest, sessions, kernel, names, note,
                             tokenizer_json=b.files.bytes(manifest.tokenizer.file), device=on)
         b.files.check_unchanged()

@@ -6,7 +6,6 @@ Lives in the runtime because the device needs it to trust a bundle; the toolchai
 
 from __future__ import annotations
 
-import hashlib
 import json
 import types
 import typing
@@ -21,14 +20,6 @@ SCHEMA_VERSION = 2  # 2: per-layer KV-cache shapes (model.kv_cache) instead of k
 READABLE_SCHEMAS = (1, 2)
 KIND = "mopeq.bundle"
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -269,9 +260,6 @@ def read_manifest(root: Path) -> Manifest:
     return parse_manifest(path.read_bytes(), str(path))
 
 
-_safe_relpath = safe_relpath
-
-
 # -- the bundle's own values ------------------------------------------------------------------------------
 GRAPH_NAMES = ("decoder", "embed", "vision")
 ACTIVATION_DTYPES = ("float32", "float16")
@@ -303,7 +291,7 @@ def check_values(m: Manifest, source: str = MANIFEST) -> None:
     if len(set(paths)) != len(paths):
         raise bad("a file is listed twice")
     for f in m.files:
-        if not _safe_relpath(f.path) or f.path in (MANIFEST, "manifest.sig"):
+        if not safe_relpath(f.path) or f.path in (MANIFEST, "manifest.sig"):
             raise bad(f"it lists an unsafe path {f.path!r}")
         if f.size < 0 or len(f.sha256) != 64 or not set(f.sha256) <= _HEX:
             raise bad(f"the entry of {f.path} has no valid size and sha256")
@@ -319,11 +307,11 @@ def check_values(m: Manifest, source: str = MANIFEST) -> None:
     referenced += [tok.file] + ([tok.config_file] if tok.config_file else [])
     referenced += [m.kernel.library] if m.kernel.library else []
     for r in referenced:  # checked here, not only with the hashes: verify=False loads these too
-        if not _safe_relpath(r):
+        if not safe_relpath(r):
             raise bad(f"it names {r!r}, which is not a path inside the bundle")
         if r not in listed:
             raise bad(f"it refers to {r} but does not list its hash")
-    if m.kernel.source is not None and not _safe_relpath(m.kernel.source):
+    if m.kernel.source is not None and not safe_relpath(m.kernel.source):
         raise bad(f"kernel.source {m.kernel.source!r} is not a path inside the bundle")
     k = m.kernel
     if k.status not in ("binary", "source", "none") or (k.status == "binary") != bool(k.library):
@@ -434,7 +422,7 @@ def check_genai_config(data: bytes | None, m: Manifest, source: str) -> None:
         raise bad(f"is malformed ({type(e).__name__}: {str(e)[:80]})") from None
     listed = {f.path for f in m.files}
     for key, value in _config_paths(cfg):
-        if not isinstance(value, str) or not _safe_relpath(value) or value not in listed:
+        if not isinstance(value, str) or not safe_relpath(value) or value not in listed:
             raise bad(f"names {value!r} as {key}: every path it names must be a file of the bundle")
     graph = m.graph("decoder")
     if dec.get("filename") != graph.file:

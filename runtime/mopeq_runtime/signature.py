@@ -107,16 +107,6 @@ def parse_signature(data: bytes, source: str) -> dict:
     return d
 
 
-def read_signature(root: Path) -> dict | None:
-    """manifest.sig of a bundle folder (None when unsigned); loads use the bytes held by open_bundle instead."""
-    p = Path(root) / SIGNATURE
-    if not p.exists() and not p.is_symlink():
-        return None
-    if not p.is_file() or p.is_symlink():
-        raise BundleError(f"{p} is not a regular file; the bundle was tampered with")
-    return parse_signature(p.read_bytes()[:MAX_SIGNATURE_BYTES + 1], str(p))
-
-
 def verify_signature(manifest_bytes: bytes, sig: dict | None, trusted_keys: Iterable[KeyLike],
                      label: str) -> SignatureInfo:
     """Refuse unless `sig` (manifest.sig's record) is a valid ed25519 signature of exactly `manifest_bytes` (the
