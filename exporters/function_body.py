@@ -4,20 +4,23 @@ Stock ONNX Runtime (or any ONNX runtime) inlines it when our kernel library is n
 docs/OPS.md "Portable fallback" and docs/FORMAT.md; the per-expert widths come from the node's
 `expert_bits` attribute through an attribute reference, so ONE function serves every layer and plan.
 
+    untile (FORMAT.md §4): [E, rows/16, J, 16] ──Transpose(0,1,3,2)──Reshape──► [E, rows, J] row-major
     per matrix m in (w1, w2), per width b in (2, 3, 4, 8):
-      m.q{b} [E_b,rows,NB*b] uint32 ──Unsqueeze──BitShift(>> 0,b,2b..)──BitwiseAnd(2^b-1)──Reshape──Slice[:K]
+      m.q{b} [E_b,rows/16,NB*b,16] uint32 ──untile──► [E_b,rows,NB*b]
+          ──Unsqueeze──BitShift(>> 0,b,2b..)──BitwiseAnd(2^b-1)──Reshape──Slice[:K]
           (b = 3: 2-bit plane of words 0-1  |  (1-bit plane of word 2 << 2))           codes [E_b,rows,K]
       Concat over b (widths ascending) ──Gather(rank)──► codes in expert order [E,rows,K]
       rank[e] = #{e': bits[e'] < bits[e]} + #{e' < e: bits[e'] == bits[e]}   (= width offset + slot[e])
-      W_m = (codes - zeros[..., col // g]) * scales[..., col // g]                         float32
+      W_m = (codes - untile(zeros)[..., col // g]) * untile(scales)[..., col // g]         float32
 
     x [T,H] ─Cast f32─MatMul(W1ᵀ)─► a [E,T,2I] ─Split─► gate, up ─► act(gate)*up ─MatMul(W2ᵀ)─► y [E,T,H]
     indices, weights ─ScatterElements(add) into zeros[T,E]─► R [T,E]
     out [T,H] = R[t,:] · y[:,t,:]  (MatMul of [T,1,E] by [T,E,H]) ─CastLike(hidden)─►
 
 Every expert is computed for every token (E/k times the work of the kernel); experts that a token did
-not pick have routing weight 0, so the sum equals the sparse definition. The layout_version attribute is
-accepted but cannot be checked by standard ops; the kernel checks it.
+not pick have routing weight 0, so the sum equals the sparse definition. The body reads layout version 2
+(the 16-row tiles); the layout_version attribute is accepted but cannot be checked by standard ops (the
+kernel checks it). A model exported earlier carries its own function body, for its own layout.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mopeq_export.errors import MopeqError
-from mopeq_export.quantization.packing import LAYER_TENSOR_NAMES, SUPPORTED_BITS
+from mopeq_export.quantization.packing import LAYER_TENSOR_NAMES, SUPPORTED_BITS, TILE_ROWS
 
 from .onnx_op import DOMAIN, OP_TYPE
 
@@ -72,6 +75,14 @@ _ATTR_TYPES = {"value_ints": onnx.AttributeProto.INTS, "value_int": onnx.Attribu
                "value_string": onnx.AttributeProto.STRING}
 
 
+def _untile(f: _Body, tiled: str) -> str:
+    """[E, rows/16, J, 16] -> [E, rows, J]: element (r, j) of each row-major matrix from [r // 16, j, r % 16]
+    (FORMAT.md §4). The target shape is explicit (no -1): E may be 0 (a width with no experts)."""
+    moved = f("Transpose", tiled, perm=[0, 1, 3, 2])                  # [E, rows/16, 16, J]
+    rows = f("Mul", f.dim(tiled, 1), f.const([TILE_ROWS], np.int64))
+    return f("Reshape", moved, f("Concat", f.dim(tiled, 0), rows, f.dim(tiled, 2), axis=0), allowzero=1)
+
+
 def _fields(f: _Body, words: str, width: int) -> str:
     """uint32 [E_b, rows, n] -> uint32 [E_b, rows, n * 32/width]: field j of word w lands at w*per + j."""
     per = 32 // width
@@ -86,7 +97,8 @@ def _fields(f: _Body, words: str, width: int) -> str:
 
 
 def _unpack(f: _Body, words: str, bits: int, k: str) -> str:
-    """Packed codes of one width -> float32 codes [E_b, rows, K] (FORMAT.md §3)."""
+    """Packed codes of one width, tiled [E_b, rows/16, NB*b, 16] -> float32 codes [E_b, rows, K] (FORMAT.md §3-4)."""
+    words = _untile(f, words)
     if bits == 3:
         three = f.const([3], np.int64)
         blocks = f("Reshape", words, f("Concat", f("Shape", words, start=0, end=2),
@@ -123,8 +135,8 @@ def _dequant_matrix(f: _Body, m: str, k: str, rank: str, g: str) -> str:
     codes = f("Gather", codes, rank, axis=0)
     col_group = f("Div", f("Range", f.const(0, np.int64), f("Squeeze", k, f.const([0], np.int64)),
                            f.const(1, np.int64)), g)
-    scales = f("Gather", f("Cast", f"{m}_scales", to=TensorProto.FLOAT), col_group, axis=2)
-    zeros = f("Gather", f("Cast", f"{m}_zeros", to=TensorProto.FLOAT), col_group, axis=2)
+    scales = f("Gather", f("Cast", _untile(f, f"{m}_scales"), to=TensorProto.FLOAT), col_group, axis=2)
+    zeros = f("Gather", f("Cast", _untile(f, f"{m}_zeros"), to=TensorProto.FLOAT), col_group, axis=2)
     return f("Mul", f("Sub", codes, zeros), scales)
 
 
@@ -149,7 +161,8 @@ def build_function(opset: int) -> onnx.FunctionProto:
     g = f.attr_const("value_int", "group_size")
     act = f.attr_const("value_string", "activation")
     h = f.dim("hidden", 1)
-    i = f("Div", f.dim("w1_scales", 1), f.const([2], np.int64))  # w1 holds gate then up: 2I rows
+    # w1 holds gate then up: 2I rows, in w1_scales [E, 2I/16, G, 16]
+    i = f("Div", f("Mul", f.dim("w1_scales", 1), f.const([TILE_ROWS], np.int64)), f.const([2], np.int64))
     rank = _expert_rank(f, bits)
     w1 = _dequant_matrix(f, "w1", h, rank, g)          # [E, 2I, H]
     w2 = _dequant_matrix(f, "w2", i, rank, g)          # [E, H, I]

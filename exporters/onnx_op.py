@@ -12,7 +12,7 @@ import onnx
 import torch
 from onnxscript.values import Op, Opset
 
-from mopeq_export.quantization.packing import LAYER_TENSOR_NAMES
+from mopeq_export.quantization.packing import LAYER_TENSOR_NAMES, LAYOUT_VERSION
 
 from . import torch_op  # noqa: F401  (registers torch.ops.mopeq.moe_experts)
 
@@ -31,7 +31,8 @@ def _schema() -> onnx.defs.OpSchema:
     for name in LAYER_TENSOR_NAMES:
         kind = name.split(".")[1]
         dtype = {"scales": "tensor(float16)", "zeros": "tensor(uint8)"}.get(kind, "tensor(uint32)")
-        inputs.append(P(name, dtype, "packed expert tensor, docs/FORMAT.md section 4"))
+        shape = "[E_b, rows/16, NB*b, 16]" if kind.startswith("q") else "[E, rows/16, G, 16]"
+        inputs.append(P(name, dtype, f"packed expert tensor {shape} (16-row tiles), docs/FORMAT.md section 4"))
     A = onnx.defs.OpSchema.Attribute
     AT = onnx.defs.OpSchema.AttrType
     return onnx.defs.OpSchema(
@@ -40,7 +41,8 @@ def _schema() -> onnx.defs.OpSchema:
         inputs=inputs, outputs=[P("out", "T", "[T, H]")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activation type")],
         attributes=[A("expert_bits", AT.INTS, "width of each expert"), A("group_size", AT.INT, "group size"),
-                    A("activation", AT.STRING, "silu or gelu (tanh)"), A("layout_version", AT.INT, "must be 1")],
+                    A("activation", AT.STRING, "silu or gelu (tanh)"),
+                    A("layout_version", AT.INT, f"must be {LAYOUT_VERSION}")],
     )
 
 

@@ -300,6 +300,10 @@ def build(cfg: BuildConfig, say: Say = lambda s, st: None, progress=None) -> Bui
     # the stage outputs (packed experts, graphs) and the bundle: about three times the bundle's weights
     require_free_space(cache_root or Path(tempfile.gettempdir()), 2 * weights, "the build's stage cache")
     require_free_space(Path(cfg.out).resolve().parent, weights, "the bundle")
+    if cfg.plan is None:  # the packed format's 16-row tiles: refused before the analysis, not after it
+        from .quantization.stage import check_model_rows  # (with a plan, the quantize stage checks it first)
+
+        check_model_rows(cfg.model, cfg.trust_remote_code)
     lock = contextlib.ExitStack()  # one build per --out: a second one started meanwhile refuses at once
     lock.enter_context(output_lock(Path(cfg.out).resolve()))
     cache = StageCache(cache_root, say)

@@ -43,17 +43,20 @@ REF = "QMoE 4b acc4"
 
 # ---------------------------------------------------------------------------------------------- our op
 def random_layer(rng):
-    layer = {}
+    """Layout v2 (docs/FORMAT.md §4): every expert matrix in tiles of 16 rows, [rows/16, J, 16]."""
+    layer, tile = {}, P.TILE_ROWS
     for m, rows, k in (("w1", 2 * I, H), ("w2", H, I)):
+        P.check_tile_rows(rows, f"the benchmark layer's {m}")
         G = P.num_groups(k, GROUP)
         packed = {b: [] for b in P.SUPPORTED_BITS}
-        for b in BITS:  # random words are valid codes at every width; skip packing 64 x 6M codes
-            packed[b].append(rng.integers(0, 2**32, (rows, P.num_blocks(k) * b), dtype=np.uint32))
+        for b in BITS:  # random words are valid codes at every width, in any order: drawn tiled, no packing
+            packed[b].append(rng.integers(0, 2**32, (rows // tile, P.num_blocks(k) * b, tile), dtype=np.uint32))
         for b in P.SUPPORTED_BITS:
-            empty = np.zeros((0, rows, P.num_blocks(k) * b), np.uint32)
+            empty = np.zeros((0, rows // tile, P.num_blocks(k) * b, tile), np.uint32)
             layer[f"{m}.q{b}"] = np.stack(packed[b]) if packed[b] else empty
-        layer[f"{m}.scales"] = rng.uniform(0.002, 0.02, (E, rows, G)).astype(np.float16)
-        layer[f"{m}.zeros"] = rng.integers(0, 4, (E, rows, G), dtype=np.uint8)
+        # random per (row, group), so drawn in the tiled shape directly (= tile_rows of a [E, rows, G] draw)
+        layer[f"{m}.scales"] = rng.uniform(0.002, 0.02, (E, rows // tile, G, tile)).astype(np.float16)
+        layer[f"{m}.zeros"] = rng.integers(0, 4, (E, rows // tile, G, tile), dtype=np.uint8)
     return {n: aligned(a) for n, a in layer.items()}
 
 
@@ -102,7 +105,8 @@ def mopeq_session(layer, threads):
               helper.make_tensor_value_info("indices", TensorProto.INT64, ["T", TOP_K]),
               helper.make_tensor_value_info("weights", TensorProto.FLOAT, ["T", TOP_K])]
     node = helper.make_node("MoEExperts", ["hidden", "indices", "weights", *P.LAYER_TENSOR_NAMES], ["out"],
-                            domain="mopeq", expert_bits=BITS, group_size=GROUP, activation="silu", layout_version=1)
+                            domain="mopeq", expert_bits=BITS, group_size=GROUP, activation="silu",
+                            layout_version=P.LAYOUT_VERSION)
     inits = {n: layer[n] for n in P.LAYER_TENSOR_NAMES}
     return _session([node], inputs, inits, threads, "mopeq", str(library_path()))
 
@@ -241,7 +245,7 @@ def main():
     ap.add_argument("--calls", type=int, default=50, help="timed calls per variant (fewer at large T, min 5)")
     ap.add_argument("--tokens", default="1,16,256", help="comma-separated token counts T")
     ap.add_argument("--threads", default="1,2", help="comma-separated ORT intra-op thread counts")
-    ap.add_argument("--paths", default="auto,avx2", help="MOPEQ_KERNEL paths of our op (auto: the best integer path)")
+    ap.add_argument("--paths", default="auto", help="MOPEQ_KERNEL paths of our op (auto: the best integer path)")
     ap.add_argument("--no-float", action="store_true", help="skip ORT MoE float32 (1.6 GB of weights)")
     ap.add_argument("--flush", action="store_true",
                     help="read 1.5x the L3 size before each call (on VMs that report a huge L3 this inflated "

@@ -197,7 +197,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--perplexity", type=Path, help="text file for llama-perplexity on the GGUF variants")
-    ap.add_argument("--paths", default="auto", help="our kernel paths (MOPEQ_KERNEL), e.g. auto,avx2")
+    ap.add_argument("--paths", default="auto", help="our kernel paths (MOPEQ_KERNEL), e.g. auto,scalar")
     ap.add_argument("--kernel-library", type=Path, default=None,
                     help="a freshly built libmopeq_ops.so instead of the bundle's copy (kernel development)")
     args = ap.parse_args()

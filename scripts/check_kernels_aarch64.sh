@@ -8,6 +8,6 @@ cmake -S "$root/runtime/csrc" -B "$root/build/kernels-aarch64" -DCMAKE_SYSTEM_NA
   -DCMAKE_SYSTEM_PROCESSOR=aarch64 -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ \
   -DORT_INCLUDE_DIR="$ort" -DMOPEQ_BUILD_SELFTEST=ON -DMOPEQ_CUDA=OFF >/dev/null
 cmake --build "$root/build/kernels-aarch64" -j 2
-for path in i8-neon neon i8-scalar scalar; do
+for path in i8-neon i8-scalar scalar; do
   MOPEQ_KERNEL=$path qemu-aarch64 -L /usr/aarch64-linux-gnu "$root/build/kernels-aarch64/kernel_selftest"
 done

@@ -1,7 +1,7 @@
 """Held-out perplexity of one bundle through the runtime under several kernel paths (MOPEQ_KERNEL), same windows.
 
     python scripts/compare_kernel_paths.py BUNDLE [--data ../shared/data/text_dev.txt] [--windows 0]
-        [--paths auto,avx2] [--kernel-library runtime/mopeq_runtime/lib/libmopeq_ops.so]
+        [--paths auto,scalar] [--kernel-library runtime/mopeq_runtime/lib/libmopeq_ops.so]
 
 The first path is compared with the second (the integer path against the exact float-activation path by
 default): the issue's bar is a perplexity move of at most 0.2 %. Windows of 256 tokens of the bundle's own
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--data", type=Path, default=SHARED / "data" / "text_dev.txt")
     ap.add_argument("--windows", type=int, default=0, help="first N windows (0 = all)")
-    ap.add_argument("--paths", default="auto,avx2")
+    ap.add_argument("--paths", default="auto,scalar")
     ap.add_argument("--kernel-library", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

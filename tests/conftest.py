@@ -4,7 +4,6 @@ test module that needs a real bundle (the C++ example, ORT-GenAI, the installed 
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,7 @@ def cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
-def _float_kernel_path() -> str:
-    """The fastest float-activation path of the kernel library on this CPU (MOPEQ_KERNEL name)."""
-    if platform.machine() in ("aarch64", "arm64"):
-        return "neon"
-    return "avx2" if {"avx2", "fma", "f16c"} <= cpu_flags() else "scalar"
-
-
-FLOAT_KERNEL = _float_kernel_path()
+FLOAT_KERNEL = "scalar"  # the kernel library's exact float-activation path (MOPEQ_KERNEL name)
 
 
 @pytest.fixture

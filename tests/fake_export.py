@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from mopeq_export.quantization.packing import LAYOUT_VERSION
 from mopeq_runtime.native import kernel_sources
 from onnx import TensorProto, helper, numpy_helper
 
@@ -101,7 +102,12 @@ def make_fake(root: Path, max_positions: int = 64, kv_dtype: int = TensorProto.F
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     onnx.save_model(decoder_graph(vocab, kv_dtype=kv_dtype), str(export_dir / "decoder.onnx"), save_as_external_data=True,
                     location="decoder.onnx.data", size_threshold=1024)
+    # export_layout_version: the graph I/O contract of docs/EXPORT.md; custom_op.layout_version: the packed expert
+    # format of docs/FORMAT.md (v2, 16-row tiles), as a real export records it (the fake graph holds no MoE node)
+    custom_op = {"domain": "mopeq", "op_type": "MoEExperts", "version": 1, "layout_version": LAYOUT_VERSION,
+                 "fallback": "model-local ONNX function"}
     (export_dir / "export.json").write_text(json.dumps({"export_layout_version": 1, "target": "cpu",
+                                                        "custom_op": custom_op,
                                                         "quantized": str(root.resolve() / "qdir")}))
     return model_dir, export_dir
 
@@ -118,7 +124,7 @@ def make_fake_bundle(root: Path, *, target: str = "cpu", kernel_library: Path | 
     info = ModelInfo(str(model_dir), "fake", "FakeMoeForCausalLM", "fake_moe", False, "c" * 64, "w" * 64)
     inputs = BundleInputs(export_dir, model_dir, info, get_target(target), context_length,
                           {"kind": "mopeq.bitplan", "experts": {"model.layers.0.mlp.experts.0": 2}, "avg_bits": 2.0},
-                          {"method": "gptq", "group_size": 32}, kernel_library,
+                          {"method": "gptq", "group_size": 32, "layout_version": LAYOUT_VERSION}, kernel_library,
                           kernel_sources(), prompt)
     stage = root / "bundle"
     stage.mkdir()

@@ -21,7 +21,7 @@ def one_node_model(expert_bits, group_size, dtype, activation, opset):
     inputs = [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)]
     node = helper.make_node("MoEExperts", names, ["out"], name="/model/layers.0/mlp/experts/MoEExperts",
                             domain="mopeq", expert_bits=list(expert_bits), group_size=group_size,
-                            activation=activation, layout_version=1)
+                            activation=activation, layout_version=P.LAYOUT_VERSION)
     graph = helper.make_graph([node], "moe", inputs, [helper.make_tensor_value_info("out", elem, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("mopeq", 1)],
                               ir_version=9, functions=[build_function(opset)])
@@ -36,10 +36,11 @@ def run(model: bytes, feeds, kernel: bool):
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
-CASES = [  # bits per expert, H, I, g, activation: mixed widths, empty widths (E_b = 0), odd K, partial groups
+CASES = [  # bits per expert, H, I, g, activation: mixed widths, empty widths (E_b = 0), odd K, partial groups;
+    # H and 2I are multiples of 16 (the tiles of layout v2), I = 8 * odd puts the gate/up split inside a tile
     ([2, 3, 4, 8, 3, 2], 64, 48, 32, "silu"),
     ([4, 4, 3], 96, 40, 64, "gelu"),
-    ([2, 2, 2, 2], 33, 17, 32, "silu"),
+    ([2, 2, 2, 2], 48, 24, 32, "silu"),
     ([8, 3, 3, 4, 2, 2, 4, 3], 160, 160, 128, "silu"),
 ]
 

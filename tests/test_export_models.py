@@ -69,7 +69,7 @@ def test_tiny_text_contract(tiny_text):
     import onnx
 
     rec = json.loads((odir / "export.json").read_text())
-    assert rec["custom_op"] == {"domain": "mopeq", "op_type": "MoEExperts", "version": 1, "layout_version": 1,
+    assert rec["custom_op"] == {"domain": "mopeq", "op_type": "MoEExperts", "version": 1, "layout_version": 2,
                                 "fallback": "model-local ONNX function"}
     g = onnx.load(odir / "decoder.onnx", load_external_data=False)
     assert g.ir_version == rec["ir_version"] == 10
@@ -80,6 +80,11 @@ def test_tiny_text_contract(tiny_text):
     assert inits["model.layers.0.mlp.experts.w1_q2"].data_type == onnx.TensorProto.UINT32
     assert inits["model.layers.0.mlp.experts.w1_scales"].data_type == onnx.TensorProto.FLOAT16
     assert inits["model.layers.0.mlp.experts.w2_zeros"].data_type == onnx.TensorProto.UINT8
+    # layout v2 (H = 32, I = 48, 4 experts, g = 32): [E, rows/16, G, 16] and [E_b, rows/16, NB*b, 16]
+    assert list(inits["model.layers.0.mlp.experts.w1_scales"].dims) == [4, 96 // 16, 1, 16]
+    assert list(inits["model.layers.0.mlp.experts.w2_zeros"].dims) == [4, 32 // 16, 2, 16]
+    assert list(inits["model.layers.0.mlp.experts.w2_q3"].dims)[1:] == [32 // 16, 2 * 3, 16]
+    assert all(n.attribute[[a.name for a in n.attribute].index("layout_version")].i == 2 for n in moe)
     names = [i["name"] for i in rec["graphs"]["decoder"]["inputs"]]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and names[3] == "past_key_values.0.key"
     assert (odir / "decoder.onnx.data").stat().st_size > 0

@@ -76,7 +76,7 @@ def test_runtime_sdist_is_complete(tmp_path):
     _run([sys.executable, "-m", "build", "--sdist", "--outdir", tmp_path, ROOT / "runtime"], env=_ort_headers_env())
     (sdist,) = tmp_path.glob("mopeq_runtime-*.tar.gz")
     names = tarfile.open(sdist).getnames()
-    for needed in ("csrc/CMakeLists.txt", "csrc/fetch_debian_headers.sh", "csrc/src/op.cc", "csrc/src/qgemm_neon.cc",
+    for needed in ("csrc/CMakeLists.txt", "csrc/fetch_debian_headers.sh", "csrc/src/op.cc", "csrc/src/qgemm_i8_neon.cc",
                    "mopeq_runtime/__init__.py", "pyproject.toml"):
         assert any(n.endswith(needed) for n in names), needed
     assert not any("/lib/" in n and n.endswith(".so") for n in names), "no prebuilt binary in the sdist"

@@ -26,15 +26,15 @@ except native.KernelLibraryMissing as e:
 FLAGS = cpu_flags()
 _AVX2 = {"avx2", "fma", "f16c"} <= FLAGS
 _AVX512 = _AVX2 and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= FLAGS
-FLOAT_PATHS = {"scalar": True, "avx2": _AVX2}  # exact float activations: the reference
-INT8_PATHS = {"i8-scalar": True, "i8-avx2": _AVX2, "i8-avx512vnni": _AVX512 and {"avx512_vnni", "avx512vbmi"} <= FLAGS}
+FLOAT_PATHS = {"scalar": True}  # exact float activations: the reference
+INT8_PATHS = {"i8-scalar": True, "i8-avx2": _AVX2, "i8-avx512vnni": _AVX512 and {"avx512_vnni", "avx512vbmi", "gfni"} <= FLAGS}
 SUPPORTED = {**FLOAT_PATHS, **INT8_PATHS, "auto": True}  # auto: the best integer path of this CPU
 
 
 LAYER_TYPES = ([TensorProto.UINT32] * 4 + [TensorProto.FLOAT16, TensorProto.UINT8]) * 2  # w1 then w2
 
 
-def make_session(expert_bits, group_size, dtype, activation="silu", layout_version=1):
+def make_session(expert_bits, group_size, dtype, activation="silu", layout_version=P.LAYOUT_VERSION):
     elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
     names = ["hidden", "indices", "weights", *P.LAYER_TENSOR_NAMES]
     types = [elem, TensorProto.INT64, elem] + LAYER_TYPES
@@ -73,14 +73,15 @@ def check_close(got, want, dtype, tol32=1e-4):
     assert scale > 0 and err <= tol * scale, f"max error {err:.3g} vs output scale {scale:.3g}"
 
 
-CASES = [  # expert_bits, H, I, group_size, T, k, activation
-    ([2, 2, 2], 160, 100, 32, 1, 2, "silu"),
+CASES = [  # expert_bits, H, I, group_size, T, k, activation; H and 2I multiples of 16 (layout v2's tiles), K = 104
+    # or 112 ends in a partial block, I = 104 puts the gate/up split inside a tile
+    ([2, 2, 2], 160, 104, 32, 1, 2, "silu"),
     ([3, 3, 3, 3], 192, 160, 64, 37, 3, "gelu"),
-    ([4, 4], 100, 192, 128, 1, 1, "silu"),
+    ([4, 4], 112, 192, 128, 1, 1, "silu"),
     ([8, 8, 8], 160, 64, 32, 37, 2, "silu"),
-    ([2, 3, 4, 8, 4, 3, 2, 4], 192, 100, 64, 37, 8, "silu"),   # every width in one layer
+    ([2, 3, 4, 8, 4, 3, 2, 4], 192, 104, 64, 37, 8, "silu"),   # every width in one layer
     ([4, 2, 4, 2, 4], 160, 160, 128, 1, 5, "gelu"),           # q3 and q8 absent (E_b = 0)
-    ([3, 4, 2, 3, 4, 2, 3, 8, 4, 2], 100, 100, 32, 37, 4, "silu"),
+    ([3, 4, 2, 3, 4, 2, 3, 8, 4, 2], 112, 104, 32, 37, 4, "silu"),
     ([4, 3, 2, 4, 3, 2, 4, 3], 2048 // 8, 192, 128, 5, 7, "silu"),
 ]
 
@@ -107,14 +108,14 @@ def test_kernel_matches_reference(monkeypatch, path, dtype, case):
 def float64_reference(feeds, bits, g, act):
     """mopeq.MoEExperts in float64 from the dequantized weights (the yardstick of the integer paths' error)."""
     x, idx, wts = feeds["hidden"].astype(np.float64), feeds["indices"], feeds["weights"].astype(np.float64)
-    h, slots = x.shape[1], P.slot_table(bits)
+    h = x.shape[1]
     out = np.zeros_like(x)
     for t in range(x.shape[0]):
         for j, e in enumerate(idx[t]):
-            b, s = bits[e], slots[e]
-            w1 = P.dequantize(feeds[f"w1.q{b}"][s], feeds["w1.scales"][e], feeds["w1.zeros"][e], b, h, g).astype(np.float64)
+            b = bits[e]
+            w1 = P.dequantize(*P.expert_matrix(feeds, "w1", e, bits), b, h, g).astype(np.float64)  # untiled
             i = w1.shape[0] // 2
-            w2 = P.dequantize(feeds[f"w2.q{b}"][s], feeds["w2.scales"][e], feeds["w2.zeros"][e], b, i, g).astype(np.float64)
+            w2 = P.dequantize(*P.expert_matrix(feeds, "w2", e, bits), b, i, g).astype(np.float64)
             a = w1 @ x[t]
             gate = a[:i] / (1 + np.exp(-a[:i])) if act == "silu" else P._activation(a[:i], act)
             out[t] += wts[t, j] * (w2 @ (gate * a[i:]))
@@ -182,6 +183,8 @@ def malformed(kind):
         feeds["w2.scales"] = feeds["w2.scales"][:, :, :1].copy()
     elif kind == "zeros_shape":
         feeds["w1.zeros"] = feeds["w1.zeros"][:3].copy()
+    elif kind == "untiled_scales":  # layout v1's [E, rows, G]
+        feeds["w1.scales"] = P.untile_rows(feeds["w1.scales"])
     elif kind == "code_words":
         feeds["w2.q2"] = feeds["w2.q2"][:, :, :1].copy()
     elif kind == "hidden_rank":
@@ -194,9 +197,10 @@ def malformed(kind):
 @pytest.mark.parametrize("kind,message", [
     ("index_high", r"indices\[1, 1\] = 4 is outside \[0, 4\)"),
     ("index_negative", r"indices\[0, 0\] = -1"),
-    ("wrong_E_b", r"w1.q4 has shape \[3, 128, 12\], expected \[2, 128, 12\]"),
+    ("wrong_E_b", r"w1.q4 has shape \[3, 8, 12, 16\], expected \[2, 8, 12, 16\]"),  # [E_b, 2I/16, NB*b, 16]
     ("scales_shape", r"w2.scales has shape"),
     ("zeros_shape", r"w1.zeros has shape"),
+    ("untiled_scales", r"w1.scales"),
     ("code_words", r"w2.q2 has shape"),
     ("hidden_rank", r"hidden must be \[T, H\]"),
     ("weights_shape", r"weights has shape"),
@@ -209,11 +213,11 @@ def test_malformed_inputs_are_errors(kind, message):
 
 
 @pytest.mark.parametrize("bits,group_size,layout,message", [
-    (BITS, 48, 1, "group_size 48 is not a positive multiple of 32"),
-    (BITS, 0, 1, "group_size 0"),
-    (BITS, 32, 2, "layout_version 2 is not supported"),
-    ([2, 5, 4, 4], 32, 1, "expert_bits holds width 5"),
-    ([2, 4, 3], 32, 1, "expert_bits lists 3 experts but w1.scales holds 4"),
+    (BITS, 48, 2, "group_size 48 is not a positive multiple of 32"),
+    (BITS, 0, 2, "group_size 0"),
+    (BITS, 32, 1, "layout_version 1 is not supported"),  # a model exported before the 16-row tiles
+    ([2, 5, 4, 4], 32, 2, "expert_bits holds width 5"),
+    ([2, 4, 3], 32, 2, "expert_bits lists 3 experts but w1.scales holds 4"),
 ])
 def test_malformed_attributes_are_errors(bits, group_size, layout, message):
     with pytest.raises(Exception, match=message):

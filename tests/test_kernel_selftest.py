@@ -40,5 +40,5 @@ def test_aarch64_paths_under_qemu():
         pytest.skip(f"{' and '.join(missing)} not installed (apt-get install g++-aarch64-linux-gnu qemu-user)")
     run = subprocess.run(["bash", ROOT / "scripts" / "check_kernels_aarch64.sh"], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for path in ("i8-neon", "neon", "i8-scalar", "scalar"):
+    for path in ("i8-neon", "i8-scalar", "scalar"):
         assert f"{path}: ok" in run.stdout, run.stdout

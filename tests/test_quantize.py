@@ -125,6 +125,17 @@ def test_pipeline_quantizes_every_expert_and_packed_model_matches(arch, tmp_path
     with torch.no_grad():
         fake = model(input_ids=x).logits
     tensors = {f"{l.experts_path}.{n}": t for l, rs in zip(layers, results) for n, t in layer_tensors(rs).items()}
+    for l, rs in zip(layers, results):  # layout v2: codes, scales and zeros of every matrix in 16-row tiles
+        t = layer_tensors(rs)
+        h, i, e = l.hidden_size, l.intermediate_size, l.num_experts
+        assert t["w1.scales"].shape == (e, 2 * i // 16, packing.num_groups(h, 32), 16)
+        assert t["w2.zeros"].shape == (e, h // 16, packing.num_groups(i, 32), 16)
+        assert t["w1.q2"].shape[1:] == (2 * i // 16, packing.num_blocks(h) * 2, 16)
+        for n, r in enumerate(rs):
+            np.testing.assert_array_equal(packing.untile_rows(t["w1.scales"][n]), r.w1.scales.numpy())
+            np.testing.assert_array_equal(packing.untile_rows(t["w2.zeros"][n]), r.w2.zeros.numpy())
+            words, _, _ = packing.expert_matrix(t, "w1", n, [x.bits for x in rs])
+            np.testing.assert_array_equal(packing.unpack_codes(words, r.bits, h), r.w1.codes.numpy())
     rec = {"schema_version": SCHEMA_VERSION, "layout_version": packing.LAYOUT_VERSION, "group_size": 32,
            "model": {"path": "x", "name": "x", "architecture": "x", "model_type": "x", "is_vlm": False,
                      "config_sha256": "0", "weights_sha256": "0"},
@@ -134,6 +145,117 @@ def test_pipeline_quantizes_every_expert_and_packed_model_matches(arch, tmp_path
     with torch.no_grad():
         got = packed(input_ids=x).logits
     torch.testing.assert_close(got, fake, rtol=1e-4, atol=1e-4)
+
+
+def test_modulelist_views_split_gate_and_up_inside_a_tile(tmp_path):
+    """ModuleList experts with I = 24: rows 0-23 of w1 (gate) and 24-47 (up) share the tile of rows 16-31; the
+    loader's PackedLinears (untiled row slices) give the fake-quant model's logits, and the whole packed layer
+    (what the export computes from) the block's own output."""
+    from mopeq_export.quantization.checkpoint import (SCHEMA_VERSION, layer_record, layer_tensors, read_checkpoint,
+                                                      to_json_layers, write_checkpoint)
+    from mopeq_export.quantization.loader import PACKED_ATTR, install_packed
+
+    model = tm.modulelist_moe()
+    torch.manual_seed(2)
+    for layer in model.model.layers:
+        layer.mlp = tm.DeepseekStyleMoE(tm.H, 24, tm.E, tm.K)
+    layers = find_moe_layers(model)
+    assert layers[0].intermediate_size == 24
+    bits = {n: (2, 3, 4, 8)[k % 4] for k, n in enumerate(n for l in layers for n in l.expert_names)}
+    results = quantize_layers(model, layers, bits, None, QuantizeConfig(method="rtn", group_size=32))
+    x = torch.randint(3, tm.V, (2, 9))
+    with torch.no_grad():
+        fake = model(input_ids=x).logits
+    tensors = {f"{l.experts_path}.{n}": t for l, rs in zip(layers, results) for n, t in layer_tensors(rs).items()}
+    rec = {"schema_version": SCHEMA_VERSION, "layout_version": packing.LAYOUT_VERSION, "group_size": 32,
+           "model": {"path": "x", "name": "x", "architecture": "x", "model_type": "x", "is_vlm": False,
+                     "config_sha256": "0", "weights_sha256": "0"},
+           "layers": to_json_layers([layer_record(l, rs) for l, rs in zip(layers, results)])}
+    write_checkpoint(tmp_path, rec, tensors, {})
+    packed = install_packed(model, read_checkpoint(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids=x).logits, fake, rtol=1e-4, atol=1e-4)
+        block = packed.model.layers[0].mlp
+        h = torch.randn(5, tm.H)
+        idx, w, _ = block.gate(h)
+        whole = getattr(block, PACKED_ATTR)(h, idx, w.to(h.dtype)) + block.shared_experts(h)
+        torch.testing.assert_close(whole, block(h), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("h,i", [(64, 48), (48, 24)])  # I = 24: the gate/up split falls inside a 16-row tile
+def test_torch_reference_matches_numpy_reference(h, i):
+    from packed_layers import random_layer
+
+    rng = np.random.default_rng(h + i)
+    bits, g = [2, 3, 4, 8, 2], 32
+    layer = random_layer(rng, bits, h, i, g)
+    x = rng.standard_normal((6, h)).astype(np.float32)
+    idx, w = rng.integers(0, len(bits), (6, 2)), rng.uniform(0.1, 1, (6, 2)).astype(np.float32)
+    want = packing.moe_experts_reference(x, idx, w, layer, bits, g)
+    got = reference.PackedLayer({n: torch.from_numpy(a) for n, a in layer.items()}, bits, g, "silu")(
+        torch.from_numpy(x), torch.from_numpy(idx), torch.from_numpy(w))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_checkpoint_of_layout_1_is_refused_with_the_quantize_to_rerun(tmp_path):
+    from packed_layers import random_layer
+
+    from mopeq_export.quantization.checkpoint import (SCHEMA_VERSION, LayerRecord, read_checkpoint, to_json_layers,
+                                                      write_checkpoint)
+
+    bits = [2, 4]
+    layer = random_layer(np.random.default_rng(0), bits, 32, 24, 32)
+    lrec = LayerRecord("model.layers.0.mlp.experts", "model.layers.0.mlp", 0, 2, 32, 24, "silu", tuple(bits))
+    rec = {"schema_version": SCHEMA_VERSION, "layout_version": packing.LAYOUT_VERSION, "group_size": 32,
+           "method": "gptq", "plan": {"path": "/p/plan.json"},
+           "model": {"path": "/m/model", "name": "x", "architecture": "x", "model_type": "x", "is_vlm": False,
+                     "config_sha256": "0", "weights_sha256": "0"},
+           "layers": to_json_layers([lrec])}
+    tensors = {f"{lrec.experts_path}.{n}": t for n, t in layer.items()}
+    (tmp_path / "v2").mkdir()
+    write_checkpoint(tmp_path / "v2", rec, tensors, {})
+    ckpt = read_checkpoint(tmp_path / "v2")
+    assert ckpt.layer_tensors(lrec)["w1.scales"].shape == (2, 3, 1, 16)
+    old = tmp_path / "v1"
+    shutil.copytree(tmp_path / "v2", old)
+    (old / "quantized.json").write_text(json.dumps(dict(json.loads((old / "quantized.json").read_text()),
+                                                        layout_version=1)))
+    with pytest.raises(MopeqError, match=r"layout version 1 is not supported .*reads version 2.*rebuild the quantized "
+                                         r"checkpoint: mopeq-export quantize --model /m/model --plan /p/plan.json "
+                                         r"--method gptq --group-size 32 --out \S*v1 --force"):
+        read_checkpoint(old)
+
+
+def test_quantize_refuses_rows_not_multiple_of_16_before_any_work(tmp_path, monkeypatch):
+    """Layout v2 tiles expert matrices by 16 rows: a model with H = 40 (w2's rows) is refused when the quantize
+    stage has only built the skeleton (no calibration read, no output written); likewise 2I = 40."""
+    from transformers import Qwen2MoeConfig
+
+    from mopeq_export.models.loading import model_info
+    from mopeq_export.quantization import stage
+
+    def calibration_read(*a, **k):
+        raise AssertionError("the calibration was read before the refusal")
+
+    monkeypatch.setattr(stage, "load_calibration", calibration_read)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some calibration text\n" * 8)
+    for name, h, i in (("h40", 40, 32), ("i20", 32, 20)):
+        cfg = Qwen2MoeConfig(**{**tm._COMMON, "hidden_size": h}, intermediate_size=64, moe_intermediate_size=i,
+                             num_experts=tm.E, num_experts_per_tok=tm.K, shared_expert_intermediate_size=64)
+        model_dir = tmp_path / name
+        tm._causal(cfg).to(torch.float16).save_pretrained(model_dir)
+        names = [n for l in find_moe_layers(tm._causal(cfg)) for n in l.expert_names]
+        plan = tmp_path / f"{name}.json"
+        plan.write_text(json.dumps({"kind": "mopeq.bitplan", "experts": {n: 2 for n in names}, "method": "test",
+                                    "avg_bits": 2.0, "model": {"weights_sha256": model_info(model_dir).weights_sha256}}))
+        rows = h if name == "h40" else 2 * i
+        with pytest.raises(MopeqError, match=rf"has {rows} rows; layout v2 stores expert matrices in tiles of 16 rows"):
+            stage.run_quantize(model_dir, plan, tmp_path / f"q-{name}", calib=calib,
+                               cfg=QuantizeConfig(method="gptq"), device="cpu")
+        assert not (tmp_path / f"q-{name}").exists()
+        with pytest.raises(MopeqError, match="multiples of 16"):  # what a build checks before its analysis
+            stage.check_model_rows(model_dir)
 
 
 def test_unknown_method_and_bad_width_are_refused():

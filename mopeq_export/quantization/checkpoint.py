@@ -5,11 +5,13 @@
                            calibration provenance, per-expert bits/errors, sizes, file hashes
       experts/<experts path>.safetensors
                            one file per MoE layer, written as the layer is done (the stage never holds
-                           more than one layer's codes): the tensors of docs/FORMAT.md §4, named
-                           "<experts path>.w1.q2", ..., "<experts path>.w2.zeros"
+                           more than one layer's codes): the tensors of docs/FORMAT.md §4 (codes, scales
+                           and zeros in tiles of 16 rows), named "<experts path>.w1.q2", ...,
+                           "<experts path>.w2.zeros"
       dense.safetensors    (when the plan's `dense` widths or --quantize-dense quantize any) packed
                            attention / shared-expert / dense-MLP / lm_head matrices and the embedding
-                           table, named "<module path>.words|scales|zeros[|bias]"
+                           table, named "<module path>.words|scales|zeros[|bias]" (row-major: dense
+                           matrices are not expert matrices and are not tiled)
 
 Non-expert weights are not copied: the record names the source checkpoint and its weights hash, and
 `load_quantized` refuses a source whose hash differs.
@@ -27,7 +29,7 @@ from safetensors.numpy import load_file, save_file
 from ..errors import MopeqError
 from ..fsutil import read_json, sha256_file, write_json
 from ..models.loading import ModelInfo
-from .packing import LAYER_TENSOR_NAMES, LAYOUT_VERSION, pack_codes, split_by_width
+from .packing import LAYER_TENSOR_NAMES, LAYOUT_VERSION, pack_codes, split_by_width, tile_rows
 from .pipeline import ExpertResult
 from .primitives import QuantizedMatrix
 
@@ -65,15 +67,16 @@ class DenseRecord:
 
 
 def layer_tensors(results: list[ExpertResult]) -> dict[str, np.ndarray]:
-    """Pack one layer's experts into the tensors of FORMAT.md §4 (codes grouped by width)."""
+    """Pack one layer's experts into the tensors of FORMAT.md §4: codes grouped by width, codes, scales and
+    zeros in tiles of 16 rows ([E, rows/16, G, 16] for the scales and zeros)."""
     bits = [r.bits for r in results]
     out: dict[str, np.ndarray] = {}
     for m in ("w1", "w2"):
         mats = [getattr(r, m) for r in results]
         for b, words in split_by_width([q.codes.numpy() for q in mats], bits).items():
             out[f"{m}.q{b}"] = words
-        out[f"{m}.scales"] = np.stack([q.scales.numpy() for q in mats]).astype(np.float16)
-        out[f"{m}.zeros"] = np.stack([q.zeros.numpy() for q in mats]).astype(np.uint8)
+        out[f"{m}.scales"] = tile_rows(np.stack([q.scales.numpy() for q in mats]).astype(np.float16))
+        out[f"{m}.zeros"] = tile_rows(np.stack([q.zeros.numpy() for q in mats]).astype(np.uint8))
     return out
 
 
@@ -147,6 +150,17 @@ class QuantizedCheckpoint:
         return {n: self.tensors[f"{layer.experts_path}.{n}"] for n in LAYER_TENSOR_NAMES}
 
 
+def _requantize_command(qdir: Path, rec: dict) -> str:
+    """The `quantize` that made the checkpoint, as far as its record tells (for a refusal's message)."""
+    def arg(flag: str, value) -> str:
+        return f" {flag} {value}" if value not in (None, "") else ""
+
+    model, plan = rec.get("model"), rec.get("plan")
+    return ("mopeq-export quantize" + arg("--model", model.get("path") if isinstance(model, dict) else None)
+            + arg("--plan", plan.get("path") if isinstance(plan, dict) else None) + arg("--method", rec.get("method"))
+            + arg("--group-size", rec.get("group_size")) + f" --out {qdir} --force")
+
+
 def read_checkpoint(qdir: str | Path) -> QuantizedCheckpoint:
     """Read and verify a QDIR: schema/layout versions, file sizes and hashes, tensor names."""
     qdir = Path(qdir)
@@ -157,7 +171,9 @@ def read_checkpoint(qdir: str | Path) -> QuantizedCheckpoint:
         raise MopeqError(f"{qdir / RECORD}: schema version {rec.get('schema_version')} is not {SCHEMA_VERSION} "
                          "(a checkpoint of another toolchain version); re-run mopeq-export quantize")
     if rec.get("layout_version") != LAYOUT_VERSION:
-        raise MopeqError(f"{qdir}: packed layout version {rec.get('layout_version')} is unknown (this reader: {LAYOUT_VERSION})")
+        raise MopeqError(f"{qdir}: packed layout version {rec.get('layout_version')} is not supported (this toolchain "
+                         f"reads version {LAYOUT_VERSION}, docs/FORMAT.md §6); rebuild the quantized checkpoint: "
+                         f"{_requantize_command(qdir, rec)}")
     for name, meta in rec.get("files", {}).items():
         p = qdir / name
         if not p.resolve().is_relative_to(qdir.resolve()):

@@ -13,7 +13,7 @@ from ..models.adapters import MoELayer, decoder_layer_paths, find_moe_layers
 from ..models.loading import check_weights, model_info
 from ..models.onload import WeightSource, load_full, skeleton
 from .checkpoint import QuantizedCheckpoint, read_checkpoint
-from .packing import num_blocks, slot_table
+from .packing import expert_matrix, num_blocks
 from .reference import PackedEmbedding, PackedLayer, PackedLinear
 
 
@@ -32,20 +32,22 @@ PACKED_ATTR = "mopeq_packed"  # a ModuleList block's whole packed layer (the exp
 def _install_modulelist(layer: MoELayer, tensors: dict[str, np.ndarray], bits: list[int], g: int,
                         activation: str) -> None:
     """ModuleList experts keep their MLP modules (the block's own forward runs them); each projection becomes
-    a PackedLinear view of the layer's packed tensors, which the block also holds whole as `mopeq_packed`."""
+    a PackedLinear of rows of its expert's matrix, which the block also holds whole as `mopeq_packed`.
+
+    The layer's tensors are stored in tiles of 16 rows (FORMAT.md §4) and the gate/up split at row I need not
+    fall on a tile, so each expert's matrices are untiled into a row-major copy ([rows, NB*b] words, [rows, G]
+    scales and zeros) whose row slices the PackedLinears view: the packed codes are held twice (still a fraction
+    of the float weights), and nothing is dequantized until a forward."""
     packed = PackedLayer({n: _t(v) for n, v in tensors.items()}, list(bits), g, activation)
     packed.__dict__["moe_layer"] = layer  # plain attribute (not a submodule): the block it computes
     layer.block.add_module(PACKED_ATTR, packed)
-    tensors = {n: t.numpy() for n, t in packed.tensors().items()}  # the views below share these buffers
-    slots, h, i = slot_table(bits), layer.hidden_size, layer.intermediate_size
-    for e, (b, s) in enumerate(zip(bits, slots)):
+    h, i = layer.hidden_size, layer.intermediate_size
+    for e, b in enumerate(bits):
         m = layer.experts[e]
-        w1 = _t(tensors[f"w1.q{b}"][s])
-        w1s, w1z = _t(tensors["w1.scales"][e]), _t(tensors["w1.zeros"][e])
+        w1, w1s, w1z = (_t(a) for a in expert_matrix(tensors, "w1", e, bits))  # untiled copies, row-major
         m.gate_proj = PackedLinear(w1[:i], w1s[:i], w1z[:i], b, h, g)
         m.up_proj = PackedLinear(w1[i:], w1s[i:], w1z[i:], b, h, g)
-        m.down_proj = PackedLinear(_t(tensors[f"w2.q{b}"][s]), _t(tensors["w2.scales"][e]),
-                                   _t(tensors["w2.zeros"][e]), b, i, g)
+        m.down_proj = PackedLinear(*(_t(a) for a in expert_matrix(tensors, "w2", e, bits)), b, i, g)
 
 
 def install_packed(model: nn.Module, ckpt: QuantizedCheckpoint) -> nn.Module:

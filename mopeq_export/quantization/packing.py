@@ -1,4 +1,4 @@
-"""NumPy reference of the packed expert format (docs/FORMAT.md, layout v1) and of `mopeq.MoEExperts`.
+"""NumPy reference of the packed expert format (docs/FORMAT.md, layout v2) and of `mopeq.MoEExperts`.
 
 Everything else (PyTorch dequantizer, ONNX function bodies, C++/CUDA kernels) is tested against this
 file, so it favours plain, obviously-correct array code over speed. The layout constants below are
@@ -8,6 +8,9 @@ A block of 32 consecutive codes along K becomes `b` uint32 words:
 
     b=2: word i//16, bits 2*(i%16)    b=4: word i//8, bits 4*(i%8)    b=8: word i//4, bits 8*(i%4)
     b=3: the low 2 bits as b=2 in words 0-1, bit 2 in word 2 at bit i
+
+An expert's matrix is stored in tiles of 16 rows: word j of row r at [r // 16, j, r % 16], and its scales and
+zero points alike (`tile_rows`), so one 64-byte load holds the same word of 16 rows.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import numpy as np
 
 from ..errors import MopeqError, require
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+TILE_ROWS = 16  # rows per tile of an expert matrix (FORMAT.md §4); rows must be a multiple of it
 BLOCK = 32  # codes per packed block; one block of width b is exactly b uint32 words
 SUPPORTED_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, 256)  # what the quantizer offers; readers accept any positive multiple of 32
@@ -47,6 +51,30 @@ def check_group_size(group_size: int) -> None:
         isinstance(group_size, (int, np.integer)) and group_size > 0 and group_size % BLOCK == 0,
         f"group size {group_size!r} is not a positive multiple of {BLOCK}; use one of {GROUP_SIZES}",
     )
+
+
+def check_tile_rows(rows: int, what: str) -> None:
+    require(rows > 0 and rows % TILE_ROWS == 0,
+            f"{what} has {rows} rows; layout v{LAYOUT_VERSION} stores expert matrices in tiles of {TILE_ROWS} rows, so "
+            f"the hidden size and twice the expert intermediate size must be multiples of {TILE_ROWS}")
+
+
+def tile_rows(a: np.ndarray) -> np.ndarray:
+    """[..., rows, J] -> [..., rows/16, J, 16]: element (r, j) at [r // 16, j, r % 16] (FORMAT.md §4)."""
+    a = np.asarray(a)
+    require(a.ndim >= 2, f"tile_rows needs [..., rows, J], got shape {a.shape}")
+    rows, j = a.shape[-2:]
+    check_tile_rows(rows, "a matrix")
+    t = a.reshape(*a.shape[:-2], rows // TILE_ROWS, TILE_ROWS, j)
+    return np.ascontiguousarray(np.swapaxes(t, -1, -2))
+
+
+def untile_rows(t: np.ndarray) -> np.ndarray:
+    """Inverse of tile_rows: [..., rows/16, J, 16] -> [..., rows, J]."""
+    t = np.asarray(t)
+    require(t.ndim >= 3 and t.shape[-1] == TILE_ROWS, f"tiled tensors are [..., rows/16, J, 16], got shape {t.shape}")
+    a = np.swapaxes(t, -1, -2)
+    return np.ascontiguousarray(a.reshape(*t.shape[:-3], t.shape[-3] * TILE_ROWS, t.shape[-2]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,17 +205,19 @@ def slot_table(expert_bits: Sequence[int]) -> np.ndarray:
 
 
 def split_by_width(codes: Sequence[np.ndarray], expert_bits: Sequence[int]) -> dict[int, np.ndarray]:
-    """Per-expert uint8 codes [rows, K] -> {b: uint32 [E_b, rows, NB*b]} for every supported b (E_b may be 0)."""
+    """Per-expert uint8 codes [rows, K] -> {b: uint32 [E_b, rows/16, NB*b, 16]} (tiled) for every supported b
+    (E_b may be 0)."""
     require(len(codes) == len(expert_bits), f"{len(codes)} experts of codes but {len(expert_bits)} widths")
     require(len(codes) > 0, "a layer needs at least one expert")
     rows, k = np.asarray(codes[0]).shape
     for e, c in enumerate(codes):
         require(np.shape(c) == (rows, k), f"expert {e} codes have shape {np.shape(c)}, expert 0 has {(rows, k)}")
+    check_tile_rows(rows, "an expert matrix")
     slot_table(expert_bits)  # validates the widths
     out = {}
     for b in SUPPORTED_BITS:
-        mine = [pack_codes(c, b) for c, eb in zip(codes, expert_bits) if eb == b]
-        out[b] = np.stack(mine) if mine else np.zeros((0, rows, num_blocks(k) * b), np.uint32)
+        mine = [tile_rows(pack_codes(c, b)) for c, eb in zip(codes, expert_bits) if eb == b]
+        out[b] = np.stack(mine) if mine else np.zeros((0, rows // TILE_ROWS, num_blocks(k) * b, TILE_ROWS), np.uint32)
     return out
 
 
@@ -195,7 +225,15 @@ def merge_by_width(packed: Mapping[int, np.ndarray], expert_bits: Sequence[int],
     """Inverse of split_by_width: {b: words} -> per-expert uint8 codes [rows, K] in expert order."""
     slots = slot_table(expert_bits)
     _check_counts(packed, expert_bits, "codes")
-    return [unpack_codes(packed[b][s], b, k) for b, s in zip(expert_bits, slots)]
+    return [unpack_codes(untile_rows(packed[b][s]), b, k) for b, s in zip(expert_bits, slots)]
+
+
+def expert_matrix(layer: Mapping[str, np.ndarray], m: str, e: int, expert_bits: Sequence[int]):
+    """Expert e's matrix m ("w1" or "w2") of a layer's tensors, untiled: (words [rows, NB*b], scales [rows, G],
+    zeros [rows, G]) for `dequantize`."""
+    b, s = int(expert_bits[e]), int(slot_table(expert_bits)[e])
+    return (untile_rows(layer[f"{m}.q{b}"][s]), untile_rows(layer[f"{m}.scales"][e]),
+            untile_rows(layer[f"{m}.zeros"][e]))
 
 
 def _check_counts(packed: Mapping[int, np.ndarray], expert_bits: Sequence[int], what: str) -> None:
@@ -223,9 +261,10 @@ def layer_dims(layer: Mapping[str, np.ndarray], expert_bits: Sequence[int], grou
     for name in LAYER_TENSOR_NAMES:
         require(name in layer, f"layer tensors lack '{name}'; expected {LAYER_TENSOR_NAMES}")
     s1, s2 = np.shape(layer["w1.scales"]), np.shape(layer["w2.scales"])
-    require(len(s1) == 3 and len(s2) == 3, f"scales must be [E, rows, G]; got w1 {s1}, w2 {s2}")
-    e, two_i, _ = s1
-    h = s2[1]
+    require(len(s1) == 4 and len(s2) == 4 and s1[-1] == TILE_ROWS and s2[-1] == TILE_ROWS,
+            f"scales must be [E, rows/{TILE_ROWS}, G, {TILE_ROWS}] (layout v{LAYOUT_VERSION}); got w1 {s1}, w2 {s2}")
+    e, two_i = s1[0], s1[1] * TILE_ROWS
+    h = s2[1] * TILE_ROWS
     require(two_i % 2 == 0 and two_i > 0, f"w1 has {two_i} rows; it must be 2*I (gate then up)")
     i = two_i // 2
     require(len(expert_bits) == e, f"expert_bits has {len(expert_bits)} entries but the scales hold {e} experts")
@@ -234,13 +273,14 @@ def layer_dims(layer: Mapping[str, np.ndarray], expert_bits: Sequence[int], grou
         g = num_groups(k, group_size)
         for part, dt in (("scales", np.float16), ("zeros", np.uint8)):
             t = np.asarray(layer[f"{m}.{part}"])
-            require(t.shape == (e, rows, g), f"{m}.{part} has shape {t.shape}; expected {(e, rows, g)}")
+            want = (e, rows // TILE_ROWS, g, TILE_ROWS)
+            require(t.shape == want, f"{m}.{part} has shape {t.shape}; expected {want}")
             require(t.dtype == dt, f"{m}.{part} must be {np.dtype(dt)}, got {t.dtype}")
         packed = {b: layer[f"{m}.q{b}"] for b in SUPPORTED_BITS}
         _check_counts(packed, expert_bits, f"{m} codes")
         for b in SUPPORTED_BITS:
             shape = np.shape(packed[b])
-            want = (shape[0], rows, num_blocks(k) * b)
+            want = (shape[0], rows // TILE_ROWS, num_blocks(k) * b, TILE_ROWS)
             require(shape == want, f"{m}.q{b} has shape {shape}; expected {want}")
     return e, h, i
 
@@ -277,17 +317,14 @@ def moe_experts_reference(hidden, indices, weights, layer_tensors: Mapping[str, 
     require(weights.shape == indices.shape, f"weights {weights.shape} must match indices {indices.shape}")
     require(indices.size == 0 or (indices.min() >= 0 and indices.max() < e_count),
             f"routing indices must lie in [0, {e_count}); found [{indices.min()}, {indices.max()}]")
-    slots = slot_table(expert_bits)
     x = hidden.astype(np.float32)
     quant = int8_activations if int8 else (lambda v: v)
     x = quant(x)
     out = np.zeros((hidden.shape[0], h), np.float32)
     for e in np.unique(indices):
-        b, s = int(expert_bits[e]), slots[e]
-        w1 = dequantize(layer_tensors[f"w1.q{b}"][s], layer_tensors["w1.scales"][e],
-                        layer_tensors["w1.zeros"][e], b, h, group_size)
-        w2 = dequantize(layer_tensors[f"w2.q{b}"][s], layer_tensors["w2.scales"][e],
-                        layer_tensors["w2.zeros"][e], b, i, group_size)
+        b = int(expert_bits[e])
+        w1 = dequantize(*expert_matrix(layer_tensors, "w1", e, expert_bits), b, h, group_size)
+        w2 = dequantize(*expert_matrix(layer_tensors, "w2", e, expert_bits), b, i, group_size)
         tok, slot = np.nonzero(indices == e)
         a = x[tok] @ w1.T
         act = quant(_activation(a[:, :i], activation) * a[:, i:])

@@ -1,9 +1,10 @@
 """PyTorch reference execution of packed experts (docs/FORMAT.md), for evaluation and export.
 
-`PackedLayer` holds one MoE layer's packed tensors as buffers; `moe_experts_torch` computes the op of
-docs/OPS.md from them; `PackedLinear` is one packed matrix used as an `nn.Linear` (ModuleList experts,
-and shared experts/attention when those are quantized). Nothing here is optimized: it is the
-executable definition that the ONNX graph and the kernels are compared with.
+`PackedLayer` holds one MoE layer's packed tensors as buffers (layout v2: every expert matrix in tiles of
+16 rows); `moe_experts_torch` computes the op of docs/OPS.md from them, untiling one expert at a time;
+`PackedLinear` is one packed row-major matrix used as an `nn.Linear` (ModuleList experts, and shared
+experts/attention when those are quantized). Nothing here is optimized: it is the executable definition that
+the ONNX graph and the kernels are compared with.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .packing import BLOCK, LAYER_TENSOR_NAMES, slot_table
+from ..errors import MopeqError
+from .packing import BLOCK, LAYER_TENSOR_NAMES, TILE_ROWS, slot_table
 from .primitives import dequantize as dequantize_codes
 
 
@@ -36,6 +38,14 @@ def unpack_codes(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return codes.reshape(*words.shape[:-1], nb * BLOCK)[..., :k]
 
 
+def untile_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., rows/16, J, 16] -> [..., rows, J]: element (r, j) of a row-major matrix from [r // 16, j, r % 16]
+    (FORMAT.md §4; `packing.untile_rows`)."""
+    if t.dim() < 3 or t.shape[-1] != TILE_ROWS:
+        raise MopeqError(f"tiled tensors are [..., rows/{TILE_ROWS}, J, {TILE_ROWS}], got shape {tuple(t.shape)}")
+    return t.transpose(-1, -2).reshape(*t.shape[:-3], t.shape[-3] * TILE_ROWS, t.shape[-2])
+
+
 def dequantize(words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, k: int,
                group_size: int) -> torch.Tensor:
     return dequantize_codes(unpack_codes(words, bits, k), scales, zeros, group_size)
@@ -48,16 +58,21 @@ def _act(x: torch.Tensor, name: str) -> torch.Tensor:
 def moe_experts_torch(hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                       tensors: dict[str, torch.Tensor], expert_bits: list[int], group_size: int,
                       activation: str = "silu") -> torch.Tensor:
-    """The op of docs/OPS.md: routed experts from packed weights, float32 accumulation."""
+    """The op of docs/OPS.md: routed experts from packed weights (tiled, FORMAT.md §4), float32 accumulation."""
     h = hidden.shape[-1]
-    i = tensors["w1.scales"].shape[1] // 2
+    i = tensors["w1.scales"].shape[1] * TILE_ROWS // 2  # w1.scales [E, 2I/16, G, 16]
     slots = slot_table(expert_bits)
     x = hidden.float()
     out = torch.zeros(hidden.shape[0], h, dtype=torch.float32, device=hidden.device)
+
+    def matrix(m: str, e: int, b: int, s: int, k: int) -> torch.Tensor:
+        return dequantize(untile_rows(tensors[f"{m}.q{b}"][s]), untile_rows(tensors[f"{m}.scales"][e]),
+                          untile_rows(tensors[f"{m}.zeros"][e]), b, k, group_size)
+
     for e in torch.unique(indices).tolist():
         b, s = expert_bits[e], int(slots[e])
-        w1 = dequantize(tensors[f"w1.q{b}"][s], tensors["w1.scales"][e], tensors["w1.zeros"][e], b, h, group_size)
-        w2 = dequantize(tensors[f"w2.q{b}"][s], tensors["w2.scales"][e], tensors["w2.zeros"][e], b, i, group_size)
+        w1 = matrix("w1", e, b, s, h)  # [2I, H]
+        w2 = matrix("w2", e, b, s, i)  # [H, I]
         tok, slot = torch.nonzero(indices == e, as_tuple=True)
         a = x[tok] @ w1.t()
         y = (_act(a[:, :i], activation) * a[:, i:]) @ w2.t()

@@ -28,7 +28,7 @@ from .checkpoint import (SCHEMA_VERSION, DenseRecord, dense_tensors, layer_recor
                          to_json_layers, write_layer, write_record)
 from .dense import EMBEDDING_GROUP, FLOAT, OUTPUT_PROJECTIONS, dense_linears, module_path
 from .gptq import Gram, gptq
-from .packing import LAYOUT_VERSION
+from .packing import LAYOUT_VERSION, check_tile_rows
 from .pipeline import (DEFAULT_SAMPLES, QuantizeConfig, check_config, kept_rows, quantize_sequential,
                        results_summary)
 from .plan_io import PlanBits, read_plan_bits
@@ -233,6 +233,22 @@ def _quantize_outer(model, source, widths: dict[str, int], cfg: QuantizeConfig,
     return records, tensors
 
 
+def check_expert_rows(layers) -> None:
+    """Layout v2 stores every expert matrix in tiles of 16 rows (docs/FORMAT.md §3-4): refuse, before any work,
+    a model whose hidden size H (the rows of w2) or twice its expert intermediate size 2I (the rows of w1) is
+    not a multiple of 16."""
+    for l in layers:
+        h, i = l.hidden_size, l.intermediate_size
+        what = f"{l.experts_path}: the packed format cannot hold this model's experts;"
+        check_tile_rows(h, f"{what} w2 [H={h}, I={i}]")
+        check_tile_rows(2 * i, f"{what} w1 [2I={2 * i}, H={h}]")
+
+
+def check_model_rows(model_dir: str | Path, trust_remote_code: bool = False) -> None:
+    """`check_expert_rows` from the model's skeleton (no weights read): what a build checks before its analysis."""
+    check_expert_rows(find_moe_layers(skeleton(model_dir, trust_remote_code=trust_remote_code)))
+
+
 def expected_bytes(plan: PlanBits, layers, group_size: int, dense_params: int = 0, dense_bits: int = 8) -> int:
     """Bytes QDIR will hold: each expert's codes at its width plus float16 scales and uint8 zeros per group."""
     per_expert = {l.expert_name(e): l.expert_params for l in layers for e in range(l.num_experts)}
@@ -265,6 +281,7 @@ def run_quantize(model_dir: str | Path, plan_path: str | Path, out: str | Path, 
     check_weights(model_dir)
     model = skeleton(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     layers = find_moe_layers(model)
+    check_expert_rows(layers)  # before the calibration set and the hours of quantization
     plan.check_experts([n for l in layers for n in l.expert_names])
     dense_paths = _dense_targets(model, layers, plan.dense, dense_bits, dense_attention)
     dense_params = sum(model.get_submodule(p).weight.numel() for p in dense_paths)

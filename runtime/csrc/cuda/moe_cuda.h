@@ -13,11 +13,12 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1 };
 
-// A device tensor as a graph sees it: pointer and shape (rank <= 3). Shapes are checked, not trusted.
+// A device tensor as a graph sees it: pointer and shape (rank <= 4: layout v2 stores codes, scales and zeros as
+// [E, rows/16, J, 16] tiles, FORMAT.md §4). Shapes are checked, not trusted.
 struct Tensor {
   const void* data = nullptr;
   int rank = 0;
-  int64_t shape[3] = {0, 0, 0};
+  int64_t shape[4] = {0, 0, 0, 0};
 };
 
 // kAuto: one group per (token, slot) pair while T*k <= 16 (decode, no routing launch), else pairs sorted
@@ -30,7 +31,7 @@ struct MoeArgs {
   Tensor hidden;                  // [T, H]
   Tensor indices;                 // [T, k] int64
   Tensor weights;                 // [T, k]
-  Tensor w1[6];                   // q2 q3 q4 q8 (uint32), scales (float16), zeros (uint8): inputs 3-8
+  Tensor w1[6];                   // q2 q3 q4 q8 (uint32), scales (float16), zeros (uint8): inputs 3-8, 4-D tiles
   Tensor w2[6];                   // same for the down projection: inputs 9-14
   const int64_t* expert_bits = nullptr;  // attribute, [num_expert_bits]
   int64_t num_expert_bits = 0;

@@ -7,6 +7,9 @@
 // A group is one expert with the (token, slot) pairs routed to it. Decode (T·k <= 16) takes one group per
 // pair straight from `indices` (no routing launch); prefill first sorts pairs by expert (route_pairs), so a
 // CTA streams its rows of W_e from memory once and applies them to all of e's tokens, 4 at a time.
+//
+// Weights are read in FORMAT.md layout v2: each expert matrix in tiles of 16 rows, word j of row r at
+// ((r / 16)·J + j)·16 + r % 16 (J = NB·b words; scales and zeros alike with J = G).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -32,11 +35,13 @@ constexpr int kDirectMaxPairs = 16;    // above this, reading each expert once b
 constexpr int kChunkTokens = 512;      // bounds the scratch (h and y are [T·k, I] and [T·k, H] float32)
 constexpr int kGroupTokens = 4;        // tokens per pass in grouped mode: decoded codes are reused 4 times
 constexpr int kMaxExperts = 512;       // the offset table rides in the kernel parameters (1 KB)
+static_assert(kLayoutVersion == 2 && kTileRows == 16, "this kernel addresses FORMAT.md layout v2 (16-row tiles)");
+static_assert(kRows == 4 && kTileRows % kRows == 0, "load_block reads a warp's 4 rows from one tile");
 
 struct DevMat {
-  const uint32_t* codes[9];  // by width b: [E_b, rows, nb * b]
-  const __half* scales;      // [E, rows, G]
-  const uint8_t* zeros;      // [E, rows, G]
+  const uint32_t* codes[9];  // by width b: [E_b, rows/16, nb * b, 16]
+  const __half* scales;      // [E, rows/16, G, 16]
+  const uint8_t* zeros;      // [E, rows/16, G, 16]
   int rows, K, nb, G;
 };
 
@@ -84,21 +89,25 @@ __device__ __forceinline__ float code_as_float(const uint32_t (&w)[B], int i) {
   }
 }
 
-// One block's B words per lane; consecutive lanes read consecutive blocks, so a warp load is coalesced.
-template <int B>
-__device__ __forceinline__ void load_block(const uint32_t* p, uint32_t (&w)[B]) {
-  if constexpr (B == 2) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-    w[0] = v.x, w[1] = v.y;
-  } else if constexpr (B == 4 || B == 8) {
+// One block's B words for all kRows rows of a warp (layout v2, FORMAT.md §4). In a tile, word j of 16
+// consecutive rows is 64 contiguous bytes, and a warp's rows come in runs of consecutive rows inside one tile:
+// stage 2 owns rows 4u..4u+3, so word j of all four is one 16-byte uint4; stage 1 owns 2 gate rows g, g+1
+// and their up rows I+g, I+g+1 (g even, I a multiple of 8), two 8-byte uint2. p0 (p1) points at word 0 of
+// the block for row[0] (row[2]); word q is kTileRows words further per q. Lanes read consecutive blocks, so
+// one warp load touches 32 sectors of which it uses 16 (stage 2) or 8 (stage 1) bytes each; the CTA's other
+// warps read the rest of those sectors (a CTA covers whole tiles: 32 rows, or 16 gate + 16 up rows).
+template <int B, int kStage>
+__device__ __forceinline__ void load_block(const uint32_t* p0, const uint32_t* p1, uint32_t (&w)[kRows][B]) {
 #pragma unroll
-    for (int q = 0; q < B / 4; ++q) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + q);
-      w[4 * q] = v.x, w[4 * q + 1] = v.y, w[4 * q + 2] = v.z, w[4 * q + 3] = v.w;
+  for (int q = 0; q < B; ++q) {
+    if constexpr (kStage == 2) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p0 + q * kTileRows));
+      w[0][q] = v.x, w[1][q] = v.y, w[2][q] = v.z, w[3][q] = v.w;
+    } else {
+      const uint2 g = __ldg(reinterpret_cast<const uint2*>(p0 + q * kTileRows));
+      const uint2 u = __ldg(reinterpret_cast<const uint2*>(p1 + q * kTileRows));
+      w[0][q] = g.x, w[1][q] = g.y, w[2][q] = u.x, w[3][q] = u.y;
     }
-  } else {  // 3 words: only 4-byte aligned
-#pragma unroll
-    for (int q = 0; q < 3; ++q) w[q] = __ldg(p + q);
   }
 }
 
@@ -160,31 +169,43 @@ __device__ __forceinline__ void gemv_group(const DevLayer& L, const DevMat& M, c
                                            float* xs, float* xsum, float* dst) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nb = M.nb;
   const int unit = blockIdx.x * kWarps + warp;  // stage 1: 2 gate rows (+ 2 up rows); stage 2: 4 rows
+  // The warp's rows come in runs of consecutive rows, valid or not as a whole (H is a multiple of 16, I of 8):
+  // invalid ones are clamped to the last run so the warp stays whole and every load stays inside the expert.
   int row[kRows];
-  bool valid[kRows];
+  bool valid;
+  if (kStage == 1) {
+    const int g = unit * (kRows / 2);
+    valid = g < L.I;
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    if (kStage == 1) {
-      const int g = unit * (kRows / 2) + (r % (kRows / 2));
-      valid[r] = g < L.I;
-      row[r] = (valid[r] ? g : L.I - 1) + (r >= kRows / 2 ? L.I : 0);  // clamped rows keep the warp whole
-    } else {
-      const int g = unit * kRows + r;
-      valid[r] = g < L.H;
-      row[r] = valid[r] ? g : L.H - 1;
-    }
+    for (int r = 0; r < kRows; ++r) row[r] = (valid ? g : L.I - kRows / 2) + r % (kRows / 2) + (r >= kRows / 2 ? L.I : 0);
+  } else {
+    const int g = unit * kRows;
+    valid = g < L.H;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) row[r] = (valid ? g : L.H - kRows) + r;
   }
-  const uint32_t* base = M.codes[B] + static_cast<size_t>(slot) * M.rows * nb * B;
+  // FORMAT.md §4: element (r, j) of the expert's [rows, J] matrix at ((r / 16)·J + j)·16 + r % 16. The warp's
+  // rows are runs inside one tile (stage 1: row[0..1] and row[2..3]; stage 2: row[0..3]), so each run needs one
+  // base pointer: its first row's element j at base + j·16, the run's next rows at +1, +2, +3.
+  constexpr int kRun = kStage == 1 ? kRows / 2 : kRows;  // rows per run
+  const int J = nb * B;
+  auto tile_off = [](int r, int Jn) {
+    return static_cast<size_t>(r / kTileRows) * Jn * kTileRows + r % kTileRows;
+  };
+  const uint32_t* cbase = M.codes[B] + static_cast<size_t>(slot) * M.rows * J;
+  const size_t sz = static_cast<size_t>(w.e) * M.rows * M.G;
+  const uint32_t* code_run[2] = {cbase + tile_off(row[0], J), cbase + tile_off(row[kRows - kRun], J)};
+  const __half* scale_run[2] = {M.scales + sz + tile_off(row[0], M.G), M.scales + sz + tile_off(row[kRows - kRun], M.G)};
+  const uint8_t* zero_run[2] = {M.zeros + sz + tile_off(row[0], M.G), M.zeros + sz + tile_off(row[kRows - kRun], M.G)};
   uint32_t cw[kRows][B];
   float sc[kRows], zp[kRows];
   auto fetch = [&](int blk) {
     const int gi = blk / L.blocks_per_group;
+    load_block<B, kStage>(code_run[0] + blk * B * kTileRows, code_run[1] + blk * B * kTileRows, cw);
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      load_block<B>(base + (static_cast<size_t>(row[r]) * nb + blk) * B, cw[r]);
-      const size_t s = (static_cast<size_t>(w.e) * M.rows + row[r]) * M.G + gi;
-      sc[r] = __half2float(M.scales[s]);
-      zp[r] = static_cast<float>(M.zeros[s]);
+    for (int r = 0; r < kRows; ++r) {  // run r / kRun, row r % kRun of it
+      sc[r] = __half2float(scale_run[r / kRun][gi * kTileRows + r % kRun]);
+      zp[r] = static_cast<float>(zero_run[r / kRun][gi * kTileRows + r % kRun]);
     }
   };
   for (int c0 = 0; c0 < w.n; c0 += TT) {
@@ -230,16 +251,14 @@ __device__ __forceinline__ void gemv_group(const DevLayer& L, const DevMat& M, c
       for (int t = 0; t < TT; ++t) acc[r][t] = warp_sum(acc[r][t]);
 #pragma unroll
     for (int t = 0; t < TT; ++t) {  // lane t writes token t of this pass
-      if (lane != t || c0 + t >= w.n) continue;
+      if (lane != t || c0 + t >= w.n || !valid) continue;
       const size_t p = w.pair(c0 + t);
       if (kStage == 1) {
 #pragma unroll
-        for (int r = 0; r < kRows / 2; ++r)
-          if (valid[r]) dst[p * L.I + row[r]] = activate(acc[r][t], L.gelu) * acc[r + kRows / 2][t];
+        for (int r = 0; r < kRows / 2; ++r) dst[p * L.I + row[r]] = activate(acc[r][t], L.gelu) * acc[r + kRows / 2][t];
       } else {
 #pragma unroll
-        for (int r = 0; r < kRows; ++r)
-          if (valid[r]) dst[p * L.H + row[r]] = acc[r][t];
+        for (int r = 0; r < kRows; ++r) dst[p * L.H + row[r]] = acc[r][t];
       }
     }
   }
@@ -372,24 +391,35 @@ struct Plan {
 
 constexpr size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
 
+// A layout-v1 tensor ([E, rows, J], rank 3) gets a hint: the shapes alone say which layout was exported.
+const char* v1_hint(const Tensor& t) {
+  return t.rank == 3 ? "; a rank-3 tensor is layout v1 (row-major), which this kernel no longer reads: re-export the model"
+                     : "";
+}
+
 Status check_matrix(const Tensor* m, const char* name, const Plan& pl, int64_t rows, int64_t K) {
-  const int64_t G = num_groups(K, pl.group_size);
+  if (rows <= 0 || rows % kTileRows)  // validate() words this for H and 2I; kept for any other caller
+    return fail(Code::kInvalidArgument, name, " has ", rows, " rows, not a positive multiple of ", kTileRows,
+                " (layout v2 stores expert matrices in tiles of ", kTileRows, " rows, FORMAT.md §3)");
+  const int64_t G = num_groups(K, pl.group_size), tiles = rows / kTileRows;
   for (int i = 4; i < 6; ++i) {
     const char* what = i == 4 ? ".scales" : ".zeros";
-    if (!has_shape(m[i], {pl.E, rows, G}))
+    if (!has_shape(m[i], {pl.E, tiles, G, kTileRows}))
       return fail(Code::kInvalidArgument, name, what, " has shape ", shape_str(m[i]), ", expected ",
-                  want_str({pl.E, rows, G}), " (E, rows, ceil(K / group_size))");
+                  want_str({pl.E, tiles, G, kTileRows}), " = [E, rows/16, G, 16] (rows = ", rows, ", G = ceil(K / group_size) = ",
+                  G, ")", v1_hint(m[i]));
     if (!m[i].data) return fail(Code::kInvalidArgument, name, what, " is a null pointer");
   }
   for (int wi = 0; wi < 4; ++wi) {
     const int b = kSupportedBits[wi];
     int64_t eb = 0;
     for (int e = 0; e < pl.E; ++e) eb += pl.bits[e] == b;
-    if (!has_shape(m[wi], {eb, rows, num_blocks(K) * b}))
+    if (!has_shape(m[wi], {eb, tiles, num_blocks(K) * b, kTileRows}))
       return fail(Code::kInvalidArgument, name, ".q", b, " has shape ", shape_str(m[wi]), ", expected ",
-                  want_str({eb, rows, num_blocks(K) * b}), " (expert_bits lists ", eb, " experts of width ", b, ")");
+                  want_str({eb, tiles, num_blocks(K) * b, kTileRows}), " = [E_b, rows/16, NB*b, 16] (expert_bits lists ", eb,
+                  " experts of width ", b, "; rows = ", rows, ", NB = ceil(K / 32) = ", num_blocks(K), ")", v1_hint(m[wi]));
     if (eb && !m[wi].data) return fail(Code::kInvalidArgument, name, ".q", b, " is a null pointer");
-    if (eb && reinterpret_cast<uintptr_t>(m[wi].data) % 16)  // the kernel loads whole blocks as uint2/uint4
+    if (eb && reinterpret_cast<uintptr_t>(m[wi].data) % 16)  // the kernel loads 4 rows' word as one uint4
       return fail(Code::kInvalidArgument, name, ".q", b, " is not 16-byte aligned");
   }
   return {};
@@ -422,14 +452,19 @@ Status validate(const MoeArgs& a, Plan* pl) {
   }
   if (a.hidden.rank != 2) return fail(Code::kInvalidArgument, "hidden must be [T, H], got ", shape_str(a.hidden));
   pl->T = a.hidden.shape[0], pl->H = a.hidden.shape[1];
+  // w1.scales is [E, 2I/16, G, 16]: it fixes I (a multiple of 8, since 2I rows come in tiles of 16).
   const Tensor& s1 = a.w1[4];
-  if (s1.rank != 3 || s1.shape[1] <= 0 || s1.shape[1] % 2)
-    return fail(Code::kInvalidArgument, "w1.scales must be [E, 2I, G] with I > 0, got ", shape_str(s1));
+  if (s1.rank != 4 || s1.shape[1] <= 0 || s1.shape[3] != kTileRows)
+    return fail(Code::kInvalidArgument, "w1.scales has shape ", shape_str(s1), ", expected [E, 2I/16, G, 16] with I > 0",
+                v1_hint(s1));
   if (s1.shape[0] != pl->E)
     return fail(Code::kInvalidArgument, "expert_bits lists ", pl->E, " experts but w1.scales holds ", s1.shape[0]);
-  pl->I = s1.shape[1] / 2;
+  pl->I = std::min<int64_t>(s1.shape[1], 1 << 24) * kTileRows / 2;  // no overflow; >= 2^24 is refused below
   if (pl->T < 0 || pl->H <= 0 || pl->H >= (1 << 24) || pl->I >= (1 << 24))
     return fail(Code::kInvalidArgument, "unsupported sizes T=", pl->T, ", H=", pl->H, ", I=", pl->I);
+  if (pl->H % kTileRows)
+    return fail(Code::kInvalidArgument, "hidden size H = ", pl->H, " is not a multiple of ", kTileRows,
+                ": layout v2 stores w2's H rows in tiles of ", kTileRows, " rows (FORMAT.md §3)");
   if (a.indices.rank != 2 || a.indices.shape[0] != pl->T || a.indices.shape[1] < 0)
     return fail(Code::kInvalidArgument, "indices must be [T=", pl->T, ", k], got ", shape_str(a.indices));
   pl->k = a.indices.shape[1];

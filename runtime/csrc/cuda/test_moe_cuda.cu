@@ -38,11 +38,17 @@ static int g_failures = 0;
 
 // ---- random packed layer (host) -------------------------------------------------------------------------
 
+// Each matrix is generated row-major ([.., rows, J], what the float64 reference reads) and then tiled into
+// layout v2 ([.., rows/16, J, 16], what the kernel reads), the way packing.tile_rows does it, so the
+// reference and the kernel share no addressing code.
 struct HostMatrix {
   int rows, K;
-  std::vector<uint32_t> codes[9];  // by width, [E_b, rows, NB*b]
-  std::vector<uint16_t> scales;    // [E, rows, G] float16 bits
+  std::vector<uint32_t> codes[9];  // by width, row-major [E_b, rows, NB*b]
+  std::vector<uint16_t> scales;    // row-major [E, rows, G] float16 bits
   std::vector<uint8_t> zeros;
+  std::vector<uint32_t> tcodes[9];  // layout v2: [E_b, rows/16, NB*b, 16]
+  std::vector<uint16_t> tscales;    // [E, rows/16, G, 16]
+  std::vector<uint8_t> tzeros;
 };
 
 struct HostLayer {
@@ -58,6 +64,33 @@ static float half_value(uint16_t b) {
   __half_raw r;
   r.x = b;
   return __half2float(__half(r));
+}
+
+// FORMAT.md §4 / packing.tile_rows: [n, rows, J] -> [n, rows/16, J, 16], i.e. NumPy's
+// a.reshape(n, rows // 16, 16, J).swapaxes(2, 3).
+template <class T>
+static std::vector<T> tile_rows(const std::vector<T>& a, int rows, size_t J) {
+  const size_t R = mopeq::kTileRows, n = J ? a.size() / (rows * J) : 0;
+  if (rows % R) { std::printf("harness bug: %d rows is not a multiple of %zu\n", rows, R); std::exit(2); }
+  std::vector<T> t(a.size());
+  for (size_t m = 0; m < n; ++m)
+    for (size_t tile = 0; tile < rows / R; ++tile)
+      for (size_t rr = 0; rr < R; ++rr)  // [m, tile, rr, j] -> [m, tile, j, rr]
+        for (size_t j = 0; j < J; ++j)
+          t[((m * (rows / R) + tile) * J + j) * R + rr] = a[((m * (rows / R) + tile) * R + rr) * J + j];
+  return t;
+}
+
+// FORMAT.md §7's tile example: a 2-bit matrix of 32 rows, K = 64 (4 words a row); row 17's word 3 is [1, 3, 1],
+// flat index 113. Checks tile_rows (and mopeq::tiled_index) against the spec before anything relies on them.
+static void check_tile_example() {
+  std::vector<uint32_t> a(32 * 4);
+  std::iota(a.begin(), a.end(), 0u);  // a[r * 4 + j] = r * 4 + j
+  const std::vector<uint32_t> t = tile_rows(a, 32, 4);
+  const bool ok = t[113] == 17 * 4 + 3 && mopeq::tiled_index(17, 3, 4) == 113 && t[(1 * 4 + 3) * 16 + 1] == 71 &&
+                  t[0] == 0 && t[1] == 4 && t[16] == 1;
+  g_failures += !ok;
+  std::printf("%-4s FORMAT.md §7 tile example: row 17 word 3 at flat index 113\n", ok ? "ok" : "FAIL");
 }
 
 // Codes are random words, padding codes included: readers must stop at K (FORMAT.md §3).
@@ -81,6 +114,9 @@ static void random_matrix(HostMatrix& m, const HostLayer& L, int rows, int K, st
       m.zeros[at] = static_cast<uint8_t>(rng() % (1u << b));
     }
   }
+  for (int b : mopeq::kSupportedBits) m.tcodes[b] = tile_rows(m.codes[b], rows, nb * b);
+  m.tscales = tile_rows(m.scales, rows, G);
+  m.tzeros = tile_rows(m.zeros, rows, G);
 }
 
 static HostLayer random_layer(int E, int H, int I, int g, const std::vector<int>& widths, std::mt19937& rng) {
@@ -146,14 +182,15 @@ struct DeviceLayer {
   mopeq::cuda::Tensor w1[6], w2[6];
   void upload(const HostMatrix& m, const HostLayer& L, mopeq::cuda::Tensor* t) {
     const int64_t nb = mopeq::num_blocks(m.K), G = mopeq::num_groups(m.K, L.g);
+    const int64_t R = mopeq::kTileRows, tiles = m.rows / R;
     for (int wi = 0; wi < 4; ++wi) {
       const int b = mopeq::kSupportedBits[wi];
-      const int64_t eb = static_cast<int64_t>(m.codes[b].size() / (m.rows * nb * b));
-      t[wi] = {to_device(m.codes[b]), 3, {eb, m.rows, nb * b}};
+      const int64_t eb = static_cast<int64_t>(m.tcodes[b].size() / (m.rows * nb * b));
+      t[wi] = {to_device(m.tcodes[b]), 4, {eb, tiles, nb * b, R}};
       allocs.push_back(const_cast<void*>(t[wi].data));
     }
-    t[4] = {to_device(m.scales), 3, {L.E, m.rows, G}};
-    t[5] = {to_device(m.zeros), 3, {L.E, m.rows, G}};
+    t[4] = {to_device(m.tscales), 4, {L.E, tiles, G, R}};
+    t[5] = {to_device(m.tzeros), 4, {L.E, tiles, G, R}};
     allocs.push_back(const_cast<void*>(t[4].data));
     allocs.push_back(const_cast<void*>(t[5].data));
   }
@@ -192,7 +229,7 @@ static void make_call(Call& c, const HostLayer& L, const DeviceLayer& D, DType d
   std::copy(D.w1, D.w1 + 6, a.w1);
   std::copy(D.w2, D.w2 + 6, a.w2);
   a.expert_bits = L.bits.data(), a.num_expert_bits = L.E;
-  a.group_size = L.g, a.layout_version = 1, a.activation = gelu ? "gelu" : "silu";
+  a.group_size = L.g, a.layout_version = mopeq::kLayoutVersion, a.activation = gelu ? "gelu" : "silu";
   a.out = c.out;
   size_t bytes = 0;
   const Status s = mopeq_cuda_moe_workspace_bytes(a, &bytes);
@@ -316,8 +353,10 @@ static void check_rejections(std::mt19937& rng) {
   expect_reject("group_size 0", a, Code::kInvalidArgument);
   a = good, a.group_size = 64;  // scales still hold ceil(K/32) groups
   expect_reject("scales G != ceil(K/g)", a, Code::kInvalidArgument);
-  a = good, a.layout_version = 2;
-  expect_reject("layout_version 2", a, Code::kInvalidArgument);
+  a = good, a.layout_version = 1;
+  expect_reject("layout_version 1", a, Code::kInvalidArgument);
+  a = good, a.layout_version = 3;
+  expect_reject("layout_version 3", a, Code::kInvalidArgument);
   a = good, a.activation = "relu";
   expect_reject("activation relu", a, Code::kInvalidArgument);
   a = good, a.hidden.rank = 3, a.hidden.shape[2] = 1;
@@ -329,7 +368,23 @@ static void check_rejections(std::mt19937& rng) {
   a = good, a.w2[1].shape[2] += 3;
   expect_reject("w2.q3 words per row", a, Code::kInvalidArgument);
   a = good, a.w1[5].shape[1] -= 1;
-  expect_reject("w1.zeros rows", a, Code::kInvalidArgument);
+  expect_reject("w1.zeros tiles", a, Code::kInvalidArgument);
+  a = good, a.w2[4].shape[3] = 8;
+  expect_reject("w2.scales tiles of 8 rows", a, Code::kInvalidArgument);
+  a = good, a.w1[4].shape[3] = 8;
+  expect_reject("w1.scales tiles of 8 rows", a, Code::kInvalidArgument);
+  // The layout-v1 shapes of the same layer: [E_b, rows, NB*b] codes, [E, rows, G] scales and zeros.
+  const struct { bool w2; int i; const char* name; } v1_shapes[] = {
+      {false, 0, "w1.q2"}, {false, 4, "w1.scales"}, {true, 1, "w2.q3"}, {true, 5, "w2.zeros"}};
+  for (const auto& v : v1_shapes) {
+    a = good;
+    mopeq::cuda::Tensor& t = (v.w2 ? a.w2 : a.w1)[v.i];
+    t.shape[1] *= mopeq::kTileRows, t.rank = 3;  // [.., rows, J]
+    expect_reject((std::string(v.name) + " as v1 [.., rows, J]").c_str(), a, Code::kInvalidArgument);
+  }
+  // Rows not a multiple of 16: H = 152 (w2's rows); w1's rows 2I come from w1.scales' tile count, so they can't be.
+  a = good, a.hidden.shape[1] = L.H - 8;
+  expect_reject("H not a multiple of 16", a, Code::kInvalidArgument);
   a = good, a.w1[0].data = static_cast<const char*>(a.w1[0].data) + 4;
   expect_reject("misaligned w1.q2", a, Code::kInvalidArgument);
   a = good, a.workspace_bytes = 64;
@@ -485,9 +540,10 @@ int main(int argc, char** argv) {
   std::vector<Case> cases = {
       {"mixed 2/3/4/8 K=160/96 g32 T1 k2", all, 8, 160, 96, 32, 1, 2, false, false},
       {"mixed K=192/160 g64 T37 k4", all, 16, 192, 160, 64, 37, 4, false, false},
-      {"mixed K=100/100 g128 T37 k8", all, 12, 100, 100, 128, 37, 8, false, false},
+      {"mixed K=112/104 g128 T37 k8", all, 12, 112, 104, 128, 37, 8, false, false},  // I % 16 = 8: a tile holds gate and up rows
       {"only 3-bit K=256/192 g32 T1 k1", {3}, 6, 256, 192, 32, 1, 1, false, false},
-      {"2+8 only K=160/100 g64 T37 k3 gelu", {2, 8}, 10, 160, 100, 64, 37, 3, true, false},
+      {"2+8 only K=160/104 g64 T37 k3 gelu", {2, 8}, 10, 160, 104, 64, 37, 3, true, false},
+      {"one tile each: H16 I8 T3 k2", all, 5, 16, 8, 32, 3, 2, false, false},
       {"only 4-bit g32 T2 k4 repeated experts", {4}, 4, 96, 64, 32, 2, 4, false, true},
       {"mixed E8 k8 T37 (all experts busy)", all, 8, 128, 96, 32, 37, 8, false, false},
       {"mixed g256 K=288/320 T5 k6", all, 9, 288, 320, 256, 5, 6, false, false},
@@ -498,6 +554,7 @@ int main(int argc, char** argv) {
     cases.push_back({"OLMoE size T4 k8", {2, 3, 4}, 64, 2048, 1024, 128, 4, 8, false, false});
   }
   if (!bench_only) {
+    check_tile_example();
     for (const Case& c : cases) check_case(c, rng);
     check_rejections(rng);
     std::printf("\n%s: %d failure(s)\n", g_failures ? "FAILED" : "all checks passed", g_failures);

@@ -22,11 +22,12 @@ bool has_avx512() {
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 }
 bool has_avx512vnni() {
-  return has_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
+  return has_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+         __builtin_cpu_supports("gfni");
 }
 #endif
 
-// Best first: "auto" takes the first supported entry (integer paths before the float reference paths).
+// Best first: "auto" takes the first supported entry (integer paths before the float reference path).
 const Path kPaths[] = {
 #if defined(__x86_64__) || defined(_M_X64)
     {{"i8-avx512vnni", nullptr, qgemm_i8_avx512vnni}, has_avx512vnni},
@@ -36,12 +37,6 @@ const Path kPaths[] = {
     {{"i8-neon", nullptr, qgemm_i8_neon}, neon_has_dotprod},
 #endif
     {{"i8-scalar", nullptr, qgemm_i8_scalar}, always},
-#if defined(__x86_64__) || defined(_M_X64)
-    {{"avx2", qgemm_avx2, nullptr}, has_avx2},
-#endif
-#if defined(__aarch64__)
-    {{"neon", qgemm_neon, nullptr}, always},
-#endif
     {{"scalar", qgemm_scalar, nullptr}, always},
 };
 }  // namespace
@@ -59,8 +54,8 @@ bool select_kernel(KernelPath* path, const char** error) {
     *path = p.kernel;
     return true;
   }
-  *error = "MOPEQ_KERNEL must be one of auto, scalar, i8-scalar, avx2, i8-avx2, i8-avx512vnni (x86-64), neon or "
-           "i8-neon (aarch64)";
+  *error = "MOPEQ_KERNEL must be one of auto, scalar (exact float activations), i8-scalar, i8-avx2, i8-avx512vnni "
+           "(x86-64) or i8-neon (aarch64)";
   return false;
 }
 

@@ -31,7 +31,7 @@ QMatrix LayerView::w2(int e) const {
 namespace {
 
 constexpr int kChunkTokens = 256;  // bounds scratch memory (A and Y are [pairs, 2I] / [pairs, H])
-constexpr int kRowsPerTask = 64;   // enough tasks to balance threads even for one token
+constexpr int kRowsPerTask = 256;  // measured below
 
 struct Task { int e, r0, r1; };
 
@@ -60,17 +60,17 @@ void pad_and_sum(const float* src, int K, int g, float* dst, int ld, float* sums
 // group sums, or int8 rows (quantize_acts). Buffers only grow, so steady decoding allocates nothing.
 struct Activations {
   bool int8 = false;
-  int K = 0, g = 0, ld = 0, G = 0, nbp = 0;
+  int K = 0, g = 0, ld = 0, G = 0, nb = 0;
   std::vector<float> x, xs, d, gs;
   std::vector<int8_t> q;
 
   void reset(bool i8, int n, int k, int group) {
     int8 = i8, K = k, g = group, G = static_cast<int>(num_groups(k, group));
-    ld = static_cast<int>(num_blocks(k)) * kBlock, nbp = padded_blocks(k);
-    const QActs shape{nullptr, nullptr, nullptr, nullptr, 0, nbp, G};
+    nb = static_cast<int>(num_blocks(k)), ld = nb * kBlock;
+    const QActs shape{nullptr, nullptr, nullptr, nullptr, 0, nb, G};
     grow(gs, static_cast<size_t>(n) * G);
     if (int8) {
-      grow(q, n * shape.ldq()), grow(d, n * shape.ldd());
+      grow(q, n * shape.ldq()), grow(d, static_cast<size_t>(n) * nb);
     } else {
       grow(x, static_cast<size_t>(n) * ld), grow(xs, static_cast<size_t>(n) * G);
     }
@@ -83,7 +83,7 @@ struct Activations {
   void set_row(size_t i, const float* src) {
     if (int8) {
       const QActs s = view(nullptr, 0, 0);
-      quantize_acts(src, K, g, &q[i * s.ldq()], &d[i * s.ldd()], &gs[i * G]);
+      quantize_acts(src, K, g, &q[i * s.ldq()], &d[i * nb], &gs[i * G]);
     } else {
       pad_and_sum(src, K, g, &x[i * ld], ld, &xs[i * G]);
     }
@@ -91,8 +91,8 @@ struct Activations {
   // Rows first.. of the buffer, or (ids) rows ids[0..n) of it.
   Acts f32(const int32_t* ids, size_t first, int n) const { return {&x[first * ld], &xs[first * G], ids, n, ld, G}; }
   QActs view(const int32_t* ids, size_t first, int n) const {
-    QActs a{nullptr, nullptr, nullptr, ids, n, nbp, G};
-    a.q = q.data() + first * a.ldq(), a.d = d.data() + first * a.ldd(), a.gsum = gs.data() + first * G;
+    QActs a{nullptr, nullptr, nullptr, ids, n, nb, G};
+    a.q = q.data() + first * a.ldq(), a.d = d.data() + first * nb, a.gsum = gs.data() + first * G;
     return a;
   }
 };

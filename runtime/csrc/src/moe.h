@@ -15,8 +15,9 @@ struct LayerView {
   int E, H, I, group_size;
   const int* bits;   // [E]
   const int* slots;  // [E]
-  const uint32_t* w1_codes[9];  // by width; [E_b, 2I, NB(H)*b]
-  const uint32_t* w2_codes[9];  // [E_b, H, NB(I)*b]
+  const uint32_t* w1_codes[9];  // by width; [E_b, 2I/16, NB(H)*b, 16] (FORMAT.md §4)
+  const uint32_t* w2_codes[9];  // [E_b, H/16, NB(I)*b, 16]
+  // scales and zeros: [E, rows/16, G, 16]
   const uint16_t *w1_scales, *w2_scales;
   const uint8_t *w1_zeros, *w2_zeros;
   QMatrix w1(int e) const;

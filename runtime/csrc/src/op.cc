@@ -85,10 +85,10 @@ Attrs read_attrs(const Ort::ConstKernelInfo& info) {
 // Checks one matrix's six tensors (codes by width, scales, zeros) and fills the layer view.
 void check_matrix(const Ort::KernelContext& ctx, int first, const char* m, const Attrs& at, int64_t rows,
                   int64_t K, const uint32_t** codes, const uint16_t** scales, const uint8_t** zeros) {
-  const int64_t E = static_cast<int64_t>(at.bits.size()), G = num_groups(K, at.group_size);
+  const int64_t E = static_cast<int64_t>(at.bits.size()), G = num_groups(K, at.group_size), RT = rows / kTileRows;
   const std::string sm = std::string(m) + ".scales", zm = std::string(m) + ".zeros";
-  require_shape(ctx.GetInput(first + 4), sm.c_str(), {E, rows, G});
-  require_shape(ctx.GetInput(first + 5), zm.c_str(), {E, rows, G});
+  require_shape(ctx.GetInput(first + 4), sm.c_str(), {E, RT, G, kTileRows});
+  require_shape(ctx.GetInput(first + 5), zm.c_str(), {E, RT, G, kTileRows});
   *scales = reinterpret_cast<const uint16_t*>(ctx.GetInput(first + 4).GetTensorData<Ort::Float16_t>());
   *zeros = ctx.GetInput(first + 5).GetTensorData<uint8_t>();
   for (int wi = 0; wi < 4; ++wi) {
@@ -97,7 +97,7 @@ void check_matrix(const Ort::KernelContext& ctx, int first, const char* m, const
     for (int x : at.bits) eb += x == b;
     const std::string name = std::string(m) + ".q" + std::to_string(b);
     const auto v = ctx.GetInput(first + wi);
-    require_shape(v, name.c_str(), {eb, rows, num_blocks(K) * b});
+    require_shape(v, name.c_str(), {eb, RT, num_blocks(K) * b, kTileRows});
     codes[b] = eb ? v.GetTensorData<uint32_t>() : nullptr;
   }
 }
@@ -135,11 +135,13 @@ struct Kernel {
     require(hs.size() == 2, "hidden must be [T, H], got ", shape_str(hs));
     const int64_t T = hs[0], H = hs[1], E = static_cast<int64_t>(at.bits.size());
     const auto s1 = shape_of(ctx.GetInput(kW1 + 4));
-    require(s1.size() == 3 && s1[1] > 0 && s1[1] % 2 == 0, "w1.scales must be [E, 2I, G] with I > 0, got ",
-            shape_str(s1));
-    require(H > 0 && H < (1 << 24) && s1[1] < (1 << 25), "unsupported sizes H=", H, ", 2I=", s1[1]);
+    require(s1.size() == 4 && s1[1] > 0 && s1[3] == kTileRows, "w1.scales must be [E, 2I/16, G, 16] (layout v",
+            kLayoutVersion, ", FORMAT.md §4), got ", shape_str(s1));
+    require(H > 0 && H < (1 << 24) && s1[1] < (1 << 21), "unsupported sizes H=", H, ", 2I=", s1[1] * kTileRows);
+    require(H % kTileRows == 0, "hidden size ", H, " is not a multiple of ", kTileRows,
+            "; layout v2 stores expert matrices in tiles of 16 rows");
     require(s1[0] == E, "expert_bits lists ", E, " experts but w1.scales holds ", s1[0]);
-    const int64_t I = s1[1] / 2;
+    const int64_t I = s1[1] * kTileRows / 2;
     const auto is = shape_of(ctx.GetInput(1));
     require(is.size() == 2 && is[0] == T, "indices must be [T=", T, ", k], got ", shape_str(is));
     const int64_t k = is[1];
@@ -197,7 +199,7 @@ struct CudaKernel {
 
   static cuda::Tensor view(const Ort::ConstValue& v) {
     const auto s = shape_of(v);
-    require(s.size() <= 3, "an input has rank ", s.size(), "; the op takes ranks 2 and 3 only");
+    require(s.size() <= 4, "an input has rank ", s.size(), "; the op takes ranks 2 to 4 only");
     cuda::Tensor t;
     t.data = v.GetTensorRawData();
     t.rank = static_cast<int>(s.size());

@@ -1,8 +1,11 @@
-// Integer kernel on 512-bit registers, AVX-512 VNNI (vpdpbusd) with VBMI, a pair of blocks (64 codes) per
-// register: one broadcast load, one vpmultishiftqb and a byte mask give the codes in kOrder2 / kOrder4
-// (kernels.h). n = 1 (a row's odd last block) loads block 0 only, so the second block's codes are zero and the
-// zero-padded activations past it add nothing. CPUs with AVX-512 but not VNNI + VBMI (Skylake-X, Cascade
-// Lake) take the 256-bit path: the library ships inside every bundle, so each variant's size counts.
+// Integer kernel on 512-bit registers, AVX-512 VNNI (vpdpbusd) with VBMI and GFNI: one register holds the same
+// word of a tile's 16 rows, one row per 32-bit lane (FORMAT.md §4). A 2-bit word gives four registers of codes,
+// one per class k (byte m of a lane = value 4m + k of the word): a byte mask for k = 0, a GF(2) affine bit move
+// (vgf2p8affineqb) for the others. 4-bit words give two (mask; affine move of the high nibble), 8-bit words are
+// codes as they are; 3-bit codes add their high bit, moved into bit 2 of each byte by vpmultishiftqb, with one
+// ternary-logic OR. Each register of codes meets the same four activations in every lane (a broadcast 32-bit
+// load, kOrder2 / kOrder4 of kernels.h) in one vpdpbusd per token. CPUs with AVX-512 but not VNNI + VBMI + GFNI
+// (Skylake-X, Cascade Lake) take the 256-bit path.
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
@@ -11,78 +14,108 @@
 namespace mopeq {
 namespace avx512vnni {
 
-#define MOPEQ_TGT __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx512vnni,avx512vbmi")))
+#define MOPEQ_TGT \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx512vnni,avx512vbmi,gfni")))
+
+// GF(2) affine matrices (vgf2p8affineqb: result bit i = parity(byte 7 - i of the matrix & source byte)).
+constexpr long long move_bits(int from, int count) {  // bits from..from+count-1 of each byte to bits 0..count-1
+  unsigned long long m = 0;
+  for (int i = 0; i < count; ++i) m |= (1ull << (from + i)) << (8 * (7 - i));
+  return static_cast<long long>(m);
+}
+
+// vpmultishiftqb controls for the 3-bit codes' high bits: for class k of plane word w, byte m of a row's lane
+// takes the 8 bits of its 64-bit lane (two rows' high-bit words) that put bit 16w + 4m + k of the row's word at
+// bit 2 (value 4).
+struct HighBitShifts {
+  alignas(64) uint8_t ctrl[2][4][64];
+};
+constexpr HighBitShifts high_bit_shifts() {
+  HighBitShifts h{};
+  for (int w = 0; w < 2; ++w)
+    for (int k = 0; k < 4; ++k)
+      for (int p = 0; p < 64; ++p) {
+        const int q = p % 8, lane = q / 4, m = q % 4;
+        h.ctrl[w][k][p] = static_cast<uint8_t>((32 * lane + 16 * w + 4 * m + k - 2 + 64) % 64);
+      }
+  return h;
+}
+inline constexpr HighBitShifts kHighBitShifts = high_bit_shifts();
 
 struct Isa {
   using I = __m512i;
   using F = __m512;
-  static constexpr int kF = 16;
-  struct Codes { I c; };
-  struct X { I q; F d; };
+  static constexpr int kLanes = 16;
 
-  // byte p of the result: the 8 bits of its 64-bit lane from bit table[p] on (vpmultishiftqb, VBMI)
-  static MOPEQ_TGT inline I unpack(I lanes, const uint8_t* table) {
-    return _mm512_multishift_epi64_epi8(_mm512_load_si512(table), lanes);
+  static MOPEQ_TGT inline I load(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static MOPEQ_TGT inline I bcast(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
   }
-  template <int B>
-  static MOPEQ_TGT inline Codes decode(const uint32_t* blk, int n) {
-    const I m2 = _mm512_set1_epi8(0b11);
-    if constexpr (B == 2) {  // [block 0 | block 1] broadcast to every 128-bit lane, lane j shifted by 2 * (j / 2)
-      const __m128i v = n > 1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk))
-                              : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk));
-      return {_mm512_and_si512(unpack(_mm512_broadcast_i64x2(v), kShift.order2), m2)};
-    } else if constexpr (B == 3) {  // 2-bit planes as above (blocks 3 words apart), high bits by table
-      const I planes = _mm512_mask_set1_epi64(_mm512_set1_epi64(static_cast<long long>(load64(blk))), 0xAA,
-                                              n > 1 ? static_cast<long long>(load64(blk + 3)) : 0);
-      const I lo = _mm512_and_si512(unpack(planes, kShift.order2), m2);
-      const uint64_t bits = blk[2] | (n > 1 ? static_cast<uint64_t>(blk[5]) << 32 : 0);
-      const I high = unpack(_mm512_set1_epi64(static_cast<long long>(bits)), kShift.high2);
-      return {_mm512_ternarylogic_epi64(lo, high, _mm512_set1_epi8(4), 0xF8)};  // lo | (high & 4)
-    } else if constexpr (B == 4) {  // [block 0 | block 1] broadcast to both 256-bit halves, the second shifted by 4
-      const __m256i v = n > 1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk))
-                              : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-      return {_mm512_and_si512(unpack(_mm512_broadcast_i64x4(v), kShift.order4),
-                               _mm512_set1_epi8(0b1111))};
+  // One partial sum per class of codes and token: class k's codes are masked in place, not shifted (the byte
+  // holds code << s_k), so its sum is exactly 2^s_k times the true one and one arithmetic shift per block undoes
+  // it. Independent partial sums also keep vpdpbusd's latency off the critical path.
+  template <int NT, int P>
+  static MOPEQ_TGT inline void dot(I c, const int8_t* const* x, int off, I (*part)[P], int p) {
+    for (int t = 0; t < NT; ++t) part[t][p] = _mm512_dpbusd_epi32(part[t][p], c, bcast(x[t] + off));
+  }
+  template <int B, int NT>
+  static MOPEQ_TGT inline void block_dot(const uint32_t* blk, const int8_t* const* x, I* acc) {
+    constexpr int P = B == 4 ? 2 : 4;
+    I part[NT][P];
+    for (int t = 0; t < NT; ++t)
+      for (int p = 0; p < P; ++p) part[t][p] = _mm512_setzero_si512();
+    if constexpr (B == 2) {  // part k: codes of class k at bits 2k, 2k+1
+      for (int w = 0; w < 2; ++w) {
+        const I v = load(blk + w * kTileRows);
+        for (int k = 0; k < 4; ++k) dot<NT, P>(_mm512_and_si512(v, _mm512_set1_epi8(3 << (2 * k))), x, 16 * w + 4 * k, part, k);
+      }
+    } else if constexpr (B == 3) {  // codes moved to bits 0-2 (gfni for the plane, vpmultishiftqb for bit 2)
+      const I hi = load(blk + 2 * kTileRows), four = _mm512_set1_epi8(4);
+      for (int w = 0; w < 2; ++w) {
+        const I v = load(blk + w * kTileRows);
+        for (int k = 0; k < 4; ++k) {
+          const I lo = k == 0 ? _mm512_and_si512(v, _mm512_set1_epi8(3))
+                              : _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(move_bits(2 * k, 2)), 0);
+          const I h = _mm512_multishift_epi64_epi8(_mm512_load_si512(kHighBitShifts.ctrl[w][k]), hi);
+          dot<NT, P>(_mm512_ternarylogic_epi64(lo, h, four, 0xF8), x, 16 * w + 4 * k, part, k);  // lo | (h & 4)
+        }
+      }
+    } else if constexpr (B == 4) {  // part 0: low nibbles; part 1: high nibbles in place (16x)
+      for (int w = 0; w < 4; ++w) {
+        const I v = load(blk + w * kTileRows);
+        dot<NT, P>(_mm512_and_si512(v, _mm512_set1_epi8(0x0F)), x, 8 * w, part, 0);
+        dot<NT, P>(_mm512_and_si512(v, _mm512_set1_epi8(static_cast<char>(0xF0))), x, 8 * w + 4, part, 1);
+      }
     } else {
-      return {n > 1 ? _mm512_loadu_si512(blk) : _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)))};
+      for (int w = 0; w < 8; ++w) dot<NT, P>(load(blk + w * kTileRows), x, 4 * w, part, w % 4);  // u8 codes x s8
+    }
+    for (int t = 0; t < NT; ++t) {
+      if constexpr (B == 2) {
+        const I a = _mm512_add_epi32(part[t][0], _mm512_srai_epi32(part[t][1], 2));
+        const I b = _mm512_add_epi32(_mm512_srai_epi32(part[t][2], 4), _mm512_srai_epi32(part[t][3], 6));
+        acc[t] = _mm512_add_epi32(a, b);
+      } else if constexpr (B == 4) {
+        acc[t] = _mm512_add_epi32(part[t][0], _mm512_srai_epi32(part[t][1], 4));
+      } else {
+        acc[t] = _mm512_add_epi32(_mm512_add_epi32(part[t][0], part[t][1]), _mm512_add_epi32(part[t][2], part[t][3]));
+      }
     }
   }
-  template <int B>
-  static MOPEQ_TGT inline X load(const int8_t* q, const float* d) { return {_mm512_loadu_si512(q), _mm512_loadu_ps(d)}; }
-  template <int B>
-  static MOPEQ_TGT inline X scaled(X x, float s0, float s1) {
-    constexpr __mmask16 second = static_cast<__mmask16>(second_block_lanes(code_order(B)));
-    return {x.q, _mm512_mul_ps(x.d, _mm512_mask_blend_ps(second, _mm512_set1_ps(s0), _mm512_set1_ps(s1)))};
-  }
-  template <int B>
-  static MOPEQ_TGT inline F accumulate(const Codes& c, const X& x, F acc) {
-    const I s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c.c, x.q);  // 8-bit codes fit u8 x s8 as they are
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), x.d, acc);
-  }
-  static MOPEQ_TGT inline F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static MOPEQ_TGT inline I izero() { return _mm512_setzero_si512(); }
+  static MOPEQ_TGT inline F cvt(I v) { return _mm512_cvtepi32_ps(v); }
   static MOPEQ_TGT inline F zero() { return _mm512_setzero_ps(); }
   static MOPEQ_TGT inline F set1(float v) { return _mm512_set1_ps(v); }
-  static MOPEQ_TGT inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static MOPEQ_TGT inline F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static MOPEQ_TGT inline F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
   static MOPEQ_TGT inline F halves(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static MOPEQ_TGT inline F bytes(const uint8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
-  static MOPEQ_TGT inline float reduce(F v) { return _mm512_reduce_add_ps(v); }
-  static MOPEQ_TGT inline float half(uint16_t h) { return _cvtsh_ss(h); }
-  static MOPEQ_TGT inline void prefetch(const uint32_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
-  static MOPEQ_TGT inline F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
-  // The first n (< 16) lanes of s * z and of p; zero past them, nothing read past them.
-  static MOPEQ_TGT inline F scale_zero_part(const uint16_t* s, const uint8_t* z, int n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
-    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, s)),
-                         _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, z))));
-  }
-  static MOPEQ_TGT inline F loadf_part(const float* p, int n) {
-    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
-  }
+  static MOPEQ_TGT inline void store(float* p, F v) { _mm512_storeu_ps(p, v); }
 };
 
 #include "qgemm_i8_tile.inc"

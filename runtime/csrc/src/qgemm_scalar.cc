@@ -1,21 +1,24 @@
-// Reference path: decodes one code at a time with mopeq::code_at. Also the fallback on unknown CPUs.
+// The exact float-activation path: decodes a block of codes with mopeq::code_at and takes its float dot product
+// with the activations. The reference of the integer paths (MOPEQ_KERNEL=scalar) and of export-parity tests.
 #include "kernels.h"
 
 namespace mopeq {
 
 static float row_dot(const QMatrix& w, int r, const float* x, const float* xsum) {
-  const uint32_t* row = w.codes + static_cast<size_t>(r) * w.nb() * w.bits;
-  const int G = w.groups(), blocks_per_group = w.group_size / kBlock, nb = w.nb();
+  const int G = w.groups(), per_group = w.group_size / kBlock, nb = w.nb();
   float total = 0.f, corr = 0.f;
   for (int g = 0; g < G; ++g) {
     float acc = 0.f;
-    const int b_end = g * blocks_per_group + blocks_per_group < nb ? g * blocks_per_group + blocks_per_group : nb;
-    for (int b = g * blocks_per_group; b < b_end; ++b)
-      for (int i = 0; i < kBlock; ++i)
-        acc += static_cast<float>(code_at(row + b * w.bits, w.bits, i)) * x[b * kBlock + i];
-    const float s = half_to_float(w.scales[static_cast<size_t>(r) * G + g]);
+    const int b_end = (g + 1) * per_group < nb ? (g + 1) * per_group : nb;
+    for (int b = g * per_group; b < b_end; ++b) {
+      const uint32_t* blk = w.block(r, b);
+      float c[kBlock];
+      for (int i = 0; i < kBlock; ++i) c[i] = static_cast<float>(code_at(blk, w.bits, i, kTileRows));
+      for (int i = 0; i < kBlock; ++i) acc += c[i] * x[b * kBlock + i];
+    }
+    const float s = w.scale(r, g);
     total += s * acc;
-    corr += s * w.zeros[static_cast<size_t>(r) * G + g] * xsum[g];
+    corr += s * static_cast<float>(w.zero(r, g)) * xsum[g];
   }
   return total - corr;
 }
