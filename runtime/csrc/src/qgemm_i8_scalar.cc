@@ -6,6 +6,21 @@
 
 namespace mopeq {
 
+namespace {
+// order_value as tables: the per-token permutation is a plain gather (computing the order per value cost more
+// than quantizing it: 53 -> 25 us per decode step of an OLMoE-sized layer, x plus 8 rows of h).
+struct OrderTables {
+  uint8_t index[kNumOrders][kBlock];
+};
+constexpr OrderTables order_tables() {
+  OrderTables t{};
+  for (int o = 0; o < kNumOrders; ++o)
+    for (int p = 0; p < kBlock; ++p) t.index[o][p] = static_cast<uint8_t>(order_value(o, p));
+  return t;
+}
+constexpr OrderTables kOrders = order_tables();
+}  // namespace
+
 void quantize_acts(const float* x, int k, int group_size, int8_t* q, float* d, float* gsum) {
   const int nb = static_cast<int>(num_blocks(k));
   const int groups = static_cast<int>(num_groups(k, group_size)), per_group = group_size / kBlock;
@@ -36,7 +51,7 @@ void quantize_acts(const float* x, int k, int group_size, int8_t* q, float* d, f
     gsum[b / per_group] += d[b] * static_cast<float>(sum);
     for (int o = 0; o < kNumOrders; ++o) {
       int8_t* qo = q + (static_cast<size_t>(o) * nb + b) * kBlock;
-      for (int p = 0; p < kBlock; ++p) qo[p] = qb[order_value(o, p)];
+      for (int p = 0; p < kBlock; ++p) qo[p] = qb[kOrders.index[o][p]];
     }
   }
 }
