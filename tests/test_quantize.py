@@ -107,11 +107,25 @@ def _calib(model, n=6, t=24, vocab=tm.V) -> CalibrationSet:
                           [{"input_ids": b, "labels": b} for b in ids.split(3)])
 
 
+def _write_and_install(model, layers, results, tmp_path):
+    """The layers' packed tensors as a quantized checkpoint in tmp_path, then installed into the model (the
+    loader's path: read_checkpoint + install_packed)."""
+    from mopeq_export.quantization.checkpoint import (SCHEMA_VERSION, layer_record, layer_tensors, read_checkpoint,
+                                                      to_json_layers, write_checkpoint)
+    from mopeq_export.quantization.loader import install_packed
+
+    tensors = {f"{l.experts_path}.{n}": t for l, rs in zip(layers, results) for n, t in layer_tensors(rs).items()}
+    rec = {"schema_version": SCHEMA_VERSION, "layout_version": packing.LAYOUT_VERSION, "group_size": 32,
+           "model": {"path": "x", "name": "x", "architecture": "x", "model_type": "x", "is_vlm": False,
+                     "config_sha256": "0", "weights_sha256": "0"},
+           "layers": to_json_layers([layer_record(l, rs) for l, rs in zip(layers, results)])}
+    write_checkpoint(tmp_path, rec, tensors, {})
+    return install_packed(model, read_checkpoint(tmp_path))
+
+
 @pytest.mark.parametrize("arch", ["qwen2_moe", "modulelist"])
 def test_pipeline_quantizes_every_expert_and_packed_model_matches(arch, tmp_path):
-    from mopeq_export.quantization.checkpoint import layer_record, layer_tensors, read_checkpoint, to_json_layers
-    from mopeq_export.quantization.checkpoint import SCHEMA_VERSION, write_checkpoint
-    from mopeq_export.quantization.loader import install_packed
+    from mopeq_export.quantization.checkpoint import layer_tensors
 
     model = tm.ALL_MOE[arch]()
     layers = find_moe_layers(model)
@@ -124,7 +138,6 @@ def test_pipeline_quantizes_every_expert_and_packed_model_matches(arch, tmp_path
     x = torch.randint(3, tm.V, (2, 9))
     with torch.no_grad():
         fake = model(input_ids=x).logits
-    tensors = {f"{l.experts_path}.{n}": t for l, rs in zip(layers, results) for n, t in layer_tensors(rs).items()}
     for l, rs in zip(layers, results):  # layout v2: codes, scales and zeros of every matrix in 16-row tiles
         t = layer_tensors(rs)
         h, i, e = l.hidden_size, l.intermediate_size, l.num_experts
@@ -136,12 +149,7 @@ def test_pipeline_quantizes_every_expert_and_packed_model_matches(arch, tmp_path
             np.testing.assert_array_equal(packing.untile_rows(t["w2.zeros"][n]), r.w2.zeros.numpy())
             words, _, _ = packing.expert_matrix(t, "w1", n, [x.bits for x in rs])
             np.testing.assert_array_equal(packing.unpack_codes(words, r.bits, h), r.w1.codes.numpy())
-    rec = {"schema_version": SCHEMA_VERSION, "layout_version": packing.LAYOUT_VERSION, "group_size": 32,
-           "model": {"path": "x", "name": "x", "architecture": "x", "model_type": "x", "is_vlm": False,
-                     "config_sha256": "0", "weights_sha256": "0"},
-           "layers": to_json_layers([layer_record(l, rs) for l, rs in zip(layers, results)])}
-    write_checkpoint(tmp_path, rec, tensors, {})
-    packed = install_packed(model, read_checkpoint(tmp_path))
+    packed = _write_and_install(model, layers, results, tmp_path)
     with torch.no_grad():
         got = packed(input_ids=x).logits
     torch.testing.assert_close(got, fake, rtol=1e-4, atol=1e-4)
@@ -151,9 +159,7 @@ def test_modulelist_views_split_gate_and_up_inside_a_tile(tmp_path):
     """ModuleList experts with I = 24: rows 0-23 of w1 (gate) and 24-47 (up) share the tile of rows 16-31; the
     loader's PackedLinears (untiled row slices) give the fake-quant model's logits, and the whole packed layer
     (what the export computes from) the block's own output."""
-    from mopeq_export.quantization.checkpoint import (SCHEMA_VERSION, layer_record, layer_tensors, read_checkpoint,
-                                                      to_json_layers, write_checkpoint)
-    from mopeq_export.quantization.loader import PACKED_ATTR, install_packed
+    from mopeq_export.quantization.loader import PACKED_ATTR
 
     model = tm.modulelist_moe()
     torch.manual_seed(2)
@@ -166,13 +172,7 @@ def test_modulelist_views_split_gate_and_up_inside_a_tile(tmp_path):
     x = torch.randint(3, tm.V, (2, 9))
     with torch.no_grad():
         fake = model(input_ids=x).logits
-    tensors = {f"{l.experts_path}.{n}": t for l, rs in zip(layers, results) for n, t in layer_tensors(rs).items()}
-    rec = {"schema_version": SCHEMA_VERSION, "layout_version": packing.LAYOUT_VERSION, "group_size": 32,
-           "model": {"path": "x", "name": "x", "architecture": "x", "model_type": "x", "is_vlm": False,
-                     "config_sha256": "0", "weights_sha256": "0"},
-           "layers": to_json_layers([layer_record(l, rs) for l, rs in zip(layers, results)])}
-    write_checkpoint(tmp_path, rec, tensors, {})
-    packed = install_packed(model, read_checkpoint(tmp_path))
+    packed = _write_and_install(model, layers, results, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(packed(input_ids=x).logits, fake, rtol=1e-4, atol=1e-4)
         block = packed.model.layers[0].mlp
