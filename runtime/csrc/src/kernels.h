@@ -90,6 +90,24 @@ constexpr bool orders_are_permutations() {
 }
 static_assert(orders_are_permutations(), "every order must hold each value of a block once");
 
+// The 3-bit codes' high bits on the 256-bit and NEON paths, per 16 bytes (four rows' lanes; the 256-bit path
+// broadcasts it to both halves): for class k of plane word w, byte m of a lane takes byte 2w + m/2 of the lane's
+// high-bit word (byte shuffle / table lookup) and tests bit 4 * (m % 2) + k of it (value 16w + 4m + k).
+struct HighBitTables {
+  alignas(16) uint8_t byte[2][16];
+  alignas(16) uint8_t bit[4][16];
+};
+constexpr HighBitTables high_bit_tables() {
+  HighBitTables t{};
+  for (int p = 0; p < 16; ++p) {
+    const int lane = p / 4, m = p % 4;
+    for (int w = 0; w < 2; ++w) t.byte[w][p] = static_cast<uint8_t>(4 * lane + 2 * w + m / 2);
+    for (int k = 0; k < 4; ++k) t.bit[k][p] = static_cast<uint8_t>(1u << (4 * (m % 2) + k));
+  }
+  return t;
+}
+inline constexpr HighBitTables kHighBit = high_bit_tables();
+
 struct QActs {
   const int8_t* q;     // row r at q + id(r) * ldq(): kNumOrders runs of nb * 32 codes
   const float* d;      // row r at d + id(r) * nb: block scales

@@ -13,23 +13,6 @@ namespace avx2 {
 
 #define MOPEQ_TGT __attribute__((target("avx2,fma,f16c")))
 
-// 3-bit high bits for class k of plane word w: byte m of a lane takes byte 2w + m/2 of the lane's high-bit word
-// (shuffle) and tests bit 4 * (m % 2) + k of it (value 16w + 4m + k).
-struct HighBitTables {
-  alignas(32) uint8_t byte[2][32];
-  alignas(32) uint8_t bit[4][32];
-};
-constexpr HighBitTables high_bit_tables() {
-  HighBitTables t{};
-  for (int p = 0; p < 32; ++p) {
-    const int lane = (p % 16) / 4, m = p % 4;
-    for (int w = 0; w < 2; ++w) t.byte[w][p] = static_cast<uint8_t>(4 * lane + 2 * w + m / 2);
-    for (int k = 0; k < 4; ++k) t.bit[k][p] = static_cast<uint8_t>(1u << (4 * (m % 2) + k));
-  }
-  return t;
-}
-inline constexpr HighBitTables kHighBit = high_bit_tables();
-
 struct Isa {
   using I = __m256i;
   using F = __m256;
@@ -41,7 +24,10 @@ struct Isa {
     std::memcpy(&v, p, 4);
     return _mm256_set1_epi32(v);
   }
-  static MOPEQ_TGT inline I tbl(const uint8_t* p) { return _mm256_load_si256(reinterpret_cast<const I*>(p)); }
+  // a 16-byte table (kernels.h) in both 128-bit halves
+  static MOPEQ_TGT inline I tbl(const uint8_t* p) {
+    return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   static MOPEQ_TGT inline I class2(I v, int k) {
     const I m = _mm256_set1_epi8(0b11);
     return k == 0 ? _mm256_and_si256(v, m) : _mm256_and_si256(_mm256_srli_epi16(v, 2 * k), m);

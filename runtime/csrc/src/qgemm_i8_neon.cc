@@ -21,23 +21,6 @@ bool neon_has_dotprod() { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
 namespace neon {
 #define MOPEQ_TGT
 
-// 3-bit high bits for class k of plane word w: byte m of a lane takes byte 2w + m/2 of the lane's high-bit word
-// (table lookup) and tests bit 4 * (m % 2) + k of it (value 16w + 4m + k).
-struct HighBitTables {
-  uint8_t byte[2][16];
-  uint8_t bit[4][16];
-};
-constexpr HighBitTables high_bit_tables() {
-  HighBitTables t{};
-  for (int p = 0; p < 16; ++p) {
-    const int lane = p / 4, m = p % 4;
-    for (int w = 0; w < 2; ++w) t.byte[w][p] = static_cast<uint8_t>(4 * lane + 2 * w + m / 2);
-    for (int k = 0; k < 4; ++k) t.bit[k][p] = static_cast<uint8_t>(1u << (4 * (m % 2) + k));
-  }
-  return t;
-}
-inline constexpr HighBitTables kHighBit = high_bit_tables();
-
 struct Isa {
   using I = int32x4_t;
   using F = float32x4_t;
